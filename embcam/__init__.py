@@ -1,0 +1,18 @@
+"""embcam: EmbeddingCAM heatmaps for embedding networks, at catalog scale.
+
+    from embcam import EmbeddingCAM, load_model
+    model, preprocess, spec = load_model("torchvision:resnet50+linear:128")
+    out = EmbeddingCAM(model)(images, "self")   # out.embeddings (B, d), out.heatmaps (B, h, w)
+
+The core (this package minus ``embcam.pipeline``) never imports Ray.
+"""
+from .cam import CAMResult, EmbeddingCAM, heatmaps_from_maps, normalise
+from .models import Preprocessing, build_model, load_model, save_checkpoint
+from .proxies import MeanProxyAccumulator, load_proxy_bank, onehot, save_proxy_bank
+
+__all__ = [
+    "CAMResult", "EmbeddingCAM", "heatmaps_from_maps", "normalise",
+    "Preprocessing", "build_model", "load_model", "save_checkpoint",
+    "MeanProxyAccumulator", "load_proxy_bank", "onehot", "save_proxy_bank",
+]
+__version__ = "0.1.0"

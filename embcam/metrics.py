@@ -1,0 +1,218 @@
+"""Per-image heatmap metrics: mass ratios, uniform baselines, localisation box, IoU.
+
+Implements DESIGN §5 for one image on CPU (numpy + OpenCV, no Python loop over pixels).
+
+Conventions
+-----------
+* Coordinates: x to the right, y down, continuous pixel coordinates. Pixel (row i,
+  column j) covers [j, j+1) x [i, i+1); a box covering a W x H image is (0, 0, W, H).
+  Ground-truth and predicted boxes are (x0, y0, x1, y1) in ORIGINAL image pixels.
+* Metrics grid: the original image size, downscaled (never upscaled) so that
+  max(width, height) <= max_side: ``gw = round(width * max_side / max(width, height))``
+  (at least 1), likewise ``gh``. A point (x, y) maps to (x * gw / width, y * gh / height).
+* A grid pixel is inside a box when its centre (j + 0.5, i + 0.5) lies in
+  [x0, x1) x [y0, y1), the box scaled to the grid. A box thinner than a pixel may
+  therefore hold no pixel at all (ratio and uniform fraction 0).
+* Masks are (height, width) arrays with values in [0, 1]; binarised at >= 0.5 and
+  resized to the grid by nearest neighbour on pixel centres (grid pixel i reads source
+  row floor((i + 0.5) * height / gh)).
+
+Order of operations (heatmap_metrics)
+-------------------------------------
+1. Upsample the raw map (float64) bilinearly to the grid: cv2.resize with INTER_LINEAR,
+   which is torch's ``interpolate(mode="bilinear", align_corners=False)`` (no antialias).
+2. Degenerate if the raw map holds a NaN/inf, or the upsampled map is constant
+   (max - min <= 1e-12 * max(1, |max|)). Otherwise min-max normalise to H in [0, 1].
+3. ratio_bbox = sum of H inside the box / sum of H; ratio_mask = sum(H * M) / sum(H).
+   Uniform baselines: fraction of grid pixels inside the box / mask (reported even for
+   a degenerate map).
+4. Localisation at threshold t: pixels with H >= t (note: >=, not >), largest
+   8-connected component by pixel count (cv2.connectedComponentsWithStats; ties go to
+   the lowest label, i.e. the component whose first pixel comes first in raster order),
+   its tight box, scaled back to original pixels. IoU is the continuous box-area IoU
+   with the ground-truth box (no +1). loc_correct = IoU >= 0.5 at ``threshold``;
+   iou_sweep holds the IoU at every threshold in ``thresholds`` (MaxBoxAcc style).
+   Since max(H) = 1 and t <= 1, there is always a component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 9))
+DEFAULT_THRESHOLD = 0.2
+MAX_GRID_SIDE = 512
+LOC_IOU = 0.5  # IoU at which a localisation counts as correct
+
+Box = tuple[float, float, float, float]
+
+
+def grid_shape(width: int, height: int, max_side: int = MAX_GRID_SIDE) -> tuple[int, int]:
+    """Return (grid_width, grid_height) of the metrics grid for an image of that size."""
+    width, height = _image_size(width, height)
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    return (max(1, math.floor(width * max_side / longest + 0.5)),
+            max(1, math.floor(height * max_side / longest + 0.5)))
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Continuous area IoU of two (x0, y0, x1, y1) boxes; 0.0 when the union is empty."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def uniform_fractions(width: int, height: int, bbox: Box | None = None, mask=None,
+                      max_side: int = MAX_GRID_SIDE) -> tuple[float | None, float | None]:
+    """Uniform baselines (box area fraction, mask area fraction) on the metrics grid."""
+    width, height = _image_size(width, height)
+    gw, gh = grid_shape(width, height, max_side)
+    ub = um = None
+    if bbox is not None:
+        ub = _box_fraction(_box_slices(_checked_bbox(bbox, width, height), width, height,
+                                       gw, gh), gw, gh)
+    if mask is not None:
+        um = float(_grid_mask(mask, width, height, gw, gh).mean())
+    return ub, um
+
+
+def heatmap_metrics(heatmap, width: int, height: int, bbox: Box | None = None, mask=None, *,
+                    threshold: float = DEFAULT_THRESHOLD,
+                    thresholds: tuple[float, ...] = THRESHOLDS,
+                    max_side: int = MAX_GRID_SIDE) -> dict:
+    """Metrics of one raw (h, w) heatmap for a width x height image (see module docstring).
+
+    Returns a dict with keys degenerate, ratio_bbox, ratio_mask, uniform_bbox,
+    uniform_mask, pred_bbox_x0..y1, iou, loc_correct, iou_sweep (float32 array, one IoU
+    per threshold). Annotation-dependent values are None without the annotation; all
+    heatmap-derived values are None for a degenerate map.
+    """
+    raw = np.asarray(heatmap, dtype=np.float64)
+    if raw.ndim != 2 or raw.size == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {raw.shape}")
+    for t in (threshold, *thresholds):
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds must lie in [0, 1], got {t}")
+    width, height = _image_size(width, height)
+    gw, gh = grid_shape(width, height, max_side)
+    gt = None if bbox is None else _checked_bbox(bbox, width, height)
+    box_px = None if gt is None else _box_slices(gt, width, height, gw, gh)
+    grid_m = None if mask is None else _grid_mask(mask, width, height, gw, gh)
+
+    out = dict(degenerate=True, ratio_bbox=None, ratio_mask=None, uniform_bbox=None,
+               uniform_mask=None, pred_bbox_x0=None, pred_bbox_y0=None, pred_bbox_x1=None,
+               pred_bbox_y1=None, iou=None, loc_correct=None, iou_sweep=None)
+    if box_px is not None:
+        out["uniform_bbox"] = _box_fraction(box_px, gw, gh)
+    if grid_m is not None:
+        out["uniform_mask"] = float(grid_m.mean())
+
+    h = _normalised_grid_map(raw, gw, gh)
+    if h is None:
+        return out
+    out["degenerate"] = False
+    total = h.sum()
+    if box_px is not None:
+        out["ratio_bbox"] = float(h[box_px].sum() / total)
+    if grid_m is not None:
+        out["ratio_mask"] = float(h[grid_m].sum() / total)
+
+    boxes: dict[float, Box] = {}  # threshold -> predicted box, original pixels
+
+    def pred_box(t: float) -> Box:
+        if t not in boxes:
+            x0, y0, x1, y1 = _largest_component_box(h, t)
+            boxes[t] = (x0 * width / gw, y0 * height / gh, x1 * width / gw, y1 * height / gh)
+        return boxes[t]
+
+    pb = pred_box(threshold)
+    out.update(pred_bbox_x0=pb[0], pred_bbox_y0=pb[1], pred_bbox_x1=pb[2], pred_bbox_y1=pb[3])
+    if gt is not None:
+        out["iou"] = box_iou(pb, gt)
+        out["loc_correct"] = out["iou"] >= LOC_IOU
+        out["iou_sweep"] = np.array([box_iou(pred_box(t), gt) for t in thresholds],
+                                    dtype=np.float32)
+    return out
+
+
+def _image_size(width, height) -> tuple[int, int]:
+    if int(width) != width or int(height) != height or width < 1 or height < 1:
+        raise ValueError(f"image size must be positive integers, got width={width}, "
+                         f"height={height}")
+    return int(width), int(height)
+
+
+def _checked_bbox(bbox, width: int, height: int) -> Box:
+    """Validate a ground-truth box; clip overshoots of less than one pixel."""
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"bbox {tuple(bbox)} has a non-finite coordinate")
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"bbox {tuple(bbox)} is empty or inverted (need x0 < x1, y0 < y1)")
+    overshoot = max(-x0, -y0, x1 - width, y1 - height)
+    if overshoot >= 1.0:
+        raise ValueError(f"bbox {tuple(bbox)} lies (partly) outside the {width}x{height} "
+                         f"image by {overshoot:g} px (at most <1 px is clipped)")
+    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+
+
+def _box_slices(box: Box, width: int, height: int, gw: int, gh: int) -> tuple[slice, slice]:
+    """(row slice, column slice) of the grid pixels whose centres lie in the box."""
+    def span(lo, hi, n, size):
+        # centre j + 0.5 in [lo, hi)  <=>  ceil(lo - 0.5) <= j < ceil(hi - 0.5)
+        a = min(max(math.ceil(lo * n / size - 0.5), 0), n)
+        b = min(max(math.ceil(hi * n / size - 0.5), a), n)
+        return slice(a, b)
+    return span(box[1], box[3], gh, height), span(box[0], box[2], gw, width)
+
+
+def _box_fraction(box_px: tuple[slice, slice], gw: int, gh: int) -> float:
+    rows, cols = box_px
+    return (rows.stop - rows.start) * (cols.stop - cols.start) / (gw * gh)
+
+
+def _grid_mask(mask, width: int, height: int, gw: int, gh: int) -> np.ndarray:
+    """Binarised (>= 0.5) mask on the grid, nearest neighbour on pixel centres."""
+    m = np.asarray(mask)
+    if m.shape != (height, width):
+        raise ValueError(f"mask shape {m.shape} does not match the image (height, width) = "
+                         f"{(height, width)}")
+    if m.dtype != bool:
+        if not np.issubdtype(m.dtype, np.number):
+            raise ValueError(f"mask must be numeric or bool, got dtype {m.dtype}")
+        if not (np.all(m >= 0) and np.all(m <= 1)):  # also rejects NaN
+            raise ValueError("mask values must lie in [0, 1] (divide a 0/255 mask by 255)")
+    rows = np.minimum(((np.arange(gh) + 0.5) * (height / gh)).astype(np.intp), height - 1)
+    cols = np.minimum(((np.arange(gw) + 0.5) * (width / gw)).astype(np.intp), width - 1)
+    return m[np.ix_(rows, cols)] >= 0.5
+
+
+def _normalised_grid_map(raw: np.ndarray, gw: int, gh: int) -> np.ndarray | None:
+    """Bilinear upsample to the grid and min-max normalise; None if degenerate."""
+    if not np.isfinite(raw).all():
+        return None
+    up = cv2.resize(np.ascontiguousarray(raw), (gw, gh), interpolation=cv2.INTER_LINEAR)
+    lo, hi = float(up.min()), float(up.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return None
+    up -= lo
+    up /= hi - lo
+    return up
+
+
+def _largest_component_box(h: np.ndarray, t: float) -> tuple[int, int, int, int]:
+    """Tight grid box (x0, y0, x1, y1) of the largest 8-connected component of h >= t."""
+    binary = (h >= t).astype(np.uint8)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))  # argmax: first (lowest) on ties
+    x, y = int(stats[k, cv2.CC_STAT_LEFT]), int(stats[k, cv2.CC_STAT_TOP])
+    return x, y, x + int(stats[k, cv2.CC_STAT_WIDTH]), y + int(stats[k, cv2.CC_STAT_HEIGHT])
