@@ -1,0 +1,310 @@
+"""Reading and validating the input manifest (``schemas/manifest.json``), and fetching bytes.
+
+Whole-manifest problems (missing or mistyped columns, null or duplicate ``image_id``,
+null ``uri``, a partial box, an empty manifest, files with different columns) raise
+:class:`ManifestError` before any work starts. Problems of one row (an impossible box,
+a missing file) are not checked here: the job turns them into error rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import os
+import re
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from embcam.schemas import arrow_schema, conform, load_schema
+
+BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+MAX_EXAMPLES = 5
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used; the message names the column and example rows."""
+
+
+def has_scheme(uri: str) -> bool:
+    """True for ``scheme://...`` URIs (s3://, gs://, file://, ...), False for plain paths."""
+    return bool(_SCHEME.match(uri))
+
+
+# --- finding and reading the Parquet files ------------------------------------------------
+
+
+def resolve_source(source: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and sorted file paths of a manifest ``source``.
+
+    ``source`` is one Parquet file, a directory (searched recursively for ``*.parquet``,
+    skipping names that start with ``.`` or ``_``), or a glob (``*``, ``[...]``, ``**`` for
+    any depth; ``?`` too in local paths, where it is not a URI query), local or a URI.
+    """
+    if has_scheme(source):
+        parts = urlsplit(source)
+        base, pattern = _split_glob(parts.path, "*[")
+        base_uri = urlunsplit((parts.scheme, parts.netloc, base or "/", parts.query, ""))
+        try:
+            fs, root = pafs.FileSystem.from_uri(base_uri)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"manifest source {source!r}: {exc}") from None
+        pattern = unquote(pattern)
+    else:
+        base, pattern = _split_glob(source, "*?[")
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(base or "."))
+
+    root = root.rstrip("/") or "/"
+    info = fs.get_file_info(root)
+    if pattern:
+        paths = [] if info.type != pafs.FileType.Directory else [
+            path for path in _list_files(fs, root, recursive="/" in pattern or "**" in pattern)
+            if _glob_match(_relative(path, root).split("/"), pattern.split("/"))]
+    elif info.type == pafs.FileType.File:
+        paths = [root]
+    elif info.type == pafs.FileType.Directory:
+        paths = [path for path in _list_files(fs, root, recursive=True)
+                 if path.lower().endswith(".parquet")]
+    else:
+        raise ManifestError(f"manifest source {source!r}: no such file or directory")
+    if not paths:
+        raise ManifestError(f"manifest source {source!r}: no Parquet files found")
+    return fs, sorted(paths)
+
+
+def _split_glob(path: str, glob_chars: str) -> tuple[str, str]:
+    """``path`` split at its first component holding a glob character: (base, pattern)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(char in part for char in glob_chars):
+            return "/".join(parts[:i]) or ("/" if path.startswith("/") else ""), "/".join(parts[i:])
+    return path, ""
+
+
+def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[str]:
+    """Files under ``root``, skipping hidden and ``_``-prefixed names (_SUCCESS, .crc, ...)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    return [info.path for info in infos if info.type == pafs.FileType.File
+            and not any(part[:1] in "._" for part in _relative(info.path, root).split("/"))]
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/")
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Component-wise glob match: ``*`` stays within a directory, ``**`` spans any depth."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and _glob_match(parts[1:], pattern[1:]))
+
+
+def read_manifest(source: str) -> pa.Table:
+    """Read and validate the manifest at ``source`` (see :func:`resolve_source`).
+
+    Only the manifest's columns are read. Every file must have the same manifest columns;
+    row indices in error messages count across the files in sorted path order.
+    """
+    fs, paths = resolve_source(source)
+    known = [column["name"] for column in load_schema("manifest")["columns"]]
+    tables, first_columns = [], None
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                columns = [name for name in known if name in parquet.schema_arrow.names]
+                table = parquet.read(columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+        if first_columns is None:
+            first_columns = columns
+        elif columns != first_columns:
+            differ = sorted(set(columns) ^ set(first_columns))
+            raise ManifestError(
+                f"mixed schemas across manifest files: {paths[0]} has columns {first_columns} "
+                f"but {path} has {columns} (differing: {', '.join(differ)})")
+        _check_structure(table, where=f"manifest file {path}")
+        tables.append(_cast_known(table))
+    return validate_manifest(pa.concat_tables(tables))
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def validate_manifest(table: pa.Table) -> pa.Table:
+    """Check a manifest table; return it with the schema's columns in order and types.
+
+    Floats (and integer boxes) come back as float64, string-like columns as string;
+    absent optional columns are added as nulls and other columns dropped.
+    """
+    _check_structure(table, where="manifest")
+    if table.num_rows == 0:
+        raise ManifestError("manifest is empty (0 rows)")
+    for name in ("image_id", "uri"):
+        column = table.column(name)
+        bad = pc.fill_null(pc.equal(column.cast(pa.string()), ""), True)
+        rows = pc.indices_nonzero(bad).to_pylist()
+        if rows:
+            raise ManifestError(f"manifest column {name!r}: {len(rows)} null or empty value(s); "
+                                f"{_examples(column, rows)}")
+    _check_unique(table.column("image_id").cast(pa.string()))
+    return conform(_cast_known(table), "manifest")
+
+
+def _check_structure(table: pa.Table, where: str) -> None:
+    """Required columns present, boxes all-or-nothing, every known column of a usable type."""
+    spec = {column["name"]: column for column in load_schema("manifest")["columns"]}
+    missing = [name for name, column in spec.items()
+               if column.get("required") and name not in table.column_names]
+    if missing:
+        raise ManifestError(f"{where}: missing required column(s) {', '.join(map(repr, missing))} "
+                            f"(columns found: {', '.join(table.column_names) or 'none'})")
+    bbox = [name for name in BBOX_COLUMNS if name in table.column_names]
+    if bbox and len(bbox) < len(BBOX_COLUMNS):
+        absent = [name for name in BBOX_COLUMNS if name not in bbox]
+        raise ManifestError(f"{where}: bounding box given only partially: has {', '.join(bbox)} "
+                            f"but not {', '.join(absent)} (give all four columns or none)")
+    for name in table.column_names:
+        if name in spec and not _type_ok(table.schema.field(name).type, spec[name]["type"]):
+            column = table.column(name)
+            raise ManifestError(
+                f"{where}: column {name!r} has type {column.type}, expected {spec[name]['type']}"
+                f"{' (cast your ids/labels to strings)' if spec[name]['type'] == 'string' else ''}; "
+                f"{_examples(column, range(min(MAX_EXAMPLES, len(column))))}")
+
+
+def _type_ok(found: pa.DataType, expected: str) -> bool:
+    if pa.types.is_null(found):  # an all-null column: its nulls are judged later
+        return True
+    if pa.types.is_dictionary(found):
+        found = found.value_type
+    if expected == "string":
+        return (pa.types.is_string(found) or pa.types.is_large_string(found)
+                or pa.types.is_string_view(found))
+    if expected in ("float32", "float64"):
+        return pa.types.is_floating(found) or pa.types.is_integer(found)
+    raise ManifestError(f"manifest schema: unsupported column type {expected!r}")
+
+
+def _cast_known(table: pa.Table) -> pa.Table:
+    """The manifest columns of ``table`` cast to their schema types (others dropped)."""
+    types = {field.name: field.type for field in arrow_schema("manifest")}
+    names = [name for name in table.column_names if name in types]
+    return pa.table({name: table.column(name).cast(types[name]) for name in names})
+
+
+def _check_unique(ids: pa.ChunkedArray) -> None:
+    counts = pc.value_counts(ids)
+    duplicated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(duplicated) == 0:
+        return
+    shown = duplicated[:MAX_EXAMPLES]
+    rows = pc.indices_nonzero(pc.is_in(ids, value_set=shown)).to_pylist()
+    at: dict[str, list[int]] = {}
+    for row, value in zip(rows, ids.take(rows).to_pylist()):
+        at.setdefault(value, []).append(row)
+    examples = "; ".join(f"{value!r} at rows {', '.join(map(str, r[:MAX_EXAMPLES]))}"
+                         for value, r in at.items())
+    raise ManifestError(f"manifest column 'image_id': {len(duplicated)} duplicated value(s), "
+                        f"e.g. {examples}")
+
+
+def _examples(column: pa.ChunkedArray, rows) -> str:
+    rows = list(rows)[:MAX_EXAMPLES]
+    values = column.take(rows).to_pylist()
+    return "e.g. " + ", ".join(f"row {row}: {value!r}" for row, value in zip(rows, values))
+
+
+# --- locations and bytes ------------------------------------------------------------------
+
+
+def resolve_uri(uri: str, image_root: str | None) -> str:
+    """The absolute local path or URI of a manifest ``uri``.
+
+    URIs with a scheme and absolute local paths pass through unchanged. A relative path is
+    joined to ``image_root``: a local directory (made absolute here, on the driver) or a URI
+    prefix (the relative path is then percent-encoded). Raises ValueError for an empty uri
+    or a relative one without a root.
+    """
+    if not uri:
+        raise ValueError("empty uri")
+    if has_scheme(uri) or os.path.isabs(uri):
+        return uri
+    if not image_root:
+        raise ValueError(f"relative uri {uri!r} needs an image root (none given)")
+    while uri.startswith("./"):
+        uri = uri[2:]
+    if has_scheme(image_root):
+        return image_root.rstrip("/") + "/" + quote(uri, safe="/")
+    return os.path.join(os.path.abspath(os.path.expanduser(image_root)), uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The content of ``uri``: a pyarrow-filesystem URI or a local path (opened as is).
+
+    Raises FileNotFoundError when it does not exist and OSError for any other failure,
+    both naming ``uri``.
+    """
+    if not has_scheme(uri):
+        with open(uri, "rb") as handle:  # the OSError already names the path
+            return handle.read()
+    try:
+        fs, path = _filesystem_path(uri)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(errno.ENOENT, f"no such file ({exc})", uri) from None
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(f"cannot read {uri}: {exc}") from None
+
+
+# Filesystems are built once per (scheme, host, query): building an S3 one may cost a
+# network round trip (region lookup). The first URI teaches how its paths map onto the
+# filesystem (s3://bucket/key -> "bucket" + "/key"); where that mapping is not a plain
+# prefix, every URI goes through from_uri.
+_FILESYSTEMS: dict[tuple[str, str, str], tuple[pafs.FileSystem, str]] = {}
+
+
+def _filesystem_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    parts = urlsplit(uri)
+    key, url_path = (parts.scheme, parts.netloc, parts.query), unquote(parts.path)
+    if key in _FILESYSTEMS:
+        fs, prefix = _FILESYSTEMS[key]
+        return fs, prefix + url_path
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if path.endswith(url_path):
+        _FILESYSTEMS[key] = (fs, path[:len(path) - len(url_path)])
+    return fs, path
+
+
+# --- file names -----------------------------------------------------------------------------
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_HASH_CHARS = 16
+
+
+def safe_name(value: str, max_length: int = 100) -> str:
+    """``value`` made safe as a file name: only ``[A-Za-z0-9._-]``, never empty or dot-led.
+
+    Unchanged when already safe and at most ``max_length`` long. Otherwise unsafe
+    characters become ``_``, a leading ``.`` becomes ``_``, the name is cut to fit and a
+    hash of the original value is appended (``name_<16 hex>``), so distinct values keep
+    distinct names.
+    """
+    if max_length < 2 * (_HASH_CHARS + 1):
+        raise ValueError(f"max_length must be at least {2 * (_HASH_CHARS + 1)}, got {max_length}")
+    name = _UNSAFE_CHARS.sub("_", value)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if name and name == value and len(name) <= max_length:
+        return name
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    return f"{name[:max_length - _HASH_CHARS - 1]}_{digest}"

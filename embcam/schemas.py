@@ -1,0 +1,140 @@
+"""The data contracts in ``schemas/*.json``, as dicts and as Arrow schemas.
+
+Each JSON file documents one table column by column::
+
+    {"name": ..., "description": ..., "columns": [
+        {"name": ..., "type": ..., "nullable": ..., "description": ...}, ...]}
+
+The files live at the repository root (``schemas/``); set ``EMBCAM_SCHEMAS_DIR`` to read
+them from elsewhere (an installed package, a cluster image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+ARROW_TYPES = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "list<float32>": pa.list_(pa.float32()),
+}
+
+
+class SchemaError(ValueError):
+    """Data does not fit a schema (missing column, impossible cast, null where not allowed)."""
+
+
+def schemas_dir() -> Path:
+    """Folder holding the schema files: ``$EMBCAM_SCHEMAS_DIR`` or ``<repo>/schemas``."""
+    override = os.environ.get("EMBCAM_SCHEMAS_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "schemas"
+
+
+def load_schema(name: str) -> dict:
+    """The parsed ``schemas/<name>.json`` (``manifest``, ``results`` or ``proxies``)."""
+    return json.loads(_read_schema_text(str(schemas_dir() / f"{name}.json")))
+
+
+@lru_cache(maxsize=None)
+def _read_schema_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"schema file {path} not found (set EMBCAM_SCHEMAS_DIR to the schemas/ folder)"
+        ) from None
+
+
+def arrow_schema(name: str) -> pa.Schema:
+    """The Arrow schema of table ``name``, with the nullable flags of the JSON file."""
+    fields = []
+    for column in load_schema(name)["columns"]:
+        if column["type"] not in ARROW_TYPES:
+            raise SchemaError(f"schema {name!r}: column {column['name']!r} has unknown type "
+                              f"{column['type']!r} (known: {', '.join(ARROW_TYPES)})")
+        fields.append(pa.field(column["name"], ARROW_TYPES[column["type"]],
+                               nullable=column["nullable"]))
+    return pa.schema(fields)
+
+
+def empty_table(name: str) -> pa.Table:
+    """A table with the schema of ``name`` and no rows."""
+    return arrow_schema(name).empty_table()
+
+
+def conform(data: Any, name: str) -> pa.Table:
+    """``data`` as a table of schema ``name``: its columns selected, cast and put in schema order.
+
+    ``data`` is a ``pa.Table``/``RecordBatch``, a list of row dicts, a dict of columns
+    (2-D numpy arrays become list columns) or a pandas DataFrame. Columns not in the
+    schema are dropped; absent nullable columns are filled with nulls. Raises
+    :class:`SchemaError` when a non-nullable column is absent or holds nulls, or when a
+    column cannot be cast.
+    """
+    schema = arrow_schema(name)
+    table = _to_table(data, schema)
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise SchemaError(f"{name}: required column {field.name!r} is missing "
+                                  f"(columns given: {', '.join(table.column_names) or 'none'})")
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:
+            raise SchemaError(f"{name}: column {field.name!r} must not be null, "
+                              f"but has {column.null_count} null value(s)")
+        columns.append(_cast(column, field, name))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _cast(column: pa.ChunkedArray, field: pa.Field, name: str) -> pa.ChunkedArray:
+    if column.type == field.type:
+        return column
+    try:
+        return column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise SchemaError(f"{name}: column {field.name!r} has type {column.type}, "
+                          f"which cannot be cast to {field.type}: {exc}") from None
+
+
+def _to_table(data: Any, schema: pa.Schema) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, list):
+        # Build only the schema columns the rows have, typed on the way in (python floats
+        # straight to float32 lists, no float64 detour).
+        keys = {key for row in data for key in row}
+        present = pa.schema([field.with_nullable(True) for field in schema if field.name in keys])
+        if not present:  # rows, but no schema column: keep the row count
+            return pa.table({"_": pa.nulls(len(data))}).drop(["_"])
+        return pa.Table.from_pylist(data, schema=present)
+    if isinstance(data, dict):
+        return pa.table({key: _column_array(value) for key, value in data.items()})
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame
+        return pa.Table.from_pandas(data, preserve_index=False)
+    raise TypeError(f"cannot make a table from {type(data).__name__}")
+
+
+def _column_array(value: Any) -> pa.Array | pa.ChunkedArray:
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return value
+    array = np.asarray(value) if isinstance(value, np.ndarray) else None
+    if array is not None and array.ndim == 2:  # one vector per row
+        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
+    return pa.array(value)

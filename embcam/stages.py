@@ -1,0 +1,314 @@
+"""The explain job's per-batch stages, without Ray.
+
+Each stage maps a batch (a dict of numpy columns, one entry per manifest row) to a
+batch. The Ray pipeline (``embcam.pipeline``) runs them as Ray Data operators; the
+in-process loop (``run_in_process``) calls them one after the other. A row that fails
+gets ``status="error"`` and a reason, keeps flowing, and is skipped by later stages:
+one bad image never stops the job or loses the other rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
+from .images import decode_image, decode_mask, resize_square
+from .manifest import read_bytes, resolve_uri
+from .metrics import THRESHOLDS, _checked_bbox, heatmap_metrics
+from .models import load_model
+from .proxies import MeanProxyAccumulator
+from .schemas import conform
+
+OK, ERROR = "ok", "error"
+BBOX = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
+                  "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
+INTERNAL_COLUMNS = ("image", "maps", "mask_png")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What every model worker needs to rebuild the same model."""
+
+    spec: str | None = None
+    checkpoint: str | None = None
+    target_layer: str | None = None
+    image_size: int | None = None
+
+
+def _fail(batch: dict, rows, reason: str) -> None:
+    for i in np.flatnonzero(rows) if isinstance(rows, np.ndarray) else rows:
+        if batch["status"][i] == OK:
+            batch["status"][i], batch["error"][i] = ERROR, reason
+
+
+def _box(batch: dict, i: int):
+    if not all(c in batch for c in BBOX):
+        return None
+    values = [batch[c][i] for c in BBOX]
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+        return None
+    return tuple(float(v) for v in values)
+
+
+def _present(batch: dict, column: str, i: int):
+    value = batch[column][i] if column in batch else None
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def load_images(batch: dict, image_root: str | None, image_size: int) -> dict:
+    """Fetch, decode and resize every row's image; check its box and mask (CPU)."""
+    n = len(batch["image_id"])
+    out = dict(batch)
+    out["status"] = np.array([OK] * n, dtype=object)
+    out["error"] = np.array([None] * n, dtype=object)
+    out["width"] = np.zeros(n, np.int32)
+    out["height"] = np.zeros(n, np.int32)
+    out["image"] = np.zeros((n, image_size, image_size, 3), np.uint8)
+    out["mask_png"] = np.array([b""] * n, dtype=object)
+    for i in range(n):
+        step = "image"
+        try:
+            image = decode_image(read_bytes(resolve_uri(str(batch["uri"][i]), image_root)))
+            height, width = image.shape[:2]
+            box = _box(batch, i)
+            if box is not None:
+                step = "bbox"
+                _checked_bbox(box, width, height)
+            mask_uri = _present(batch, "mask_uri", i)
+            if mask_uri is not None:
+                step = "mask"
+                data = read_bytes(resolve_uri(str(mask_uri), image_root))
+                mask = decode_mask(data)
+                if mask.shape != (height, width):
+                    raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+                out["mask_png"][i] = data
+            out["width"][i], out["height"][i] = width, height
+            out["image"][i] = resize_square(image, image_size)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes this row's reason
+            out["status"][i], out["error"][i] = ERROR, f"{step}: {type(exc).__name__}: {exc}"
+    return out
+
+
+class ExplainModel:
+    """One model per worker: embeddings and heatmaps for a batch of loaded images.
+
+    ``proxy_mode``: self | onehot | bank | mean (the bank/mean vectors in ``proxies``).
+    ``output``: "heatmaps" (heatmaps now), "maps" (keep embedding maps E for proxies
+    computed later) or "partials" (embed only; emit per-class partial sums of the
+    normalised embeddings for the mean-proxy reduce).
+    """
+
+    def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
+                 strategy: str = "embedding-map", top_k_channels: int | None = None,
+                 output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
+                 split: str | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size)
+        self.model = net.to(self.device)
+        self.cam = EmbeddingCAM(self.model, model.target_layer, strategy)
+        self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels)
+                         if top_k_channels else None)
+        self.proxy_mode, self.output, self.split = proxy_mode, output, split
+        self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.flatnonzero(batch["status"] == OK)
+        if self.output == "partials":
+            return self._partials(batch, ok)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["proxy_kind"] = np.array([self.proxy_mode] * len(batch["status"]), dtype=object)
+        out["proxy_label"] = np.array([None] * len(batch["status"]), dtype=object)
+        if len(ok):
+            try:
+                self._explain(batch, out, ok)
+            except Exception as exc:  # noqa: BLE001 - the batch fails, the job goes on
+                _fail(out, ok, f"model: {type(exc).__name__}: {exc}")
+        return out
+
+    def _images(self, batch: dict, rows) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][rows])).to(self.device)
+        return self.preprocess(pixels)
+
+    def _partials(self, batch: dict, ok) -> dict:
+        rows = [i for i in ok if _present(batch, "label", i) is not None
+                and (self.split is None or _present(batch, "split", i) == self.split)]
+        acc = MeanProxyAccumulator()
+        if rows:
+            with torch.inference_mode():
+                y = self.model(self._images(batch, rows)).float().cpu()
+            acc.add(y, [str(batch["label"][i]) for i in rows])
+        parts = acc.partials()
+        return {"label": np.array([p["label"] for p in parts], dtype=object),
+                "sum": np.array([p["sum"] for p in parts], dtype=np.float64).reshape(len(parts), -1),
+                "count": np.array([p["count"] for p in parts], dtype=np.int64)}
+
+    def _explain(self, batch: dict, out: dict, ok) -> None:
+        x = self._images(batch, ok)
+        if self.output == "maps":
+            y, maps = self.cam.embedding_maps(x)
+            _put(out, "embedding", ok, y.float().cpu().numpy())
+            _put(out, "maps", ok, maps.float().cpu().numpy())
+            return
+        proxies, rows = self._row_proxies(batch, out, ok)
+        if self.proxy_mode == "self":
+            result = self.cam(x, "self")
+            proxies = normalise(result.embeddings)
+        else:
+            keep = np.isin(ok, rows)
+            x, ok = x[torch.from_numpy(keep).to(self.device)], ok[keep]
+            if not len(ok):
+                return
+            result = self.cam(x, proxies)
+        y = result.embeddings.float()
+        p = proxies.to(y)
+        _put(out, "embedding", ok, y.cpu().numpy())
+        _put(out, "heatmap", ok, result.heatmaps.float().cpu().numpy())
+        _put(out, "score", ok, (y * p).sum(-1).cpu().numpy())
+        _put(out, "cosine", ok, (normalise(y) * normalise(p)).sum(-1).cpu().numpy())
+        if self.cam_topk is not None:
+            top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
+            _put(out, "heatmap_topk", ok, top.heatmaps.float().cpu().numpy())
+
+    def _row_proxies(self, batch: dict, out: dict, ok):
+        """One proxy per OK row (B, d) and the rows that have one; rows without fail."""
+        if self.proxy_mode == "self":
+            return None, ok
+        vectors, rows = [], []
+        for i in ok:
+            label = _present(batch, "label", i)
+            vector = self._proxy_for(label)
+            if vector is None:
+                _fail(out, [i], f"proxy: no {self.proxy_mode} proxy for label {label!r}")
+                continue
+            vectors.append(vector)
+            rows.append(i)
+            out["proxy_label"][i] = str(label)
+        if not vectors:
+            return None, np.array([], dtype=int)
+        return torch.stack(vectors).to(self.device), np.array(rows)
+
+    def _proxy_for(self, label) -> torch.Tensor | None:
+        if label is None:
+            return None
+        if self.proxy_mode == "onehot":
+            if not str(label).isdigit() or int(label) >= self.num_outputs:
+                return None
+            return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
+        return self.bank.get(str(label))
+
+    @property
+    def num_outputs(self) -> int:
+        if not hasattr(self, "_num_outputs"):
+            size = self.preprocess.size
+            with torch.inference_mode():
+                probe = torch.zeros(1, 3, size, size, device=self.device)
+                self._num_outputs = int(self.model(probe).shape[-1])
+        return self._num_outputs
+
+
+def _put(out: dict, column: str, rows, values: np.ndarray) -> None:
+    """Write per-row values into a full-batch column (zeros for the other rows)."""
+    if column not in out:
+        out[column] = np.zeros((len(out["status"]),) + values.shape[1:], values.dtype)
+    out[column][rows] = values
+
+
+def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict:
+    """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model)."""
+    out = {k: v for k, v in batch.items() if k != "maps"}
+    n = len(out["status"])
+    out["proxy_kind"] = np.array([proxy_mode] * n, dtype=object)
+    out["proxy_label"] = np.array([None] * n, dtype=object)
+    ok = np.flatnonzero(out["status"] == OK)
+    rows, vectors = [], []
+    for i in ok:
+        label = _present(batch, "label", i)
+        vector = proxies.get(str(label)) if label is not None else None
+        if vector is None:
+            _fail(out, [i], f"proxy: no {proxy_mode} proxy for label {label!r}")
+            continue
+        rows.append(i)
+        vectors.append(vector)
+        out["proxy_label"][i] = str(label)
+    if rows:
+        maps = torch.from_numpy(np.ascontiguousarray(batch["maps"][rows]))
+        p = torch.from_numpy(np.stack(vectors))
+        y = torch.from_numpy(np.ascontiguousarray(batch["embedding"][rows]))
+        _put(out, "heatmap", rows, heatmaps_from_maps(maps, p).numpy())
+        _put(out, "score", rows, (y * p).sum(-1).numpy())
+        _put(out, "cosine", rows, (normalise(y) * normalise(p)).sum(-1).numpy())
+    return out
+
+
+def compute_metrics(batch: dict) -> dict:
+    """Per-image metrics (DESIGN §5) for every OK row; NaN where a metric is null."""
+    out = dict(batch)
+    n = len(out["status"])
+    for column in METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):
+        out[column] = np.full(n, np.nan, np.float32)
+    out["iou_sweep"] = np.full((n, len(THRESHOLDS)), np.nan, np.float32)
+    for i in np.flatnonzero(out["status"] == OK):
+        try:
+            width, height = int(out["width"][i]), int(out["height"][i])
+            mask = decode_mask(out["mask_png"][i]) if len(out["mask_png"][i]) else None
+            box = _box(out, i)
+            m = heatmap_metrics(out["heatmap"][i], width, height, box, mask)
+            for column in METRIC_COLUMNS:
+                out[column][i] = np.nan if m[column] is None else float(m[column])
+            if m["iou_sweep"] is not None:
+                out["iou_sweep"][i] = m["iou_sweep"]
+            if "heatmap_topk" in out:
+                top = heatmap_metrics(out["heatmap_topk"][i], width, height, box, mask, thresholds=())
+                for column in ("ratio_bbox", "ratio_mask"):
+                    out[column + "_topk"][i] = np.nan if top[column] is None else top[column]
+        except Exception as exc:  # noqa: BLE001
+            _fail(out, [i], f"metrics: {type(exc).__name__}: {exc}")
+    return out
+
+
+def to_results(batch: dict) -> pa.Table:
+    """The batch as rows of the results schema: list columns for vectors and heatmaps,
+    nulls for the computed columns of error rows and for NaN (absent) metrics."""
+    n = len(batch["status"])
+    ok = np.asarray(batch["status"] == OK)
+    cols: dict = {k: batch[k] for k in ("image_id", "label", "split", "status", "error", "proxy_kind",
+                                        "proxy_label") if k in batch}
+    for k in ("label", "split", "proxy_label", "error"):
+        if k in cols:
+            cols[k] = pa.array([None if v is None or v != v else str(v) for v in cols[k]], pa.string())
+    for k in ("image_id", "status", "proxy_kind"):
+        cols[k] = pa.array([str(v) for v in batch[k]], pa.string())
+    decoded = ok | (np.asarray(batch["width"]) > 0)
+    cols["width"] = pa.array(batch["width"], pa.int32(), mask=~decoded)
+    cols["height"] = pa.array(batch["height"], pa.int32(), mask=~decoded)
+    for k in ("embedding", "heatmap", "heatmap_topk", "iou_sweep"):
+        if k in batch:
+            values = np.asarray(batch[k], np.float32).reshape(n, -1)
+            valid = ok & ~np.isnan(values).all(1) if k == "iou_sweep" else ok
+            cols[k] = _lists(values, valid)
+    if "heatmap" in batch:
+        h, w = np.asarray(batch["heatmap"]).shape[1:3]
+        cols["heatmap_height"] = pa.array(np.full(n, h, np.int32), mask=~ok)
+        cols["heatmap_width"] = pa.array(np.full(n, w, np.int32), mask=~ok)
+    for k in ("score", "cosine") + METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):
+        if k in batch:
+            values = np.asarray(batch[k], np.float32)
+            null = ~ok | np.isnan(values)
+            if k in ("loc_correct", "degenerate"):
+                cols[k] = pa.array(values == 1, pa.bool_(), mask=null)
+            else:
+                cols[k] = pa.array(values, pa.float32(), mask=null)
+    return conform(pa.table(cols), "results")
+
+
+def _lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    n, width = values.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), pa.float32()),
+                                    mask=pa.array(~valid))
