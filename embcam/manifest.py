@@ -39,13 +39,14 @@ def has_scheme(uri: str) -> bool:
 # --- finding and reading the Parquet files ------------------------------------------------
 
 
-def resolve_source(source: str) -> tuple[pafs.FileSystem, list[str]]:
+def resolve_source(source: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and sorted file paths of a manifest ``source``.
 
     ``source`` is one Parquet file, a directory (searched recursively for ``*.parquet``,
     skipping names that start with ``.`` or ``_``), or a glob (``*``, ``[...]``, ``**`` for
     any depth; ``?`` too in local paths, where it is not a URI query), local or a URI.
     """
+    source = os.fspath(source)
     if has_scheme(source):
         parts = urlsplit(source)
         base, pattern = _split_glob(parts.path, "*[")
@@ -59,22 +60,32 @@ def resolve_source(source: str) -> tuple[pafs.FileSystem, list[str]]:
         base, pattern = _split_glob(source, "*?[")
         fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(base or "."))
 
-    root = root.rstrip("/") or "/"
-    info = fs.get_file_info(root)
-    if pattern:
-        paths = [] if info.type != pafs.FileType.Directory else [
-            path for path in _list_files(fs, root, recursive="/" in pattern or "**" in pattern)
-            if _glob_match(_relative(path, root).split("/"), pattern.split("/"))]
-    elif info.type == pafs.FileType.File:
-        paths = [root]
-    elif info.type == pafs.FileType.Directory:
-        paths = [path for path in _list_files(fs, root, recursive=True)
-                 if path.lower().endswith(".parquet")]
-    else:
+    try:
+        paths = _find_files(fs, root.rstrip("/") or "/", pattern)
+    except (pa.ArrowException, OSError) as exc:  # listing a remote store can fail
+        raise ManifestError(f"manifest source {source!r}: {exc}") from None
+    if paths is None:
         raise ManifestError(f"manifest source {source!r}: no such file or directory")
     if not paths:
         raise ManifestError(f"manifest source {source!r}: no Parquet files found")
     return fs, sorted(paths)
+
+
+def _find_files(fs: pafs.FileSystem, root: str, pattern: str) -> list[str] | None:
+    """Files under ``root`` matching ``pattern`` (or ``root`` itself); None if it is absent."""
+    info = fs.get_file_info(root)
+    if pattern:
+        if info.type != pafs.FileType.Directory:
+            return []
+        recursive = "/" in pattern or "**" in pattern
+        return [path for path in _list_files(fs, root, recursive)
+                if _glob_match(_relative(path, root).split("/"), pattern.split("/"))]
+    if info.type == pafs.FileType.File:
+        return [root]
+    if info.type == pafs.FileType.Directory:
+        return [path for path in _list_files(fs, root, recursive=True)
+                if path.lower().endswith(".parquet")]
+    return None
 
 
 def _split_glob(path: str, glob_chars: str) -> tuple[str, str]:
@@ -107,7 +118,7 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
             and _glob_match(parts[1:], pattern[1:]))
 
 
-def read_manifest(source: str) -> pa.Table:
+def read_manifest(source: str | os.PathLike) -> pa.Table:
     """Read and validate the manifest at ``source`` (see :func:`resolve_source`).
 
     Only the manifest's columns are read. Every file must have the same manifest columns;
@@ -174,10 +185,10 @@ def _check_structure(table: pa.Table, where: str) -> None:
                             f"but not {', '.join(absent)} (give all four columns or none)")
     for name in table.column_names:
         if name in spec and not _type_ok(table.schema.field(name).type, spec[name]["type"]):
-            column = table.column(name)
+            column, expected = table.column(name), spec[name]["type"]
+            hint = " (cast the column to strings first)" if expected == "string" else ""
             raise ManifestError(
-                f"{where}: column {name!r} has type {column.type}, expected {spec[name]['type']}"
-                f"{' (cast your ids/labels to strings)' if spec[name]['type'] == 'string' else ''}; "
+                f"{where}: column {name!r} has type {column.type}, expected {expected}{hint}; "
                 f"{_examples(column, range(min(MAX_EXAMPLES, len(column))))}")
 
 

@@ -21,6 +21,7 @@ written by :func:`save_checkpoint` also records the spec and the preprocessing, 
 from __future__ import annotations
 
 import importlib
+import io
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,7 +185,11 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
     preprocessing = Preprocessing()
     state = None
     if checkpoint is not None:
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        source = checkpoint
+        if "://" in str(checkpoint):  # object storage: read through pyarrow's filesystems
+            from .manifest import read_bytes
+            source = io.BytesIO(read_bytes(str(checkpoint)))
+        blob = torch.load(source, map_location="cpu", weights_only=True)
         if isinstance(blob, dict) and "state_dict" in blob:
             state = blob["state_dict"]
             spec = spec or blob.get("spec")
@@ -195,7 +200,9 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
             state = blob
     if spec is None:
         raise ValueError("no model: give a spec (e.g. torchvision:resnet50+linear:128) or an embcam checkpoint")
-    model = build_model(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # without a checkpoint every worker must still build the same weights
+        model = build_model(spec)
     if state is not None:
         _load_state(model, state, checkpoint)
     if image_size is not None:

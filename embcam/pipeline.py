@@ -24,7 +24,7 @@ from .metrics import THRESHOLDS
 from .models import load_model
 from .proxies import MeanProxyAccumulator, load_proxy_bank, save_proxy_bank
 from .stages import (INTERNAL_COLUMNS, ExplainModel, ModelConfig, compute_metrics,
-                     heatmaps_from_kept_maps, load_images, to_results)
+                     heatmaps_from_kept_maps, load_images, partial_sums, to_results)
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "two-pass", "embedding-map")
@@ -156,12 +156,10 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
 def _validated_manifest(cfg: ExplainConfig) -> pa.Table:
     table = read_manifest(cfg.manifest)
     needs_label = cfg.proxy in ("mean", "onehot", "bank")
-    if needs_label and "label" not in table.column_names:
+    if needs_label and table.column("label").null_count == table.num_rows:
         raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
-                            f"and the manifest has none (columns: {', '.join(table.column_names)})")
+                            "and the manifest has none")
     if cfg.proxy_split:
-        if "split" not in table.column_names:
-            raise ManifestError("column 'split': --proxy-split needs it, and the manifest has none")
         splits = set(table.column("split").drop_null().to_pylist())
         if cfg.proxy_split not in splits:
             raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
@@ -183,16 +181,7 @@ def _pool(size: int):
 
 
 def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
-    acc = MeanProxyAccumulator()
-    splits = batch.get("split")
-    keep = [i for i in np.flatnonzero(batch["status"] == "ok")
-            if batch["label"][i] is not None and (split is None or splits[i] == split)]
-    if keep:
-        acc.add(np.asarray(batch["embedding"])[keep], [str(batch["label"][i]) for i in keep])
-    parts = acc.partials()
-    return {"label": np.array([p["label"] for p in parts], dtype=object),
-            "sum": np.array([p["sum"] for p in parts], np.float64).reshape(len(parts), -1),
-            "count": np.array([p["count"] for p in parts], np.int64)}
+    return partial_sums(batch, np.asarray(batch["embedding"]), split)
 
 
 def _reduce(partials, cfg: ExplainConfig) -> tuple[dict, dict]:

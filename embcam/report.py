@@ -189,7 +189,7 @@ def _read_results(run: str, split: str | None) -> dict:
         if name == "iou_sweep":
             cols[name] = _sweep_matrix(run, column, cols[name + "?"], table)
         elif column.type == _STR:
-            cols[name] = np.asarray(column.to_pylist(), dtype=object)
+            cols[name] = column.to_numpy(zero_copy_only=False).astype(object)
         else:
             filler = False if column.type == _BOOL else 0.0
             cols[name] = column.fill_null(filler).to_numpy(zero_copy_only=False)
@@ -199,7 +199,7 @@ def _read_results(run: str, split: str | None) -> dict:
         raise ValueError(f"run {run}: results have a null image_id")
     unique, counts = np.unique(ids.astype(str), return_counts=True)
     if (counts > 1).any():
-        dup = unique[counts > 1][0]
+        dup = str(unique[counts > 1][0])
         raise ValueError(f"run {run}: image_id {dup!r} appears {counts[counts > 1][0]} times "
                          "in results (duplicate rows from a re-run?)")
     bad = ~np.isin(cols["status"], ["ok", "error"])
@@ -263,7 +263,7 @@ def _run_entry(run: str, summary: dict, cols: dict) -> dict:
         best = {"value": accs[i], "threshold": THRESHOLDS[i], "n": sweep[i]["n"]}
     return {
         "run": run,
-        "method": _method_key(run, config, cols),
+        "method": _method_key(run, config),
         "model": config.get("model"),
         "checkpoint": config.get("checkpoint"),
         "top_k": config.get("top_k_channels"),
@@ -276,7 +276,8 @@ def _run_entry(run: str, summary: dict, cols: dict) -> dict:
     }
 
 
-def _method_key(run: str, config: dict, cols: dict) -> str:
+def _method_key(run: str, config: dict) -> str:
+    """Method of a run: config ``proxy``, else the one ``proxy_kind`` of its results."""
     proxy = config.get("proxy")
     if proxy:
         return str(proxy)
@@ -435,7 +436,8 @@ def render_html(table: dict) -> str:
              "table{border-collapse:collapse;margin:1em 0}"
              "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}"
-             ".grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}"
+             ".grid{display:grid;gap:12px;"
+             "grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}"
              "figure{margin:0}figure img{width:100%;image-rendering:pixelated}"
              "figcaption{font-size:12px}",
              "</style></head><body><h1>embcam evaluation report</h1>",
@@ -556,7 +558,9 @@ def _manifest_rows(config: dict, run: str, ids: list[str]) -> tuple[dict, str]:
         raise _Skip(f"run {run}: summary.json config names no manifest")
     source = str(source)
     if "://" not in source:
-        candidates = [source] if Path(source).is_absolute() else [source, str(Path(run) / source)]
+        candidates = [source]
+        if not Path(source).is_absolute():
+            candidates.append(str(Path(run) / source))  # relative to the run directory
         for cand in candidates:
             matches = sorted(glob.glob(cand)) if glob.has_magic(cand) else (
                 [cand] if Path(cand).exists() else [])
@@ -620,16 +624,23 @@ def _overlay_ids(ok_ids: dict, reps: list[dict], count: int) -> list[str]:
 
 
 def _results_rows(run: str, ids: list[str]) -> dict:
-    columns = ["image_id", "width", "height", "heatmap", "heatmap_height", "heatmap_width",
-               "degenerate", "ratio_bbox", "ratio_mask", "iou", "pred_bbox_x0",
-               "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1"]
-    dataset = pads.dataset([str(p) for p in _result_files(run)], format="parquet")
-    missing = [c for c in columns if c not in dataset.schema.names]
-    if missing:
-        raise _Skip(f"run {run}: results lack column(s) {', '.join(missing)} "
-                    "needed for overlays")
-    rows = dataset.to_table(columns=columns, filter=pc.field("image_id").isin(ids)).to_pylist()
-    return {r["image_id"]: r for r in rows}
+    """{image_id: results row with the overlay columns} for ``ids`` (heatmaps read only
+    from the files that hold one of them)."""
+    columns = ["image_id", "status", "width", "height", "heatmap", "heatmap_height",
+               "heatmap_width", "degenerate", "ratio_bbox", "ratio_mask", "iou",
+               "pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1"]
+    wanted, rows = pa.array(ids, pa.string()), {}
+    for path in _result_files(run):
+        missing = [c for c in columns if c not in pq.read_schema(path).names]
+        if missing:
+            raise _Skip(f"results file {path} lacks column(s) {', '.join(missing)} "
+                        "needed for overlays")
+        hits = pc.is_in(pq.read_table(path, columns=["image_id"]).column("image_id"),
+                        value_set=wanted)
+        if pc.any(hits).as_py():
+            table = pq.read_table(path, columns=columns)
+            rows.update((r["image_id"], r) for r in table.filter(hits).to_pylist())
+    return rows
 
 
 def _caption(image_id: str, method: str, row: dict) -> str:
@@ -662,8 +673,8 @@ def _write_overlays(table: dict, ok_ids: dict, out_dir: Path, count: int) -> dic
     for image_id in ids:
         for m, run, manifest, root, results in jobs:
             row = results.get(image_id)
-            if row is None:
-                continue  # not ok in this run
+            if row is None or row["status"] != "ok":
+                continue  # absent or failed in this run
             try:
                 panel = _panel_for(row, manifest.get(image_id), root)
             except (OSError, ValueError) as e:

@@ -39,6 +39,14 @@ class ModelConfig:
     image_size: int | None = None
 
 
+def _copy_status(batch: dict) -> dict:
+    """A shallow copy whose status/error columns may be written (Ray hands read-only views)."""
+    out = dict(batch)
+    out["status"] = np.array(batch["status"], dtype=object)
+    out["error"] = np.array(batch["error"], dtype=object)
+    return out
+
+
 def _fail(batch: dict, rows, reason: str) -> None:
     for i in np.flatnonzero(rows) if isinstance(rows, np.ndarray) else rows:
         if batch["status"][i] == OK:
@@ -116,14 +124,28 @@ class ExplainModel:
                          if top_k_channels else None)
         self.proxy_mode, self.output, self.split = proxy_mode, output, split
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
+        with torch.inference_mode():  # output shapes, so that every batch has every column
+            size = self.preprocess.size
+            self.num_outputs = int(self.model(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
+        self.map_shape = tuple(self.cam(torch.zeros(1, 3, size, size, device=self.device)).heatmaps.shape[1:])
 
     def __call__(self, batch: dict) -> dict:
         ok = np.flatnonzero(batch["status"] == OK)
         if self.output == "partials":
             return self._partials(batch, ok)
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["proxy_kind"] = np.array([self.proxy_mode] * len(batch["status"]), dtype=object)
-        out["proxy_label"] = np.array([None] * len(batch["status"]), dtype=object)
+        n = len(batch["status"])
+        out = _copy_status({k: v for k, v in batch.items() if k != "image"})
+        out["proxy_kind"] = np.array([self.proxy_mode] * n, dtype=object)
+        out["proxy_label"] = np.array([None] * n, dtype=object)
+        out["embedding"] = np.zeros((n, self.num_outputs), np.float32)
+        if self.output == "maps":
+            out["maps"] = np.zeros((n, self.num_outputs) + self.map_shape, np.float32)
+        else:
+            out["heatmap"] = np.zeros((n,) + self.map_shape, np.float32)
+            out["score"] = np.zeros(n, np.float32)
+            out["cosine"] = np.zeros(n, np.float32)
+            if self.cam_topk is not None:
+                out["heatmap_topk"] = np.zeros((n,) + self.map_shape, np.float32)
         if len(ok):
             try:
                 self._explain(batch, out, ok)
@@ -136,17 +158,12 @@ class ExplainModel:
         return self.preprocess(pixels)
 
     def _partials(self, batch: dict, ok) -> dict:
-        rows = [i for i in ok if _present(batch, "label", i) is not None
-                and (self.split is None or _present(batch, "split", i) == self.split)]
-        acc = MeanProxyAccumulator()
-        if rows:
-            with torch.inference_mode():
-                y = self.model(self._images(batch, rows)).float().cpu()
-            acc.add(y, [str(batch["label"][i]) for i in rows])
-        parts = acc.partials()
-        return {"label": np.array([p["label"] for p in parts], dtype=object),
-                "sum": np.array([p["sum"] for p in parts], dtype=np.float64).reshape(len(parts), -1),
-                "count": np.array([p["count"] for p in parts], dtype=np.int64)}
+        with torch.inference_mode():
+            y = self.model(self._images(batch, ok)).float().cpu().numpy() if len(ok) else None
+        embeddings = np.zeros((len(batch["status"]), self.num_outputs), np.float32)
+        if y is not None:
+            embeddings[ok] = y
+        return partial_sums(batch, embeddings, self.split)
 
     def _explain(self, batch: dict, out: dict, ok) -> None:
         x = self._images(batch, ok)
@@ -202,14 +219,19 @@ class ExplainModel:
             return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
         return self.bank.get(str(label))
 
-    @property
-    def num_outputs(self) -> int:
-        if not hasattr(self, "_num_outputs"):
-            size = self.preprocess.size
-            with torch.inference_mode():
-                probe = torch.zeros(1, 3, size, size, device=self.device)
-                self._num_outputs = int(self.model(probe).shape[-1])
-        return self._num_outputs
+
+def partial_sums(batch: dict, embeddings: np.ndarray, split: str | None = None) -> dict:
+    """Per-class sums of the normalised embeddings of a batch's OK, labelled rows (of
+    ``split`` only, when given): one row per class, what the mean-proxy reduce combines."""
+    rows = [i for i in np.flatnonzero(batch["status"] == OK) if _present(batch, "label", i) is not None
+            and (split is None or _present(batch, "split", i) == split)]
+    acc = MeanProxyAccumulator()
+    if rows:
+        acc.add(np.asarray(embeddings)[rows], [str(batch["label"][i]) for i in rows])
+    parts = acc.partials()
+    return {"label": np.array([p["label"] for p in parts], dtype=object),
+            "sum": np.array([p["sum"] for p in parts], np.float64).reshape(len(parts), embeddings.shape[1]),
+            "count": np.array([p["count"] for p in parts], np.int64)}
 
 
 def _put(out: dict, column: str, rows, values: np.ndarray) -> None:
@@ -221,8 +243,11 @@ def _put(out: dict, column: str, rows, values: np.ndarray) -> None:
 
 def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict:
     """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model)."""
-    out = {k: v for k, v in batch.items() if k != "maps"}
+    out = _copy_status({k: v for k, v in batch.items() if k != "maps"})
     n = len(out["status"])
+    out["heatmap"] = np.zeros((n,) + batch["maps"].shape[2:], np.float32)
+    out["score"] = np.zeros(n, np.float32)
+    out["cosine"] = np.zeros(n, np.float32)
     out["proxy_kind"] = np.array([proxy_mode] * n, dtype=object)
     out["proxy_label"] = np.array([None] * n, dtype=object)
     ok = np.flatnonzero(out["status"] == OK)
@@ -248,7 +273,7 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict
 
 def compute_metrics(batch: dict) -> dict:
     """Per-image metrics (DESIGN §5) for every OK row; NaN where a metric is null."""
-    out = dict(batch)
+    out = _copy_status(batch)
     n = len(out["status"])
     for column in METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):
         out[column] = np.full(n, np.nan, np.float32)

@@ -177,7 +177,8 @@ def test_empty_manifest():
 
 
 def test_partial_bbox():
-    with pytest.raises(ManifestError, match=r"partially: has bbox_x0, bbox_y1 but not bbox_y0, bbox_x1"):
+    expected = r"partially: has bbox_x0, bbox_y1 but not bbox_y0, bbox_x1"
+    with pytest.raises(ManifestError, match=expected):
         validate_manifest(pa.table(minimal("a", bbox_x0=[1.0], bbox_y1=[2.0])))
 
 
@@ -287,3 +288,20 @@ def test_data_modules_import_neither_torch_nor_ray():
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom)}
         assert not imported & {"torch", "ray"}, (module.__name__, imported)
+
+
+def test_cached_filesystem_paths_match_from_uri(monkeypatch):
+    # Filesystems are cached per (scheme, host, query); later URIs must map to the same
+    # paths pyarrow itself would give. Building these filesystems needs no network.
+    import pyarrow.fs as pafs
+
+    import embcam.manifest as manifest
+
+    monkeypatch.setattr(manifest, "_FILESYSTEMS", {})
+    uris = ["gs://bucket/a/b.jpg", "gs://bucket/c%20d/e%2Bf.jpg", "gs://other/x.png",
+            "s3://bucket/k/1.jpg?region=eu-west-1", "s3://bucket/k%23/2.jpg?region=eu-west-1",
+            "file:///tmp/a.jpg", "file:///var/x%20y.jpg"]
+    for uri in uris:
+        assert manifest._filesystem_path(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
+    assert len(manifest._FILESYSTEMS) == 4
+    assert manifest._filesystem_path("gs://bucket/z")[1] == "bucket/z"

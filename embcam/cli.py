@@ -1,0 +1,171 @@
+"""The ``embcam`` command: explain, demo, report, train, manifest makers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
+DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    """The explain job's options (shared by ``embcam explain`` and jobs/explain.py)."""
+    p.add_argument("--manifest", required=True,
+                   help="Parquet manifest: a file, a directory of files or a glob; local or s3://, gs://")
+    p.add_argument("--out", required=True, help="output folder (local or URI): results/, proxies.parquet, summary.json")
+    p.add_argument("--model", help="model spec, e.g. torchvision:resnet50+linear:128 (default: the checkpoint's)")
+    p.add_argument("--checkpoint", help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
+    p.add_argument("--target-layer", help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
+    proxy = p.add_mutually_exclusive_group()
+    proxy.add_argument("--proxy", default="self", choices=["self", "mean", "onehot"],
+                       help="self: each image's own embedding; mean: its class's normalised mean proxy "
+                            "(map-reduce over the manifest); onehot: Grad-CAM on a classifier's logit <label>")
+    proxy.add_argument("--proxies", metavar="BANK.parquet", help="explain against a proxy bank (label, proxy)")
+    p.add_argument("--proxy-split", metavar="S", help="with --proxy mean: build proxies from rows of split S only")
+    p.add_argument("--strategy", default="auto", choices=["auto", "two-pass", "embedding-map"],
+                   help="mean proxies: two-pass (embed, reduce, forward+backward again) or embedding-map "
+                        "(one model pass, heatmaps from kept maps); auto picks embedding-map unless --top-k-channels")
+    p.add_argument("--image-root", help="folder or URI prefix for relative uris (default: the manifest's folder)")
+    p.add_argument("--image-size", type=int, help="model input size S (images resized to SxS, no crop); default: the model's")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--num-gpus", type=int, help="GPU actors, one model each (default: every GPU in the cluster; 0 = CPU)")
+    p.add_argument("--top-k-channels", type=int, metavar="K",
+                   help="also compute heatmaps from the K channels with the largest weights (paper: 50)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+
+
+def explain_config(args: argparse.Namespace):
+    from .pipeline import ExplainConfig
+
+    return ExplainConfig(
+        manifest=args.manifest, out=args.out, model=args.model, checkpoint=args.checkpoint,
+        target_layer=args.target_layer, proxy="bank" if args.proxies else args.proxy,
+        proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
+        image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
+        num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
+        address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
+
+
+def run_explain_command(args: argparse.Namespace) -> int:
+    from .pipeline import run_explain
+
+    summary = run_explain(explain_config(args), progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    c, m = summary["counts"], summary["metrics"]
+
+    def f(v):
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    out = Path(summary["config"]["out"])
+    lines = [
+        f"embcam explain: {c['results']} rows ({c['ok']} ok, {c['error']} error, {c['degenerate']} degenerate) "
+        f"in {summary['wall_seconds']:.1f} s = {summary['images_per_second']:.1f} images/s "
+        f"[{summary['model']}, proxy {summary['config']['proxy']}, {summary['plan']}]",
+        "",
+        "                 uniform  EmbeddingCAM",
+        f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}",
+        f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}",
+        f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})",
+        "",
+        f"results: {summary['config']['out']}/results/   summary: {out / 'summary.json'}",
+        f"open them: python -c \"import pandas as pd; print(pd.read_parquet('{summary['config']['out']}/results'))\"",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .datasets.synthetic import generate_dataset
+    from .pipeline import ExplainConfig, run_explain
+
+    out = Path(args.out)
+    print(f"embcam demo: generating {len(DEMO_CLASSES)} unseen classes x {args.per_class} annotated images "
+          f"in {out / 'data'} ...", flush=True)
+    manifest = generate_dataset(out / "data", num_classes=100, images_per_class=args.per_class,
+                                classes=DEMO_CLASSES, seed=0)
+    print(f"explaining them with the bundled demo model ({DEMO_MODEL.name}) against class mean proxies "
+          "on local Ray ...", flush=True)
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(out / "run"), checkpoint=str(DEMO_MODEL),
+                                        proxy="mean", batch_size=32, overwrite=True,
+                                        address=os.environ.get("RAY_ADDRESS")),
+                          progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="embcam", description="EmbeddingCAM heatmaps for embedding networks, at catalog scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    explain = sub.add_parser("explain", help="run the explain job on a manifest")
+    add_explain_arguments(explain)
+    explain.set_defaults(run=run_explain_command)
+
+    demo = sub.add_parser("demo", help="generate a small annotated dataset and explain it with the bundled model")
+    demo.add_argument("--out", default="demo_out", help="where the demo data and results go (default demo_out)")
+    demo.add_argument("--per-class", type=int, default=30, help="images per class (10 classes; default 30)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=run_demo)
+
+    report = sub.add_parser("report", help="Table 1 (+ overlays) from one or more results folders")
+    report.add_argument("runs", nargs="+")
+    report.set_defaults(run=lambda a: _delegate("embcam.report", argv_after(argv, "report")))
+
+    train = sub.add_parser("train", help="train an embedding model (see jobs/train_embedding.py --help)")
+    train.set_defaults(run=lambda a: _delegate("embcam.training", argv_after(argv, "train")))
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+
+    make = sub.add_parser("make-manifest", help="write a manifest: synthetic | cub | folders")
+    make.add_argument("kind", choices=["synthetic", "cub", "folders"])
+    make.add_argument("source", help="output folder (synthetic) or dataset root (cub, folders)")
+    make.add_argument("--out", help="manifest path (cub, folders)")
+    make.add_argument("--classes", type=int, default=100, help="synthetic: number of classes")
+    make.add_argument("--per-class", type=int, default=30, help="synthetic: images per class")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(run=make_manifest)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    known = {"report", "train"}
+    if argv and argv[0] in known:  # these parse their own options
+        return _delegate(f"embcam.{'report' if argv[0] == 'report' else 'training'}", argv[1:])
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def argv_after(argv, word):
+    argv = sys.argv[1:] if argv is None else argv
+    return argv[argv.index(word) + 1:]
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv) or 0
+
+
+def make_manifest(args: argparse.Namespace) -> int:
+    from . import datasets
+
+    if args.kind == "synthetic":
+        path = datasets.generate_dataset(args.source, num_classes=args.classes,
+                                         images_per_class=args.per_class, seed=args.seed)
+        print(json.dumps({"manifest": str(path), **datasets.summary(path)}, indent=2, default=str))
+        return 0
+    if not args.out:
+        raise SystemExit("--out MANIFEST.parquet is required for cub and folders")
+    maker = datasets.cub_manifest if args.kind == "cub" else datasets.folder_manifest
+    print(maker(args.source, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The explain job end to end on real Ray, Parquet and images."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embcam import EmbeddingCAM, load_model, save_checkpoint
+from embcam.datasets import generate_dataset
+from embcam.images import decode_image, resize_square
+from embcam.manifest import ManifestError
+from embcam.models import Preprocessing, build_model
+from embcam.pipeline import ExplainConfig, run_explain
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """4 classes x 4 images (2 train, 2 eval classes) plus four broken rows."""
+    root = tmp_path_factory.mktemp("data")
+    manifest = generate_dataset(root, num_classes=4, images_per_class=4, min_side=64, max_side=96, seed=3)
+    table = pq.read_table(manifest)
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "empty.jpg").write_bytes(b"")
+    first = table.slice(0, 1).to_pylist()[0]
+    broken = [
+        dict(first, image_id="corrupt", uri="corrupt.jpg"),
+        dict(first, image_id="missing", uri="no/such/file.jpg"),
+        dict(first, image_id="empty", uri="empty.jpg"),
+        dict(first, image_id="badbox", bbox_x0=50.0, bbox_x1=10.0),
+    ]
+    table = pa.concat_tables([table, pa.Table.from_pylist(broken, schema=table.schema)])
+    pq.write_table(table, manifest)
+    torch.manual_seed(0)
+    model = build_model("embcam:small-resnet+linear:16")
+    checkpoint = root / "model.pt"
+    save_checkpoint(checkpoint, model, "embcam:small-resnet+linear:16", Preprocessing(SIZE))
+    return root, manifest, checkpoint, table
+
+
+def explain(dataset, out, **kw):
+    root, manifest, checkpoint, _ = dataset
+    cfg = ExplainConfig(manifest=str(manifest), out=str(out), checkpoint=str(checkpoint), batch_size=8, **kw)
+    return run_explain(cfg, progress=False)
+
+
+def read(out):
+    return pd.read_parquet(out / "results").sort_values("image_id").reset_index(drop=True)
+
+
+def core_heatmaps(dataset, rows, proxies="self"):
+    root, _, checkpoint, table = dataset
+    uri = dict(zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist()))
+    model, prep, _ = load_model(checkpoint=checkpoint)
+    images = np.stack([resize_square(decode_image((root / uri[i]).read_bytes()), prep.size)
+                       for i in rows.image_id])
+    return EmbeddingCAM(model, strategy="autograd")(prep(torch.from_numpy(images)), proxies)
+
+
+def test_self_proxy_job(ray_session, dataset, tmp_path):
+    summary = explain(dataset, tmp_path)
+    df = read(tmp_path)
+    table = dataset[3]
+    assert sorted(df.image_id) == sorted(table.column("image_id").to_pylist())  # every row exactly once
+    errors = df.set_index("image_id").error
+    assert "cannot decode image" in errors["corrupt"]
+    assert "No such file" in errors["missing"] or "FileNotFound" in errors["missing"]
+    assert "empty file" in errors["empty"]
+    assert errors["badbox"].startswith("bbox:")
+    ok = df[df.status == "ok"]
+    assert len(ok) == 16 and df[df.status == "error"].heatmap.isna().all()
+    assert summary["counts"] == {"manifest": 20, "results": 20, "ok": 16, "error": 4,
+                                 "degenerate": int(ok.degenerate.sum())}
+
+    ref = core_heatmaps(dataset, ok)
+    heat = np.stack(ok.heatmap).reshape(len(ok), int(ok.heatmap_height.iloc[0]), int(ok.heatmap_width.iloc[0]))
+    np.testing.assert_allclose(heat, ref.heatmaps.numpy(), rtol=1e-4, atol=1e-6 * float(ref.heatmaps.max()))
+    np.testing.assert_allclose(np.stack(ok.embedding), ref.embeddings.numpy(), rtol=1e-4, atol=1e-6)
+    y = np.stack(ok.embedding)
+    np.testing.assert_allclose(ok.score, np.linalg.norm(y, axis=1), rtol=1e-5)  # y . y_hat = |y|
+    assert ok.ratio_bbox.between(0, 1).all() and ok.uniform_bbox.between(0, 1).all()
+    assert (ok.iou_sweep.map(len) == 8).all()
+
+
+def test_results_open_with_pandas_without_ray(ray_session, dataset, tmp_path):
+    explain(dataset, tmp_path)
+    code = ("import sys, pandas as pd, numpy as np; df = pd.read_parquet(sys.argv[1]); "
+            "ok = df[df.status == 'ok'].iloc[0]; "
+            "h = np.asarray(ok.heatmap).reshape(int(ok.heatmap_height), int(ok.heatmap_width)); "
+            "assert 'ray' not in sys.modules; print(len(df), h.shape, len(ok.embedding))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "results")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "20" and out[-1] == "16"
+
+
+def test_mean_proxies_strategies_agree_and_match_numpy(ray_session, dataset, tmp_path):
+    explain(dataset, tmp_path / "map", proxy="mean", strategy="embedding-map")
+    explain(dataset, tmp_path / "two", proxy="mean", strategy="two-pass", top_k_channels=5)
+    a, b = read(tmp_path / "map"), read(tmp_path / "two")
+    ok = a.status == "ok"
+    assert (ok == (b.status == "ok")).all() and ok.sum() == 16
+    np.testing.assert_allclose(np.stack(a.heatmap[ok]), np.stack(b.heatmap[ok]), rtol=1e-4,
+                               atol=1e-6 * np.stack(a.heatmap[ok]).max())
+    assert b.heatmap_topk[ok].notna().all() and a.heatmap_topk.isna().all()
+
+    # proxies = normalise(mean of normalised embeddings), straight from the embeddings
+    y = np.stack(a.embedding[ok]).astype(np.float64)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    proxies = pd.read_parquet(tmp_path / "map" / "proxies.parquet").set_index("label")
+    for label, group in a[ok].groupby("label"):
+        mean = y[(a[ok].label == label).to_numpy()].mean(0)
+        np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+        assert proxies["count"][label] == len(group)
+    # the heatmap is the core library's, against the class proxy
+    rows = a[ok].reset_index(drop=True)
+    p = torch.from_numpy(np.stack([proxies.proxy[label] for label in rows.label]).astype(np.float32))
+    ref = core_heatmaps(dataset, rows, p)
+    np.testing.assert_allclose(np.stack(rows.heatmap), ref.heatmaps.flatten(1).numpy(), rtol=1e-4,
+                               atol=1e-6 * float(ref.heatmaps.max()))
+
+
+def test_proxy_split_builds_proxies_from_gallery_only(ray_session, dataset, tmp_path):
+    explain(dataset, tmp_path, proxy="mean", proxy_split="train")
+    df = read(tmp_path)
+    proxies = pd.read_parquet(tmp_path / "proxies.parquet")
+    train_labels = set(df[(df.split == "train") & (df.status == "ok")].label)
+    assert set(proxies.label) == train_labels and len(train_labels) == 2
+    eval_rows = df[(df.split == "eval") & df.image_id.str.startswith("c")]
+    assert (eval_rows.status == "error").all()
+    assert eval_rows.error.str.contains("no mean proxy for label").all()
+
+
+def test_bad_manifest_fails_fast(tmp_path, dataset):
+    table = dataset[3]
+    dupes = pa.concat_tables([table.slice(0, 2), table.slice(0, 1)])
+    pq.write_table(dupes, tmp_path / "dupes.parquet")
+    with pytest.raises(ManifestError, match="image_id.*c00"):
+        run_explain(ExplainConfig(manifest=str(tmp_path / "dupes.parquet"), out=str(tmp_path / "o"),
+                                  checkpoint=str(dataset[2])), progress=False)
+    assert not (tmp_path / "o").exists()  # failed before creating any output
+    pq.write_table(table.drop_columns(["uri"]), tmp_path / "nouri.parquet")
+    with pytest.raises(ManifestError, match="uri"):
+        run_explain(ExplainConfig(manifest=str(tmp_path / "nouri.parquet"), out=str(tmp_path / "o")),
+                    progress=False)

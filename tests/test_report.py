@@ -1,0 +1,304 @@
+"""Tests for embcam.report: Table 1 numbers against hand-computed means/stds, the sweep,
+exclusions and counts, the written files and the overlays.
+
+Values are dyadic fractions (exact in float32), so the expected numbers are exact.
+Three runs on one five-image manifest: A and B use the self proxy with top-2 channels,
+C the mean proxy without top-k.
+"""
+
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embcam.report import main, overlay_panel, render_markdown, table1, write_report
+from embcam.schemas import conform
+
+W, H = 16, 12  # every test image
+GT = {"img0": (4.0, 2.0, 12.0, 10.0), "img1": (0.0, 0.0, 8.0, 6.0)}
+PEAK = [1.0] + [0.0] * 15  # 4x4 raw heatmap, maximum at the top-left cell
+
+
+def ok_row(image_id, **metrics):
+    row = dict(image_id=image_id, label="c0", split="eval", status="ok", error=None,
+               width=W, height=H, proxy_kind="self", heatmap=PEAK, heatmap_height=4,
+               heatmap_width=4, degenerate=False, pred_bbox_x0=0.0, pred_bbox_y0=0.0,
+               pred_bbox_x1=8.0, pred_bbox_y1=6.0)
+    row.update(metrics)
+    return row
+
+
+def error_row(image_id, **extra):
+    row = dict(image_id=image_id, split="eval", status="error", error="decode: boom",
+               proxy_kind="self")
+    row.update(extra)
+    return row
+
+
+def sweep(*values):
+    assert len(values) == 8
+    return list(values)
+
+
+RUN_A = [  # self proxy, model 1
+    ok_row("img0", ratio_bbox=0.5, ratio_mask=0.5, uniform_bbox=0.25, uniform_mask=0.125,
+           ratio_bbox_topk=0.25, ratio_mask_topk=0.5, iou=0.75, loc_correct=True,
+           iou_sweep=sweep(0.25, 0.375, 0.625, 0.75, 0.75, 0.5, 0.375, 0.25)),
+    ok_row("img1", ratio_bbox=0.75, uniform_bbox=0.5, ratio_bbox_topk=0.5, iou=0.375,
+           loc_correct=False,  # no mask: mask metrics null
+           iou_sweep=sweep(0.625, 0.625, 0.625, 0.375, 0.25, 0.25, 0.125, 0.125)),
+    # degenerate: heatmap metrics null, the uniform baseline stays set and must not count
+    ok_row("img2", degenerate=True, uniform_bbox=1.0, uniform_mask=1.0, heatmap=[0.0] * 16,
+           pred_bbox_x0=None, pred_bbox_y0=None, pred_bbox_x1=None, pred_bbox_y1=None),
+    # a failed row that still carries a value: the report must ignore it
+    error_row("img3", ratio_bbox=0.0, uniform_bbox=0.0, loc_correct=True),
+    ok_row("img4"),  # no annotation at all: every metric null
+]
+RUN_B = [  # self proxy, model 2
+    ok_row("img0", ratio_bbox=0.75, ratio_mask=0.25, uniform_bbox=0.25, uniform_mask=0.125,
+           ratio_bbox_topk=0.5, ratio_mask_topk=0.25, iou=0.625, loc_correct=True,
+           iou_sweep=sweep(*[0.625] * 8)),
+    ok_row("img1", ratio_bbox=1.0, ratio_mask=0.75, uniform_bbox=0.25, uniform_mask=0.25,
+           ratio_bbox_topk=0.5, iou=0.25, loc_correct=False,
+           iou_sweep=sweep(0.125, 0.25, 0.375, 0.25, 0.5, 0.625, 0.75, 0.875)),
+    ok_row("img2", split="train"), ok_row("img3", split="train"), ok_row("img4", split="train"),
+]
+RUN_C = [  # mean proxy, one model, no top-k
+    ok_row("img0", proxy_kind="mean", ratio_bbox=0.625, ratio_mask=0.375, uniform_bbox=0.25,
+           uniform_mask=0.125, iou=0.75, loc_correct=True, iou_sweep=sweep(*[0.75] * 8)),
+    error_row("img1", proxy_kind="mean"),
+]
+
+
+def write_images(root):
+    """Grey 16x12 PNGs img0..img4 and a manifest with boxes for img0 and img1."""
+    (root / "images").mkdir()
+    rows = []
+    for i in range(5):
+        image_id = f"img{i}"
+        cv2.imwrite(str(root / "images" / f"{image_id}.png"), np.full((H, W, 3), 128, np.uint8))
+        box = GT.get(image_id, (None,) * 4)
+        rows.append(dict(image_id=image_id, uri=f"images/{image_id}.png", label="c0",
+                         bbox_x0=box[0], bbox_y0=box[1], bbox_x1=box[2], bbox_y1=box[3],
+                         mask_uri=None, split="eval"))
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
+    return root / "manifest.parquet"
+
+
+def write_run(path, rows, proxy, *, top_k=None, manifest=None, image_root=None, files=2):
+    """A run directory as the explain job writes it (rows spread over ``files`` files)."""
+    (path / "results").mkdir(parents=True)
+    for i in range(files):
+        part = rows[i::files]
+        if part:
+            pq.write_table(conform(part, "results"), path / "results" / f"part-{i}.parquet")
+    config = {"proxy": proxy, "model": "torchvision:resnet18+linear:8", "checkpoint": None,
+              "top_k_channels": top_k, "image_root": image_root,
+              "manifest": None if manifest is None else str(manifest)}
+    (path / "summary.json").write_text(json.dumps({"config": config}))
+    return str(path)
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    manifest = write_images(tmp_path)
+    root = str(tmp_path)
+    return [write_run(tmp_path / "a", RUN_A, "self", top_k=2, manifest=manifest, image_root=root),
+            write_run(tmp_path / "b", RUN_B, "self", top_k=2, manifest=manifest, image_root=root),
+            write_run(tmp_path / "c", RUN_C, "mean", manifest=manifest)]  # root: manifest dir
+
+
+def by_key(table):
+    return {m["key"]: m for m in table["methods"]}
+
+
+def test_table_means_and_stds_across_runs(runs):
+    table = table1(runs)
+    methods = by_key(table)
+    assert list(methods) == ["self", "mean"]
+    s, c = methods["self"], methods["mean"]
+    assert s["name"] == "EmbeddingCAM (self proxy)" and s["n_runs"] == 2 and s["top_k"] == 2
+    assert table["top_k"] == 2
+    # (per-run means), mean, population std
+    expected = {
+        ("bbox", "uniform"): ([0.375, 0.25], 0.3125, 0.0625),
+        ("bbox", "all"): ([0.625, 0.875], 0.75, 0.125),
+        ("bbox", "topk"): ([0.375, 0.5], 0.4375, 0.0625),
+        ("mask", "uniform"): ([0.125, 0.1875], 0.15625, 0.03125),
+        ("mask", "all"): ([0.5, 0.5], 0.5, 0.0),
+        ("mask", "topk"): ([0.5, 0.25], 0.375, 0.125),
+    }
+    for (region, col), (per_run, mean, std) in expected.items():
+        stat = s["rows"][region][col]
+        assert stat["per_run"] == per_run, (region, col)
+        assert (stat["mean"], stat["std"], stat["n_runs"]) == (mean, std, 2), (region, col)
+    assert s["rows"]["bbox"]["all"]["n_images"] == [2, 2]
+    assert s["rows"]["mask"]["all"]["n_images"] == [1, 2]
+    assert s["rows"]["mask"]["topk"]["n_images"] == [1, 1]
+    assert (s["accuracy"]["mean"], s["accuracy"]["std"]) == (0.5, 0.0)
+
+    # one run: std 0, n_runs 1; no top-k map: no value
+    assert c["rows"]["bbox"]["all"] == {"mean": 0.625, "std": 0.0, "n_runs": 1,
+                                        "per_run": [0.625], "n_images": [1]}
+    assert c["rows"]["bbox"]["topk"]["mean"] is None and c["rows"]["bbox"]["topk"]["n_runs"] == 0
+    assert c["accuracy"]["mean"] == 1.0
+
+
+def test_excluded_rows_are_counted(runs):
+    table = table1(runs)
+    a, b, c = table["runs"]
+    assert a["counts"] == {"images": 5, "ok": 4, "error": 1, "degenerate": 1, "evaluated": 3}
+    assert b["counts"] == {"images": 5, "ok": 5, "error": 0, "degenerate": 0, "evaluated": 5}
+    assert c["counts"] == {"images": 2, "ok": 1, "error": 1, "degenerate": 0, "evaluated": 1}
+    # null metric on an evaluated row: skipped and counted
+    assert a["values"]["ratio_bbox"] == {"value": 0.625, "n": 2, "skipped_null": 1}
+    assert a["values"]["ratio_mask"] == {"value": 0.5, "n": 1, "skipped_null": 2}
+    assert a["values"]["uniform_bbox"]["value"] == 0.375  # degenerate row's 1.0 left out
+    assert a["values"]["accuracy"] == {"value": 0.5, "n": 2, "skipped_null": 1}
+    assert b["values"]["ratio_mask_topk"] == {"value": 0.25, "n": 1, "skipped_null": 4}
+    assert (a["method"], a["top_k"], c["top_k"]) == ("self", 2, None)
+
+
+def test_threshold_sweep_and_best_over_t(runs):
+    table = table1(runs)
+    a, b, _ = table["runs"]
+    assert [s["value"] for s in a["sweep"]] == [0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 0.0, 0.0]
+    assert [s["value"] for s in b["sweep"]] == [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert a["sweep_best"] == {"value": 1.0, "threshold": 0.15, "n": 2}
+    assert b["sweep_best"] == {"value": 1.0, "threshold": 0.25, "n": 2}  # first maximum
+    s = by_key(table)["self"]["sweep"]
+    assert [x["mean"] for x in s["accuracy"]] == [0.5, 0.5, 0.75, 0.5, 0.75, 0.75, 0.5, 0.5]
+    assert [x["std"] for x in s["accuracy"]] == [0, 0, 0.25, 0, 0.25, 0.25, 0.5, 0.5]
+    # best over t is per run (both reach 1.0), not the maximum of the mean curve (0.75)
+    assert (s["best"]["mean"], s["best"]["std"], s["best_threshold"]) == (1.0, 0.0, [0.15, 0.25])
+    # the sweep at t = 0.2 agrees with loc_correct
+    assert a["sweep"][3]["value"] == a["values"]["accuracy"]["value"]
+
+
+def test_markdown_layout(runs):
+    md = render_markdown(table1(runs))
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| Method | Region"))
+    assert header == ("| Method | Region | Uniform | All channels | Top-2 channels | "
+                      "Accuracy (IoU ≥ 0.5, t = 0.2) | Runs |")
+    assert ("| EmbeddingCAM (self proxy) | BBox | 0.312 ± 0.062 | 0.750 ± 0.125 | "
+            "0.438 ± 0.062 | 0.500 ± 0.000 | 2 |") in lines
+    assert "|  | Mask | 0.156 ± 0.031 | 0.500 ± 0.000 | 0.375 ± 0.125 |  |  |" in lines
+    assert ("| EmbeddingCAM (mean proxy) | BBox | 0.250 ± 0.000 | 0.625 ± 0.000 | — | "
+            "1.000 ± 0.000 | 1 |") in lines
+    assert "ddof = 0" in md
+    sweep_line = next(line for line in lines
+                      if line.startswith("| EmbeddingCAM (self proxy) | 0.500"))
+    assert sweep_line.endswith("| 1.000 ± 0.000 |")
+    assert any(line.startswith(f"| {runs[0]} | self |") and "| 5 | 4 | 1 | 1 | 3 | 1 | 2 | 0.15 |"
+               in line for line in lines)
+
+
+def test_write_report_files_and_overlays(runs, tmp_path):
+    out = tmp_path / "report"
+    table = write_report(runs, str(out), overlays=2)
+    for name in ("report.md", "report.json", "report.html", "sweep.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(table))
+    ov = table["overlays"]
+    assert ov["skipped"] is None and ov["failed"] == []
+    # first two sorted ok ids; the mean run has only img0 ok
+    assert [(i["method"], i["image_id"]) for i in ov["images"]] == [
+        ("self", "img0"), ("mean", "img0"), ("self", "img1")]
+    assert ov["written"] == 3
+    html = (out / "report.html").read_text()
+    assert "sweep.png" in html and "0.750 ± 0.125" in html
+    for item in ov["images"]:
+        assert item["file"] in html and item["caption"] in html
+    assert "img1 · EmbeddingCAM (self proxy) · ratio bbox 0.750 · mask — · IoU 0.375" in html
+
+    panel = cv2.imread(str(out / ov["images"][0]["file"]))
+    assert panel.shape == (H, 2 * W, 3)
+    assert (panel[:, :W] == 128).all()  # left: the original image
+    jet = cv2.applyColorMap(np.array([[255, 0]], np.uint8), cv2.COLORMAP_JET)[0]
+    # right: the min-max heatmap (1 at the top-left, 0 at the bottom-right) blended at 0.5
+    assert panel[1, W + 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[0]]
+    assert panel[H - 1, 2 * W - 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[1]]
+    assert panel[2, W + 4].tolist() == [0, 200, 0]      # ground-truth box corner (4, 2), green
+    assert panel[5, W + 7].tolist() == [0, 0, 255]      # predicted box corner (7, 5), red
+    sweep_png = cv2.imread(str(out / "sweep.png"))
+    assert sweep_png.shape == (440, 760, 3)
+    for colour in ([180, 119, 31], [14, 127, 255]):  # one line per method
+        assert (sweep_png == colour).all(axis=2).sum() > 20
+
+
+def test_missing_manifest_skips_overlays(tmp_path):
+    run = write_run(tmp_path / "a", RUN_A, "self", manifest=tmp_path / "nope.parquet")
+    table = write_report([run], str(tmp_path / "out"))
+    assert table["overlays"]["skipped"].startswith("manifest")
+    assert "nope.parquet" in table["overlays"]["skipped"]
+    assert table["overlays"]["images"] == [] and not (tmp_path / "out" / "overlays").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Overlays skipped: manifest" in md and "0.625 ± 0.000" in md
+    assert "Overlays skipped" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_missing_image_is_reported_per_image(runs, tmp_path):
+    (tmp_path / "images" / "img1.png").unlink()
+    table = write_report(runs[:1], str(tmp_path / "out"), overlays=2)
+    ov = table["overlays"]
+    assert [i["image_id"] for i in ov["images"]] == ["img0"]
+    assert len(ov["failed"]) == 1 and ov["failed"][0]["image_id"] == "img1"
+    assert "img1.png" in ov["failed"][0]["reason"] and "not found" in ov["failed"][0]["reason"]
+
+
+def test_overlay_panel_downscales_large_images():
+    image = np.zeros((300, 1200, 3), np.uint8)
+    panel = overlay_panel(image, np.eye(3), gt_box=(0, 0, 600, 150), max_side=400)
+    assert panel.shape == (100, 800, 3)
+    assert panel[0, 400].tolist() == [0, 200, 0]  # box scaled with the image
+
+
+def test_split_filter(runs):
+    table = table1(runs[:2], split="eval")
+    assert [r["counts"]["images"] for r in table["runs"]] == [5, 2]
+    assert table["split"] == "eval"
+    with pytest.raises(ValueError, match="no result rows of split 'test'"):
+        table1(runs[:1], split="test")
+
+
+def test_main_prints_markdown(runs, tmp_path, capsys):
+    assert main([*runs, "--out", str(tmp_path / "cli"), "--overlays", "0"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| EmbeddingCAM (mean proxy) | BBox |" in stdout
+    assert "Overlays skipped: not requested" in stdout
+    assert stdout == (tmp_path / "cli" / "report.md").read_text() + "\n"
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_bad_input_raises_clear_errors(tmp_path):
+    dup = write_run(tmp_path / "dup", [ok_row("img0"), ok_row("img0")], "self", files=1)
+    with pytest.raises(ValueError, match="image_id 'img0' appears 2 times"):
+        table1([dup])
+    with pytest.raises(ValueError, match="given twice"):
+        table1([dup, dup + "/"])
+    bad_sweep = write_run(tmp_path / "sw", [ok_row("img0", iou_sweep=[0.5] * 3)], "self")
+    with pytest.raises(ValueError, match="iou_sweep of row image_id 'img0' has 3 values"):
+        table1([bad_sweep])
+    k1 = write_run(tmp_path / "k1", RUN_A, "self", top_k=1)
+    k2 = write_run(tmp_path / "k2", RUN_B, "self", top_k=2)
+    with pytest.raises(ValueError, match="different top_k_channels"):
+        table1([k1, k2])
+    (tmp_path / "old" / "results").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["x"], "status": ["ok"]}),
+                   tmp_path / "old" / "results" / "p.parquet")
+    (tmp_path / "old" / "summary.json").write_text('{"config": {"proxy": "self"}}')
+    with pytest.raises(ValueError, match=r"p\.parquet lacks column\(s\) degenerate"):
+        table1([str(tmp_path / "old")])
+
+
+def test_method_from_proxy_kind_when_config_has_none(tmp_path):
+    run = write_run(tmp_path / "g", [ok_row("img0", proxy_kind="onehot", ratio_bbox=0.5)], None)
+    (method,) = table1([run])["methods"]
+    assert (method["key"], method["name"]) == ("onehot", "Grad-CAM (onehot proxy)")
+    assert method["rows"]["bbox"]["all"]["mean"] == 0.5
