@@ -27,7 +27,7 @@ def test_quick_benchmark_reports_every_method(tmp_path):
     try:
         bench.run(["--quick", "--model", "embcam:small-resnet+linear:16", "--batch-sizes", "2",
                    "--image-size", "64", "--repeats", "1",
-                   "--warmup", "0", "--json", str(out)], log=lambda *_: None)
+                   "--warmup", "0", "--threads", "1", "--json", str(out)], log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)  # the benchmark sets it process-wide
     report = json.loads(out.read_text())

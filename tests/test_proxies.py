@@ -1,0 +1,73 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from embcam import MeanProxyAccumulator, load_proxy_bank, onehot, save_proxy_bank
+
+
+def one_shot(y, labels):
+    """normalise(mean_j normalise(y_j)) per class, straight from the definition."""
+    out = {}
+    for label in set(labels):
+        rows = y[[i for i, k in enumerate(labels) if k == label]]
+        mean = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(0)
+        out[label] = mean / np.linalg.norm(mean)
+    return out
+
+
+def test_merging_partial_accumulators_in_any_split_equals_one_shot():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(23, 5)) * rng.uniform(0.1, 10, size=(23, 1))  # norms differ a lot
+    labels = [f"c{i % 4}" for i in range(23)]
+    ref = one_shot(y, labels)
+    for cuts in itertools.combinations(range(1, 23), 3):
+        if sum(cuts) % 7:  # a spread of splits, not all 1540
+            continue
+        parts = np.split(np.arange(23), cuts)
+        accs = [MeanProxyAccumulator().add(y[p], [labels[i] for i in p]) for p in parts]
+        merged = accs[0]
+        for a in accs[1:][::-1]:
+            merged.merge(a)
+        got = merged.finalize()
+        assert got.keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-6)
+        assert merged.counts == {f"c{i}": sum(1 for k in labels if k == f"c{i}") for i in range(4)}
+
+
+def test_partials_round_trip_and_bad_input():
+    y = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    acc = MeanProxyAccumulator().add(y, ["a", "a", None])  # None labels are skipped
+    rebuilt = MeanProxyAccumulator()
+    for row in acc.partials():
+        rebuilt.add_partial(row["label"], row["sum"], row["count"])
+    mean = np.array([0.6, 0.8]) + np.array([0.0, 1.0])
+    np.testing.assert_allclose(rebuilt.finalize()["a"], mean / np.linalg.norm(mean), rtol=1e-7)
+    with pytest.raises(ValueError, match="zero"):
+        MeanProxyAccumulator().add(np.zeros((1, 2)), ["a"])
+    with pytest.raises(ValueError, match="cancel"):
+        MeanProxyAccumulator().add(np.array([[1.0, 0], [-1.0, 0]]), ["a", "a"]).finalize()
+
+
+def test_onehot():
+    p = onehot([2, 0], 3)
+    assert p.tolist() == [[0, 0, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        onehot([3], 3)
+
+
+def test_proxy_bank_round_trip_and_validation(tmp_path):
+    bank = {"b": np.array([0.0, 1.0], np.float32), "a": np.array([0.6, 0.8], np.float32)}
+    save_proxy_bank(tmp_path / "bank.parquet", bank, {"a": 3, "b": 1})
+    back = load_proxy_bank(tmp_path / "bank.parquet")
+    assert sorted(back) == ["a", "b"] and back["a"].tolist() == pytest.approx([0.6, 0.8])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"label": ["a", "a"], "proxy": [[1.0], [2.0]]}), tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="duplicate labels"):
+        load_proxy_bank(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"label": ["a", "b"], "proxy": [[1.0], [2.0, 3.0]]}), tmp_path / "dims.parquet")
+    with pytest.raises(ValueError, match="different dimensions"):
+        load_proxy_bank(tmp_path / "dims.parquet")
