@@ -20,5 +20,12 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+demo: setup
+	$(VENV)/bin/embcam demo --out demo_out
+
+bench: setup
+	$(PY) bench/cam_throughput.py --json bench/cam_throughput.json
+	$(PY) bench/job_vs_loop.py --json bench/job_vs_loop.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,357 @@
+"""Throughput of EmbeddingCAM against plain inference, pytorch-grad-cam and Captum.
+
+Every method sees the same seeded model and the same seeded random images. Each is
+first called once untimed (the warm-up, whose outputs are checked against each other:
+"agreement" in the report), then the methods run INTERLEAVED (a, b, c, ..., a, b, c, ...) so that machine
+noise hits all of them alike; each figure is the median images/s over the repeats and
+its ratio to (a), plain inference, measured in the same run.
+
+    (a) plain             embeddings only, under torch.inference_mode (the floor)
+    (b) embcam_map        EmbeddingCAM, self proxy, strategy="embedding-map" (closed form)
+    (c) embcam_autograd   EmbeddingCAM, self proxy, strategy="autograd"
+    (d) embcam_map_5      embedding-map, the 5 nearest of a bank of 20 proxies per image
+    (e) gradcam           pytorch-grad-cam GradCAM, dot-product target y.p, one per image
+    (f) captum            Captum LayerGradCam on a forward returning y.p per image
+    mean-proxy workflow   embed all images, reduce to class proxies, explain each image
+                          against its class proxy: embcam = one embedding-map pass;
+                          each peer = an embedding pass + its explain pass.
+
+The peers get their proxies (each image's own normalised embedding for (e)/(f))
+precomputed outside the timed region, so (b) vs (e)/(f) is conservative for embcam.
+Each tool returns what it returns by design: embcam and Captum raw (h, w) maps on the
+device, pytorch-grad-cam min-max scaled NumPy maps upsampled to the input size.
+
+    python bench/cam_throughput.py                      # ResNet-50, 224 px, batch 1/16/64
+    python bench/cam_throughput.py --quick              # ResNet-18, 112 px, batch 1/8
+    python bench/cam_throughput.py --device cuda --bf16 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from embcam import EmbeddingCAM, heatmaps_from_maps, normalise  # noqa: E402
+from embcam.models import build_model  # noqa: E402
+
+METHODS = {
+    "plain": "(a) plain inference",
+    "embcam_map": "(b) embcam embedding-map, self",
+    "embcam_autograd": "(c) embcam autograd, self",
+    "embcam_map_5": "(d) embcam embedding-map, 5 proxies",
+    "gradcam": "(e) pytorch-grad-cam GradCAM",
+    "captum": "(f) Captum LayerGradCam",
+    "mean_proxy_embcam": "mean-proxy workflow: embcam",
+    "mean_proxy_gradcam": "mean-proxy workflow: grad-cam",
+    "mean_proxy_captum": "mean-proxy workflow: Captum",
+}
+BANK_SIZE, PROXIES_PER_IMAGE, IMAGES_PER_CLASS = 20, 5, 4
+
+
+class DotTarget:
+    """pytorch-grad-cam target: the score y . p of one image's embedding output."""
+
+    def __init__(self, proxy: torch.Tensor):
+        self.proxy = proxy
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return (output * self.proxy).sum()
+
+
+def class_mean_proxies(y: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """p_c = normalise(sum_j normalise(y_j)) over the images j of class c (the mean
+    proxy; the 1/n of the mean drops out under the outer normalisation)."""
+    sums = torch.zeros(num_classes, y.shape[1], dtype=torch.float32, device=y.device)
+    return normalise(sums.index_add_(0, labels, normalise(y.float())))
+
+
+def build_methods(model, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -> dict:
+    """name -> a callable running that method once on ``images`` and returning its maps."""
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import GradCAM
+
+    device = images.device
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    batch = images.shape[0]
+    layer = model.backbone.layer4
+    cam_map = EmbeddingCAM(model, strategy="embedding-map")
+    cam_grad = EmbeddingCAM(model, strategy="autograd")
+    with torch.no_grad():  # not inference_mode: the peers' autograd must be able to use these
+        self_proxies = normalise(model(images).float())  # peers' (e)/(f) proxies, untimed
+    labels = torch.arange(batch, device=device) // IMAGES_PER_CLASS
+    num_classes = int(labels.max()) + 1
+
+    def embed():
+        with torch.inference_mode(), autocast():
+            return model(images)
+
+    def embcam_5():
+        with autocast():
+            y, maps = cam_map.embedding_maps(images)
+        nearest = (normalise(y.float()) @ bank.T).topk(PROXIES_PER_IMAGE, dim=1).indices
+        return heatmaps_from_maps(maps, bank[nearest])  # (B, 5, h, w)
+
+    def gradcam(proxies):
+        with GradCAM(model=model, target_layers=[layer]) as cam, autocast():
+            return cam(input_tensor=images, targets=[DotTarget(p) for p in proxies])
+
+    def dot_forward(x, proxies):
+        return (model(x) * proxies).sum(-1)
+
+    captum_cam = LayerGradCam(dot_forward, layer)
+
+    def captum(proxies):
+        with autocast():
+            return captum_cam.attribute(images, additional_forward_args=(proxies,), relu_attributions=True)
+
+    def mean_proxy_embcam():
+        with autocast():
+            y, maps = cam_map.embedding_maps(images)
+        proxies = class_mean_proxies(y, labels, num_classes)
+        return heatmaps_from_maps(maps, proxies[labels])
+
+    def mean_proxies_by_embedding_pass():
+        return class_mean_proxies(embed(), labels, num_classes)[labels]
+
+    def run_cam(cam):
+        with autocast():
+            return cam(images, "self").heatmaps
+
+    return {
+        "plain": embed,
+        "embcam_map": lambda: run_cam(cam_map),
+        "embcam_autograd": lambda: run_cam(cam_grad),
+        "embcam_map_5": embcam_5,
+        "gradcam": lambda: gradcam(self_proxies),
+        "captum": lambda: captum(self_proxies),
+        "mean_proxy_embcam": mean_proxy_embcam,
+        "mean_proxy_gradcam": lambda: gradcam(mean_proxies_by_embedding_pass()),
+        "mean_proxy_captum": lambda: captum(mean_proxies_by_embedding_pass()),
+    }
+
+
+def gradcam_scaling(heat: torch.Tensor, size: int) -> np.ndarray:
+    """Raw (B, h, w) maps scaled as pytorch-grad-cam scales its output (min-max, cv2
+    resize, min-max again), for the agreement check."""
+    import cv2
+
+    def minmax(a):
+        a = a - a.min()
+        return a / (1e-7 + a.max())
+
+    return np.stack([minmax(cv2.resize(minmax(h), (size, size))) for h in heat.float().cpu().numpy()])
+
+
+def agreement(outputs: dict, image_size: int) -> dict:
+    """Max differences between methods that compute the same maps (self proxy):
+    embcam autograd vs embedding-map, Captum vs embcam (raw, relative to the peak),
+    grad-cam vs embcam scaled the way grad-cam scales (absolute, maps in [0, 1])."""
+    ref = outputs["embcam_map"].float().cpu()
+    scale = ref.abs().max().clamp_min(1e-30)
+    rel = lambda other: float((other.detach().float().cpu() - ref).abs().max() / scale)  # noqa: E731
+    out = {}
+    if "embcam_autograd" in outputs:
+        out["embcam_autograd_vs_map_rel"] = rel(outputs["embcam_autograd"])
+    if "captum" in outputs:
+        out["captum_vs_embcam_rel"] = rel(outputs["captum"][:, 0])
+    if "gradcam" in outputs:
+        out["gradcam_vs_embcam_abs"] = float(np.abs(outputs["gradcam"] - gradcam_scaling(ref, image_size)).max())
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) for one call."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_batch(model, batch: int, args, device: torch.device, log) -> dict:
+    """Warm-up, agreement check, then interleaved timed repeats for one batch size."""
+    gen = torch.Generator().manual_seed(args.seed + batch)
+    f32 = torch.float32  # explicit: callers (tests) may have changed the default dtype
+    images = torch.randn(batch, 3, args.image_size, args.image_size, generator=gen, dtype=f32).to(device)
+    bank = normalise(torch.randn(BANK_SIZE, model.head.out_features, generator=gen, dtype=f32)).to(device)
+    methods = build_methods(model, images, bank, args.bf16)
+    errors, outputs = {}, {}
+    for name, fn in list(methods.items()):  # first call: the check run, and any failure
+        try:
+            outputs[name] = fn()
+        except Exception as exc:  # a peer failing (e.g. NumPy on bf16) is a result, not a crash
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            del methods[name]
+            log(f"  {name} failed: {errors[name]}")
+        model.zero_grad(set_to_none=True)  # grad-cam leaves parameter gradients behind
+    checks = agreement(outputs, args.image_size) if "embcam_map" in outputs else {}
+    del outputs
+    for _ in range(args.warmup):
+        for fn in methods.values():
+            fn()
+        model.zero_grad(set_to_none=True)
+    seconds = {name: [] for name in methods}
+    cpu_seconds = {name: [] for name in methods}
+    for r in range(args.repeats):
+        for name, fn in methods.items():
+            wall, cpu = time_once(fn, device)
+            seconds[name].append(wall)
+            cpu_seconds[name].append(cpu)
+            model.zero_grad(set_to_none=True)  # outside the timed region
+        log(f"  batch {batch} repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{n}={s[-1]:.2f}s" for n, s in seconds.items()))
+    ips = {name: statistics.median(batch / t for t in ts) for name, ts in seconds.items()}
+    cpu_ips = {name: statistics.median(batch / max(t, 1e-9) for t in ts) for name, ts in cpu_seconds.items()}
+    floor, cpu_floor = ips.get("plain"), cpu_ips.get("plain")
+    results = {
+        name: {"label": METHODS[name], "images_per_s": ips[name], "seconds": seconds[name],
+               "ratio_to_plain": (ips[name] / floor) if floor else None,
+               # images per CPU-second of this process: less sensitive to other processes
+               # on a shared CPU box than wall time (meaningless on cuda)
+               "images_per_cpu_s": cpu_ips[name], "cpu_seconds": cpu_seconds[name],
+               "cpu_ratio_to_plain": (cpu_ips[name] / cpu_floor) if cpu_floor else None}
+        for name in methods
+    }
+    return {"methods": results, "errors": errors, "agreement": checks}
+
+
+def check_targets(per_batch: dict) -> list[dict]:
+    """The project's throughput targets, judged on wall-clock medians ("value");
+    "value_cpu" is the same ratio on CPU-time medians."""
+    targets = []
+    for batch, res in per_batch.items():
+        methods = res["methods"]
+
+        def add(name, a, b, threshold):
+            ratio = {key: methods[a][key] / methods[b][key] if a in methods and b in methods else None
+                     for key in ("images_per_s", "images_per_cpu_s")}
+            value = ratio["images_per_s"]
+            targets.append({"target": name, "batch_size": batch, "value": value,
+                            "value_cpu": ratio["images_per_cpu_s"], "threshold": threshold,
+                            "met": value is not None and value >= threshold})
+
+        if batch >= 16:
+            add("(b)/(a) >= 0.9", "embcam_map", "plain", 0.9)
+        add("(b)/(e) >= 3", "embcam_map", "gradcam", 3.0)
+        add("(b)/(f) >= 1.4", "embcam_map", "captum", 1.4)
+        # "(d) costs <= 1.1x (b)": time(d) <= 1.1 time(b), i.e. ips(d)/ips(b) >= 1/1.1
+        add("(d)/(b) >= 1/1.1", "embcam_map_5", "embcam_map", 1 / 1.1)
+        add("mean-proxy embcam/grad-cam >= 1.8", "mean_proxy_embcam", "mean_proxy_gradcam", 1.8)
+        add("mean-proxy embcam/Captum >= 1.8", "mean_proxy_embcam", "mean_proxy_captum", 1.8)
+    return targets
+
+
+def format_table(report: dict) -> str:
+    """Images/s (wall), ratio to (a) on wall time and on CPU time, per batch size;
+    then the targets and the agreement checks."""
+    batches = list(report["results"])
+    head = f"{'method':38s}" + "".join(f" | b={b:<3d}   img/s x(a)wall x(a)cpu" for b in batches)
+    lines = [head, "-" * len(head)]
+    for name, label in METHODS.items():
+        row = f"{label:38s}"
+        for b in batches:
+            m = report["results"][b]["methods"].get(name)
+            row += (f" | {m['images_per_s']:11.2f} {m['ratio_to_plain']:9.2f} {m['cpu_ratio_to_plain']:8.2f}"
+                    if m else f" | {'failed':>30s}")
+        lines.append(row)
+    lines.append("")
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for t in report["targets"]:
+        lines.append(f"{'MET ' if t['met'] else 'MISS'} b={t['batch_size']:<3d} {t['target']:34s} "
+                     f"wall {fmt(t['value']):>6s}  cpu {fmt(t['value_cpu']):>6s}")
+    for b in batches:
+        if report["results"][b]["agreement"]:
+            lines.append(f"agreement b={b}: " + ", ".join(
+                f"{k}={v:.1e}" for k, v in report["results"][b]["agreement"].items()))
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model spec (default torchvision:resnet50+linear:128)")
+    parser.add_argument("--image-size", type=int, default=None, help="square input size (default 224)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,16,64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (default 3)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="extra untimed rounds (default 0: the first call of every method, used for "
+                             "the agreement check, is the warm-up)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (cuda only)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: resnet18+linear:128, 112 px, batch 1,8 (explicit flags still win)")
+    parser.add_argument("--json", default=None, help="write the full report here")
+    args = parser.parse_args(argv)
+    quick = ("torchvision:resnet18+linear:128", 112, "1,8")
+    full = ("torchvision:resnet50+linear:128", 224, "1,16,64")
+    model, size, batches = quick if args.quick else full
+    args.model = args.model or model
+    args.image_size = args.image_size or size
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or batches).split(",")]
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 autocast is for --device cuda only")
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
+        parser.error("need --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
+    return args
+
+
+def run(argv=None, log=print) -> dict:
+    """Run the benchmark; returns the report (also written to --json when given)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model).float().eval().to(device)  # float32 whatever the default dtype
+    if not hasattr(model, "backbone") or not hasattr(model.backbone, "layer4"):
+        raise ValueError(f"{args.model}: the peers need a ResNet backbone with layer4")
+    log(f"{args.model}, {args.image_size} px, {args.device}{' bf16' if args.bf16 else ''}, "
+        f"{torch.get_num_threads()} threads, batches {args.batch_sizes}, "
+        f"{args.warmup} warm-up + {args.repeats} repeats")
+    per_batch = {}
+    for batch in args.batch_sizes:
+        per_batch[batch] = bench_batch(model, batch, args, device, log)
+    report = {
+        "config": {
+            "model": args.model, "image_size": args.image_size, "batch_sizes": args.batch_sizes,
+            "repeats": args.repeats, "warmup": args.warmup, "device": args.device, "bf16": args.bf16,
+            "threads": torch.get_num_threads(), "seed": args.seed, "command": " ".join(sys.argv),
+            "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores".strip(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "versions": {p: _version(p) for p in ("torch", "torchvision", "grad-cam", "captum", "embcam")},
+        },
+        "results": per_batch,
+        "targets": check_targets(per_batch),
+    }
+    log(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    run()
