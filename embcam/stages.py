@@ -124,10 +124,9 @@ class ExplainModel:
                          if top_k_channels else None)
         self.proxy_mode, self.output, self.split = proxy_mode, output, split
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
-        with torch.inference_mode():  # output shapes, so that every batch has every column
-            size = self.preprocess.size
-            self.num_outputs = int(self.model(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
-        self.map_shape = tuple(self.cam(torch.zeros(1, 3, size, size, device=self.device)).heatmaps.shape[1:])
+        size = self.preprocess.size  # a probe for the output shapes, so every batch has every column
+        probe = self.cam(torch.zeros(1, 3, size, size, device=self.device))
+        self.num_outputs, self.map_shape = probe.embeddings.shape[-1], tuple(probe.heatmaps.shape[1:])
 
     def __call__(self, batch: dict) -> dict:
         ok = np.flatnonzero(batch["status"] == OK)
@@ -169,8 +168,8 @@ class ExplainModel:
         x = self._images(batch, ok)
         if self.output == "maps":
             y, maps = self.cam.embedding_maps(x)
-            _put(out, "embedding", ok, y.float().cpu().numpy())
-            _put(out, "maps", ok, maps.float().cpu().numpy())
+            out["embedding"][ok] = y.float().cpu().numpy()
+            out["maps"][ok] = maps.float().cpu().numpy()
             return
         proxies, rows = self._row_proxies(batch, out, ok)
         if self.proxy_mode == "self":
@@ -184,31 +183,20 @@ class ExplainModel:
             result = self.cam(x, proxies)
         y = result.embeddings.float()
         p = proxies.to(y)
-        _put(out, "embedding", ok, y.cpu().numpy())
-        _put(out, "heatmap", ok, result.heatmaps.float().cpu().numpy())
-        _put(out, "score", ok, (y * p).sum(-1).cpu().numpy())
-        _put(out, "cosine", ok, (normalise(y) * normalise(p)).sum(-1).cpu().numpy())
+        out["embedding"][ok] = y.cpu().numpy()
+        out["heatmap"][ok] = result.heatmaps.float().cpu().numpy()
+        out["score"][ok] = (y * p).sum(-1).cpu().numpy()
+        out["cosine"][ok] = (normalise(y) * normalise(p)).sum(-1).cpu().numpy()
         if self.cam_topk is not None:
             top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
-            _put(out, "heatmap_topk", ok, top.heatmaps.float().cpu().numpy())
+            out["heatmap_topk"][ok] = top.heatmaps.float().cpu().numpy()
 
     def _row_proxies(self, batch: dict, out: dict, ok):
         """One proxy per OK row (B, d) and the rows that have one; rows without fail."""
         if self.proxy_mode == "self":
             return None, ok
-        vectors, rows = [], []
-        for i in ok:
-            label = _present(batch, "label", i)
-            vector = self._proxy_for(label)
-            if vector is None:
-                _fail(out, [i], f"proxy: no {self.proxy_mode} proxy for label {label!r}")
-                continue
-            vectors.append(vector)
-            rows.append(i)
-            out["proxy_label"][i] = str(label)
-        if not vectors:
-            return None, np.array([], dtype=int)
-        return torch.stack(vectors).to(self.device), np.array(rows)
+        rows, vectors = assign_proxies(batch, out, ok, self._proxy_for, self.proxy_mode)
+        return (torch.stack(vectors).to(self.device) if vectors else None), np.array(rows, dtype=int)
 
     def _proxy_for(self, label) -> torch.Tensor | None:
         if label is None:
@@ -234,11 +222,20 @@ def partial_sums(batch: dict, embeddings: np.ndarray, split: str | None = None) 
             "count": np.array([p["count"] for p in parts], np.int64)}
 
 
-def _put(out: dict, column: str, rows, values: np.ndarray) -> None:
-    """Write per-row values into a full-batch column (zeros for the other rows)."""
-    if column not in out:
-        out[column] = np.zeros((len(out["status"]),) + values.shape[1:], values.dtype)
-    out[column][rows] = values
+def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple[list, list]:
+    """(rows, vectors): the proxy of each OK row's label from ``lookup(label)``; a row
+    without one fails with the reason, and ``proxy_label`` is filled for the others."""
+    rows, vectors = [], []
+    for i in ok:
+        label = _present(batch, "label", i)
+        vector = lookup(label) if label is not None else None
+        if vector is None:
+            _fail(out, [i], f"proxy: no {proxy_mode} proxy for label {label!r}")
+            continue
+        rows.append(i)
+        vectors.append(vector)
+        out["proxy_label"][i] = str(label)
+    return rows, vectors
 
 
 def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict:
@@ -251,23 +248,14 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict
     out["proxy_kind"] = np.array([proxy_mode] * n, dtype=object)
     out["proxy_label"] = np.array([None] * n, dtype=object)
     ok = np.flatnonzero(out["status"] == OK)
-    rows, vectors = [], []
-    for i in ok:
-        label = _present(batch, "label", i)
-        vector = proxies.get(str(label)) if label is not None else None
-        if vector is None:
-            _fail(out, [i], f"proxy: no {proxy_mode} proxy for label {label!r}")
-            continue
-        rows.append(i)
-        vectors.append(vector)
-        out["proxy_label"][i] = str(label)
+    rows, vectors = assign_proxies(batch, out, ok, lambda label: proxies.get(str(label)), proxy_mode)
     if rows:
         maps = torch.from_numpy(np.ascontiguousarray(batch["maps"][rows]))
         p = torch.from_numpy(np.stack(vectors))
         y = torch.from_numpy(np.ascontiguousarray(batch["embedding"][rows]))
-        _put(out, "heatmap", rows, heatmaps_from_maps(maps, p).numpy())
-        _put(out, "score", rows, (y * p).sum(-1).numpy())
-        _put(out, "cosine", rows, (normalise(y) * normalise(p)).sum(-1).numpy())
+        out["heatmap"][rows] = heatmaps_from_maps(maps, p).numpy()
+        out["score"][rows] = (y * p).sum(-1).numpy()
+        out["cosine"][rows] = (normalise(y) * normalise(p)).sum(-1).numpy()
     return out
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .images import ImageDecodeError, decode_image, resize_square
 from .manifest import read_bytes, read_manifest, resolve_uri
-from .models import Preprocessing, load_model, save_checkpoint
+from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"
 SMALL_MODEL_IMAGE_SIZE = 128
@@ -43,7 +43,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 def proxy_anchor_loss(embeddings: Tensor, labels: Tensor, proxies: Tensor,
                       alpha: float = 32.0, margin: float = 0.1) -> Tensor:
-    """Proxy-Anchor loss (Kim et al. 2020, eq. 4).
+    """Proxy-Anchor loss (Kim et al. 2020).
 
     ``embeddings`` (B, d), integer ``labels`` (B,) in [0, C), ``proxies`` (C, d). With
     s(x, p) the cosine similarity, P+ the proxies that have a positive in the batch
@@ -84,6 +84,8 @@ class ProxyAnchorLoss(nn.Module):
 def recall_at_1(embeddings, labels: Sequence) -> float:
     """Recall@1: the fraction of images whose nearest other image (cosine similarity,
     the query itself excluded) has the same label. Ties go to the lower index."""
+    if isinstance(embeddings, Tensor):
+        embeddings = embeddings.detach().cpu()
     y = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
     labels = np.asarray(labels)
     if y.dim() != 2 or y.shape[0] != len(labels):
@@ -203,8 +205,8 @@ def fit(manifest: str | Path, *, model: str = DEFAULT_MODEL, image_size: int | N
     on the manifest's ``train`` rows with the Proxy-Anchor loss; evaluate Recall@1 on the
     ``eval`` rows before and after. Nothing is saved (see :func:`train`).
 
-    ``image_size`` defaults to 128 for ``embcam:small-resnet`` and to the model's
-    preprocessing size otherwise. The learning rate follows a cosine decay over all
+    ``image_size`` defaults to 128 for ``embcam:small-resnet`` and to 224 (the default
+    :class:`embcam.models.Preprocessing`) otherwise. The seed drives the initialisation. The learning rate follows a cosine decay over all
     steps; the proxies use ``lr * proxy_lr_scale`` and no weight decay. ``log``
     receives one line per epoch (None: silent).
 
@@ -221,9 +223,10 @@ def fit(manifest: str | Path, *, model: str = DEFAULT_MODEL, image_size: int | N
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    net, preprocessing, spec = load_model(model)
-    size = image_size or (SMALL_MODEL_IMAGE_SIZE if spec.startswith("embcam:small-resnet") else preprocessing.size)
-    preprocessing = Preprocessing(size, preprocessing.mean, preprocessing.std)
+    # build_model, not load_model: load_model pins the random init to seed 0.
+    net, spec = build_model(model), model
+    size = image_size or (SMALL_MODEL_IMAGE_SIZE if spec.startswith("embcam:small-resnet") else Preprocessing().size)
+    preprocessing = Preprocessing(size)
     net.to(dev)
 
     train_images, train_labels = load_split(manifest, "train", image_root)

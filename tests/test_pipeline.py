@@ -147,3 +147,30 @@ def test_bad_manifest_fails_fast(tmp_path, dataset):
     with pytest.raises(ManifestError, match="uri"):
         run_explain(ExplainConfig(manifest=str(tmp_path / "nouri.parquet"), out=str(tmp_path / "o")),
                     progress=False)
+
+
+def test_bank_and_onehot_proxies(ray_session, dataset, tmp_path):
+    explain(dataset, tmp_path / "mean", proxy="mean")
+    explain(dataset, tmp_path / "bank", proxies=str(tmp_path / "mean" / "proxies.parquet"))
+    mean, bank = read(tmp_path / "mean"), read(tmp_path / "bank")
+    ok = mean.status == "ok"
+    assert (bank.proxy_kind == "bank").all() and (bank.proxy_label[ok] == bank.label[ok]).all()
+    np.testing.assert_allclose(np.stack(bank.heatmap[ok]), np.stack(mean.heatmap[ok]), rtol=1e-4,
+                               atol=1e-6 * np.stack(mean.heatmap[ok]).max())
+
+    # onehot: labels are class indices of the model's 16 outputs (plain Grad-CAM); "99" has none
+    root, manifest, checkpoint, table = dataset
+    labels = ["99"] + [str(i % 3) for i in range(table.num_rows - 1)]
+    digits = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    pq.write_table(digits, root / "digits.parquet")
+    run_explain(ExplainConfig(manifest=str(root / "digits.parquet"), out=str(tmp_path / "onehot"),
+                              checkpoint=str(checkpoint), proxy="onehot"), progress=False)
+    df = pd.read_parquet(tmp_path / "onehot" / "results").set_index("image_id").loc[digits["image_id"].to_pylist()]
+    rows = df[df.status == "ok"].reset_index()
+    assert "no onehot proxy for label '99'" in df.error.iloc[0]
+    p = torch.nn.functional.one_hot(torch.tensor(rows.label.astype(int).to_numpy()), 16).float()
+    ref = core_heatmaps(dataset, rows, p)
+    np.testing.assert_allclose(np.stack(rows.heatmap), ref.heatmaps.flatten(1).numpy(), rtol=1e-4,
+                               atol=1e-6 * float(ref.heatmaps.max()))
+    np.testing.assert_allclose(rows.score, ref.embeddings.numpy()[np.arange(len(rows)), rows.label.astype(int)],
+                               rtol=1e-4, atol=1e-6)

@@ -18,6 +18,15 @@ from embcam.images import resize_square
 TINY = dict(image_size=64, epochs=2, batch_classes=3, per_class=2, seed=0, device="cpu", log=None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny convolutions gain nothing from a second thread on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_manifest(tmp_path_factory):
     # 6 classes x 6 images: classes 0-2 are "train", 3-5 "eval".
@@ -133,6 +142,15 @@ def test_cli_prints_final_json_line(tiny_manifest, tmp_path, capsys, monkeypatch
     assert last["out"] == str(out) and last["epochs"] == 1 and last["image_size"] == 48
     assert {"recall_at_1_before", "recall_at_1_after", "seconds"} <= set(last)
     assert out.exists()
+
+
+def test_seed_changes_the_initialisation(tiny_manifest):
+    first, _, _ = fit(tiny_manifest, **{**TINY, "epochs": 0})
+    again, _, _ = fit(tiny_manifest, **{**TINY, "epochs": 0})
+    other, _, _ = fit(tiny_manifest, **{**TINY, "epochs": 0, "seed": 1})
+    weight = "backbone.conv1.weight"
+    assert torch.equal(first.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
 
 
 def test_bad_batch_classes_is_a_clear_error(tiny_manifest, tmp_path):
