@@ -26,8 +26,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     proxy.add_argument("--proxies", metavar="BANK.parquet", help="explain against a proxy bank (label, proxy)")
     p.add_argument("--proxy-split", metavar="S", help="with --proxy mean: build proxies from rows of split S only")
     p.add_argument("--strategy", default="auto", choices=["auto", "two-pass", "embedding-map"],
-                   help="mean proxies: two-pass (embed, reduce, forward+backward again) or embedding-map "
-                        "(one model pass, heatmaps from kept maps); auto picks embedding-map unless --top-k-channels")
+                   help="two-pass: the paper's autograd computation (with --proxy mean: embed, reduce, then "
+                        "forward+backward again); embedding-map: one model pass, heatmaps as ReLU(E.p) from each "
+                        "image's embedding map (no backward pass for GAP+linear heads); auto: embedding-map, or "
+                        "two-pass for mean proxies with --top-k-channels")
     p.add_argument("--image-root", help="folder or URI prefix for relative uris (default: the manifest's folder)")
     p.add_argument("--image-size", type=int, help="model input size S (images resized to SxS, no crop); default: the model's")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")

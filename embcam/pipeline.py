@@ -108,7 +108,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if cfg.num_gpus is None else cfg.num_gpus
     model_cfg = ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size)
-    actor = _actor_options(gpus, int(resources.get("CPU", 1)), cfg.batch_size)
+    actor = _actor_options(gpus, cfg.batch_size)
     rows_per_block = max(cfg.batch_size, min(4 * cfg.batch_size, -(-table.num_rows // 8)))
 
     def loaded():
@@ -119,13 +119,11 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
 
     def model_stage(ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
         kwargs = dict(model=model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
-                      top_k_channels=top_k, output=output, split=cfg.proxy_split,
-                      num_threads=actor["threads"])
-        return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy",
-                              **{k: v for k, v in actor.items() if k != "threads"})
+                      top_k_channels=top_k, output=output, split=cfg.proxy_split)
+        return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor)
 
     plan = cfg.plan()
-    proxies, counts = (bank, None) if bank is not None else (None, None)
+    proxies, counts = bank, None
     if plan == "two-pass":
         partials = model_stage(loaded(), "mean", None, "partials")
         proxies, counts = _reduce(partials, cfg)
@@ -138,7 +136,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
         explained = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies),
                                      batch_format="numpy")
     else:
-        strategy = "autograd" if cfg.top_k_channels and cfg.strategy == "two-pass" else "embedding-map"
+        strategy = "autograd" if cfg.strategy == "two-pass" else "embedding-map"  # the paper's path on request
         explained = model_stage(loaded(), cfg.proxy, bank, "heatmaps", strategy, cfg.top_k_channels)
 
     results = (explained.map_batches(compute_metrics, batch_format="numpy", num_cpus=1)
@@ -167,12 +165,14 @@ def _validated_manifest(cfg: ExplainConfig) -> pa.Table:
     return table
 
 
-def _actor_options(gpus: int, cpus: int, batch_size: int) -> dict:
-    """One model per GPU; on a CPU-only machine one actor that uses the cores for torch
-    while decode and metrics tasks take the remaining Ray CPU slots."""
+def _actor_options(gpus: int, batch_size: int) -> dict:
+    """One model per GPU; on a CPU-only machine one actor (its torch uses every core of
+    its node, see ExplainModel) while decode and metrics tasks take the other CPU slots.
+    Asking for a GPU where there is none would wait forever, hence the count from the
+    cluster's resources."""
     if gpus > 0:
-        return dict(compute=_pool(gpus), num_gpus=1, num_cpus=1, batch_size=batch_size, threads=None)
-    return dict(compute=_pool(1), num_cpus=1, batch_size=batch_size, threads=max(1, cpus))
+        return dict(compute=_pool(gpus), num_gpus=1, num_cpus=1, batch_size=batch_size)
+    return dict(compute=_pool(1), num_cpus=1, batch_size=batch_size)
 
 
 def _pool(size: int):
@@ -215,7 +215,7 @@ def _prepare_out(cfg: ExplainConfig) -> tuple[pafs.FileSystem, str]:
             raise FileExistsError(f"{cfg.out} already holds results: choose a new --out or pass --overwrite")
         fs.delete_dir(results)
     fs.create_dir(path, recursive=True)
-    return fs, (cfg.out.split("://")[0] + "://" + path if has_scheme(cfg.out) else path)
+    return fs, path  # a path on fs: every write below goes through fs
 
 
 def _summary(cfg, spec, plan, gpus, manifest_rows, fs, out_path, wall) -> dict:
@@ -223,10 +223,9 @@ def _summary(cfg, spec, plan, gpus, manifest_rows, fs, out_path, wall) -> dict:
     import ray
     import torch
 
-    path = out_path.split("://", 1)[1] if has_scheme(out_path) else out_path
     columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
                "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
-    t = pq.read_table(_join(path, "results"), filesystem=fs, columns=columns).to_pandas()
+    t = pq.read_table(_join(out_path, "results"), filesystem=fs, columns=columns).to_pandas()
     ok = t[t.status == "ok"]
     if len(t) != manifest_rows:
         raise RuntimeError(f"results hold {len(t)} rows for {manifest_rows} manifest rows")

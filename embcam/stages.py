@@ -8,6 +8,7 @@ one bad image never stops the job or loses the other rows.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,9 +115,9 @@ class ExplainModel:
                  strategy: str = "embedding-map", top_k_channels: int | None = None,
                  output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
                  split: str | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
+            torch.set_num_threads(num_threads or os.cpu_count() or 1)
         net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size)
         self.model = net.to(self.device)
         self.cam = EmbeddingCAM(self.model, model.target_layer, strategy)
