@@ -68,14 +68,16 @@ def format_summary(summary: dict) -> str:
         return "  n/a" if v is None else f"{v:.3f}"
 
     out = Path(summary["config"]["out"])
+    k = summary["config"]["top_k_channels"]
+    top = (lambda key: f"  {f(m[key + '_topk'])}") if k else (lambda key: "")
     lines = [
         f"embcam explain: {c['results']} rows ({c['ok']} ok, {c['error']} error, {c['degenerate']} degenerate) "
         f"in {summary['wall_seconds']:.1f} s = {summary['images_per_second']:.1f} images/s "
         f"[{summary['model']}, proxy {summary['config']['proxy']}, {summary['plan']}]",
         "",
-        "                 uniform  EmbeddingCAM",
-        f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}",
-        f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}",
+        "                 uniform  EmbeddingCAM" + (f"  top-{k} channels" if k else ""),
+        f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}      " + top("ratio_bbox"),
+        f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}      " + top("ratio_mask"),
         f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})",
         "",
         f"results: {summary['config']['out']}/results/   summary: {out / 'summary.json'}",
@@ -151,7 +153,8 @@ def argv_after(argv, word):
 def _delegate(module: str, argv: list[str]) -> int:
     import importlib
 
-    return importlib.import_module(module).main(argv) or 0
+    rc = importlib.import_module(module).main(argv)
+    return rc if isinstance(rc, int) else 0
 
 
 def make_manifest(args: argparse.Namespace) -> int:

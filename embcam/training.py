@@ -18,7 +18,11 @@ Runs are reproducible on CPU for a given seed: the seed drives the initialisatio
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -294,3 +298,43 @@ def train(manifest: str | Path, out: str | Path, *, command: str = "", **options
                     recall_at_1=result["recall_at_1_after"], recall_at_1_before=result["recall_at_1_before"],
                     image_size=result["image_size"], train_manifest=str(manifest), command=command)
     return {**result, "out": str(out)}
+
+
+# --- command line (embcam train, jobs/train_embedding.py) ---------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="embcam train", description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, help="Parquet manifest with label and split columns")
+    parser.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input size S (S x S, no crop); default 128 for embcam:small-resnet, "
+                             "else 224")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-classes", type=int, default=8, help="classes per batch")
+    parser.add_argument("--per-class", type=int, default=4, help="images per class in a batch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="network learning rate (AdamW)")
+    parser.add_argument("--proxy-lr-scale", type=float, default=100.0, help="proxy lr = lr x this")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--image-root", default=None, help="root of relative uris (default: the manifest's folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
+                        "on a busy shared machine 1 can be much faster)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join(["embcam", "train", *(sys.argv[1:] if argv is None else argv)])
+    result = train(args.manifest, args.out, model=args.model, image_size=args.image_size, epochs=args.epochs,
+                   batch_classes=args.batch_classes, per_class=args.per_class, lr=args.lr,
+                   proxy_lr_scale=args.proxy_lr_scale, weight_decay=args.weight_decay, seed=args.seed,
+                   device=args.device, image_root=args.image_root, command=command)
+    print(json.dumps({key: result[key] for key in (
+        "recall_at_1_before", "recall_at_1_after", "epochs", "seconds", "out", "model", "image_size", "seed",
+        "device")}))
+    return result
