@@ -216,35 +216,40 @@ def bench_batch(model, batch: int, args, device: torch.device, log) -> dict:
             model.zero_grad(set_to_none=True)  # outside the timed region
         log(f"  batch {batch} repeat {r + 1}/{args.repeats}: "
             + ", ".join(f"{n}={s[-1]:.2f}s" for n, s in seconds.items()))
-    ips = {name: statistics.median(batch / t for t in ts) for name, ts in seconds.items()}
-    cpu_ips = {name: statistics.median(batch / max(t, 1e-9) for t in ts) for name, ts in cpu_seconds.items()}
-    floor, cpu_floor = ips.get("plain"), cpu_ips.get("plain")
-    results = {
-        name: {"label": METHODS[name], "images_per_s": ips[name], "seconds": seconds[name],
-               "ratio_to_plain": (ips[name] / floor) if floor else None,
-               # images per CPU-second of this process: less sensitive to other processes
-               # on a shared CPU box than wall time (meaningless on cuda)
-               "images_per_cpu_s": cpu_ips[name], "cpu_seconds": cpu_seconds[name],
-               "cpu_ratio_to_plain": (cpu_ips[name] / cpu_floor) if cpu_floor else None}
-        for name in methods
+    figures = {  # the median is the headline; the best repeat and CPU time help read a noisy box
+        "images_per_s": {n: statistics.median(batch / t for t in ts) for n, ts in seconds.items()},
+        "best_images_per_s": {n: batch / min(ts) for n, ts in seconds.items()},
+        # images per CPU-second of this process (all threads); meaningless on cuda
+        "images_per_cpu_s": {n: statistics.median(batch / max(t, 1e-9) for t in ts)
+                             for n, ts in cpu_seconds.items()},
     }
+    ratio_names = {"images_per_s": "ratio_to_plain", "best_images_per_s": "best_ratio_to_plain",
+                   "images_per_cpu_s": "cpu_ratio_to_plain"}
+    results = {}
+    for name in methods:
+        entry = {"label": METHODS[name], "seconds": seconds[name], "cpu_seconds": cpu_seconds[name]}
+        for key, values in figures.items():
+            floor = values.get("plain")
+            entry[key] = values[name]
+            entry[ratio_names[key]] = values[name] / floor if floor else None
+        results[name] = entry
     return {"methods": results, "errors": errors, "agreement": checks}
 
 
 def check_targets(per_batch: dict) -> list[dict]:
     """The project's throughput targets, judged on wall-clock medians ("value");
-    "value_cpu" is the same ratio on CPU-time medians."""
+    "value_best" is the same ratio on the best repeats, "value_cpu" on CPU-time medians."""
     targets = []
     for batch, res in per_batch.items():
         methods = res["methods"]
 
         def add(name, a, b, threshold):
             ratio = {key: methods[a][key] / methods[b][key] if a in methods and b in methods else None
-                     for key in ("images_per_s", "images_per_cpu_s")}
+                     for key in ("images_per_s", "best_images_per_s", "images_per_cpu_s")}
             value = ratio["images_per_s"]
             targets.append({"target": name, "batch_size": batch, "value": value,
-                            "value_cpu": ratio["images_per_cpu_s"], "threshold": threshold,
-                            "met": value is not None and value >= threshold})
+                            "value_best": ratio["best_images_per_s"], "value_cpu": ratio["images_per_cpu_s"],
+                            "threshold": threshold, "met": value is not None and value >= threshold})
 
         if batch >= 16:
             add("(b)/(a) >= 0.9", "embcam_map", "plain", 0.9)
@@ -258,23 +263,23 @@ def check_targets(per_batch: dict) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
-    """Images/s (wall), ratio to (a) on wall time and on CPU time, per batch size;
-    then the targets and the agreement checks."""
+    """Per batch size: median images/s (wall) and the ratio to (a) on the median, on
+    the best repeat and on CPU time; then the targets and the agreement checks."""
     batches = list(report["results"])
-    head = f"{'method':38s}" + "".join(f" | b={b:<3d}   img/s x(a)wall x(a)cpu" for b in batches)
+    head = f"{'method':38s}" + "".join(f" | b={b:<3d}  img/s  x(a) best  cpu" for b in batches)
     lines = [head, "-" * len(head)]
     for name, label in METHODS.items():
         row = f"{label:38s}"
         for b in batches:
             m = report["results"][b]["methods"].get(name)
-            row += (f" | {m['images_per_s']:11.2f} {m['ratio_to_plain']:9.2f} {m['cpu_ratio_to_plain']:8.2f}"
-                    if m else f" | {'failed':>30s}")
+            row += (f" | {m['images_per_s']:10.2f} {m['ratio_to_plain']:5.2f} {m['best_ratio_to_plain']:5.2f}"
+                    f" {m['cpu_ratio_to_plain']:4.2f}" if m else f" | {'failed':>27s}")
         lines.append(row)
     lines.append("")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for t in report["targets"]:
-        lines.append(f"{'MET ' if t['met'] else 'MISS'} b={t['batch_size']:<3d} {t['target']:34s} "
-                     f"wall {fmt(t['value']):>6s}  cpu {fmt(t['value_cpu']):>6s}")
+        lines.append(f"{'MET ' if t['met'] else 'MISS'} b={t['batch_size']:<3d} {t['target']:34s} median "
+                     f"{fmt(t['value']):>5s}  best {fmt(t['value_best']):>5s}  cpu {fmt(t['value_cpu']):>5s}")
     for b in batches:
         if report["results"][b]["agreement"]:
             lines.append(f"agreement b={b}: " + ", ".join(

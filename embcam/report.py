@@ -264,7 +264,7 @@ def _run_entry(run: str, summary: dict, cols: dict) -> dict:
     return {
         "run": run,
         "method": _method_key(run, config),
-        "model": config.get("model"),
+        "model": config.get("model") or summary.get("model"),
         "checkpoint": config.get("checkpoint"),
         "top_k": config.get("top_k_channels"),
         "counts": {"images": int(len(ok)), "ok": int(ok.sum()),

@@ -39,10 +39,10 @@ def test_quick_benchmark_reports_every_method(tmp_path):
     methods = result["methods"]
     assert set(methods) == set(bench.METHODS)
     for name, m in methods.items():
-        assert m["images_per_s"] > 0 and m["images_per_cpu_s"] > 0, name
+        assert m["images_per_s"] > 0 and m["best_images_per_s"] > 0 and m["images_per_cpu_s"] > 0, name
         assert len(m["seconds"]) == 1 and m["ratio_to_plain"] > 0, name
     assert methods["plain"]["ratio_to_plain"] == 1.0
-    assert methods["plain"]["cpu_ratio_to_plain"] == 1.0
+    assert methods["plain"]["cpu_ratio_to_plain"] == 1.0 and methods["plain"]["best_ratio_to_plain"] == 1.0
 
     checks = result["agreement"]
     assert checks["embcam_autograd_vs_map_rel"] < 1e-4
