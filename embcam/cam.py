@@ -44,10 +44,12 @@ class CAMResult:
 
 def heatmaps_from_maps(maps: Tensor, proxies: Tensor) -> Tensor:
     """H = ReLU(E . p) for embedding maps (B, d, h, w) and proxies (B, d) or (B, P, d)."""
+    maps = maps.to(_heat_dtype(maps))
     p = proxies.to(maps.dtype)
-    if p.dim() == 2:
-        return torch.relu(torch.einsum("bdhw,bd->bhw", maps, p))
-    return torch.relu(torch.einsum("bdhw,bpd->bphw", maps, p))
+    with _full_precision(maps):
+        if p.dim() == 2:
+            return torch.relu(torch.einsum("bdhw,bd->bhw", maps, p))
+        return torch.relu(torch.einsum("bdhw,bpd->bphw", maps, p))
 
 
 def normalise(y: Tensor, eps: float = 1e-12) -> Tensor:
@@ -108,7 +110,8 @@ class EmbeddingCAM:
         if self.top_k_channels is not None and self.top_k_channels < alpha.shape[-1]:
             keep = alpha.topk(self.top_k_channels, dim=-1).indices
             alpha = torch.zeros_like(alpha).scatter_(-1, keep, alpha.gather(-1, keep))
-        heat = torch.relu(torch.einsum("bpk,bkhw->bphw", alpha, activation.to(alpha.dtype)))
+        with _full_precision(activation):
+            heat = torch.relu(torch.einsum("bpk,bkhw->bphw", alpha, activation.to(alpha.dtype)))
         if squeeze:
             heat, alpha = heat[:, 0], alpha[:, 0]
         return CAMResult(y.detach(), heat, alpha, None)
@@ -122,12 +125,14 @@ class EmbeddingCAM:
                 w_t = self._affine_head_matrix(activation)  # (K, d)
                 z = activation.shape[-2] * activation.shape[-1]
                 act = activation.to(_heat_dtype(activation))
-                maps = torch.einsum("bkhw,kd->bdhw", act, w_t.to(act.dtype)) / z
+                with _full_precision(act):
+                    maps = torch.einsum("bkhw,kd->bdhw", act, w_t.to(act.dtype)) / z
             return y.clone(), maps.clone()  # clones: plain tensors, usable outside inference mode
         with self._graph_from_target(images) as (activation, y):
             m = self._jacobian_means(activation, y)  # (B, K, d)
         act = activation.detach().to(m.dtype)
-        return y.detach(), torch.einsum("bkhw,bkd->bdhw", act, m)
+        with _full_precision(act):
+            return y.detach(), torch.einsum("bkhw,bkd->bdhw", act, m)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -214,9 +219,11 @@ class EmbeddingCAM:
         key = (activation.device, activation.dtype, activation.shape[1])
         if key not in self._head_matrix:
             k = activation.shape[1]
-            probe = torch.cat([torch.eye(k), torch.zeros(1, k)]).to(activation)
-            out = self.model.head(probe)
-            self._head_matrix[key] = (out[:k] - out[k:]).clone()
+            weight = next(self.model.head.parameters(), activation)  # the head's own dtype
+            probe = torch.cat([torch.eye(k), torch.zeros(1, k)]).to(activation.device, weight.dtype)
+            with _full_precision(activation):
+                out = self.model.head(probe)
+            self._head_matrix[key] = (out[:k] - out[k:]).to(_heat_dtype(activation)).clone()
         return self._head_matrix[key]
 
 
@@ -235,6 +242,11 @@ def _proxy_batch(proxies: Tensor | str, y: Tensor) -> tuple[Tensor, bool]:
     if p.dim() in (2, 3) and p.shape[0] == batch:
         return (p[:, None, :], True) if p.dim() == 2 else (p, False)
     raise ValueError(f"proxies must be (d,), (B, d) or (B, P, d) with B={batch}, d={d}; got {tuple(p.shape)}")
+
+
+def _full_precision(t: Tensor):
+    """Autocast off: the CAM arithmetic stays in float32 even when the forward is bf16."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _heat_dtype(t: Tensor) -> torch.dtype:

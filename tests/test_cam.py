@@ -7,8 +7,16 @@ from torch import nn
 from embcam import EmbeddingCAM, heatmaps_from_maps, normalise, onehot
 from embcam.models import EmbeddingNet, GeM, GlobalAvgPool, build_model
 
-torch.set_default_dtype(torch.float64)
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 models and tensors in this module only (restored for the other tests)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def close(a, b, rtol=RTOL):
@@ -212,3 +220,14 @@ def test_bad_inputs_give_clear_errors(images):
         EmbeddingCAM(model)(images, torch.randn(3, 6))
     shared = EmbeddingCAM(model)(images, torch.ones(6)).heatmaps  # one (d,) proxy for all
     assert close(shared, EmbeddingCAM(model)(images, torch.ones(4, 6)).heatmaps, 1e-12)
+
+
+def test_bf16_autocast_forward_keeps_cam_arithmetic_in_float32(images):
+    model = heads()["gap-mlp-bn"].float().eval()
+    x = images.float()
+    ref = EmbeddingCAM(model)(x).heatmaps
+    for strategy in ("autograd", "embedding-map"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = EmbeddingCAM(model, strategy=strategy)(x)
+        assert out.heatmaps.dtype == torch.float32
+        assert close(out.heatmaps, ref, 0.05)  # bf16 forward: a few per cent, not garbage
