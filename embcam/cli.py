@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in known:  # these parse their own options
         return _delegate(f"embcam.{'report' if argv[0] == 'report' else 'training'}", argv[1:])
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as exc:  # bad input: a clear message, not a traceback
+        print(f"embcam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def argv_after(argv, word):
