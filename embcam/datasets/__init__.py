@@ -20,29 +20,16 @@ import pathlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..schemas import arrow_schema
+
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
-# Full manifest schema as the annotated makers (synthetic, CUB) write it. Fields
-# stay nullable (Parquet "optional") so the tables unify with readers' schemas.
-ANNOTATED_MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("label", pa.string()),
-        *[pa.field(name, pa.float64()) for name in BBOX_COLUMNS],
-        pa.field("mask_uri", pa.string()),
-        pa.field("split", pa.string()),
-    ]
-)
+# The manifest contract (schemas/manifest.json), every field nullable (Parquet
+# "optional") so the tables unify with readers' schemas.
+ANNOTATED_MANIFEST_SCHEMA = pa.schema([f.with_nullable(True) for f in arrow_schema("manifest")])
 
 # Schema of a folder-per-class manifest: no boxes, masks or split.
-LABELLED_MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("label", pa.string()),
-    ]
-)
+LABELLED_MANIFEST_SCHEMA = pa.schema([ANNOTATED_MANIFEST_SCHEMA.field(n) for n in ("image_id", "uri", "label")])
 
 
 def manifest_uri(path: os.PathLike | str, manifest_dir: os.PathLike | str) -> str:
