@@ -112,8 +112,9 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     rows_per_block = max(cfg.batch_size, min(4 * cfg.batch_size, -(-table.num_rows // 8)))
 
     def loaded():
-        return (ray.data.from_arrow(table)
-                .repartition(target_num_rows_per_block=rows_per_block)
+        # Blocks cut on the driver: a manifest read as one block would run on one worker.
+        blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+        return (ray.data.from_arrow(blocks)
                 .map_batches(load_images, fn_args=(image_root, preprocessing.size),
                              batch_size=rows_per_block, num_cpus=1, batch_format="numpy"))
 
