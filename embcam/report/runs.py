@@ -1,0 +1,159 @@
+"""Reading an explain run: ``RUN/summary.json`` and the table columns of ``RUN/results``.
+
+Every check on the input (missing columns, wrong types, duplicate or null image_ids,
+unknown statuses, NaN ratios, ragged ``iou_sweep``) raises here with the run, file,
+column and row it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from embcam.metrics import THRESHOLDS
+
+# Columns the table reads, with the type they are cast to; optional ones may be absent.
+_F64, _BOOL, _STR = pa.float64(), pa.bool_(), pa.string()
+REQUIRED_COLUMNS = {
+    "image_id": _STR, "status": _STR, "degenerate": _BOOL,
+    "ratio_bbox": _F64, "ratio_mask": _F64, "uniform_bbox": _F64, "uniform_mask": _F64,
+    "loc_correct": _BOOL, "iou_sweep": pa.list_(_F64),
+}
+OPTIONAL_COLUMNS = {"split": _STR, "ratio_bbox_topk": _F64, "ratio_mask_topk": _F64}
+# (region, table column) -> results column
+RATIO_COLUMNS = {
+    ("bbox", "uniform"): "uniform_bbox", ("bbox", "all"): "ratio_bbox",
+    ("bbox", "topk"): "ratio_bbox_topk",
+    ("mask", "uniform"): "uniform_mask", ("mask", "all"): "ratio_mask",
+    ("mask", "topk"): "ratio_mask_topk",
+}
+
+
+def read_summary(run: str) -> dict:
+    path = Path(run) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run}: no summary.json (expected {path})")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"run {run}: {path} is not valid JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config", {}), dict):
+        raise ValueError(f"run {run}: {path} must hold an object with a 'config' object")
+    return summary
+
+
+def result_files(run: str) -> list[Path]:
+    folder = Path(run) / "results"
+    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"run {run}: no results/*.parquet under {folder}")
+    return files
+
+
+def read_results(run: str, split: str | None) -> dict:
+    """The table columns of a run as numpy arrays: ``name`` (values) and ``name?`` (valid)."""
+    tables = []
+    for path in result_files(run):
+        schema = pq.read_schema(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"results file {path} lacks column(s) {', '.join(missing)}")
+        wanted = {**REQUIRED_COLUMNS,
+                  **{c: t for c, t in OPTIONAL_COLUMNS.items() if c in schema.names}}
+        table = pq.read_table(path, columns=list(wanted))
+        arrays = []
+        for name, type_ in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
+            if name not in wanted:
+                arrays.append(pa.nulls(table.num_rows, type_))
+                continue
+            try:
+                arrays.append(table.column(name).cast(type_))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"results file {path}: column {name} of type "
+                                 f"{table.schema.field(name).type} cannot be read as "
+                                 f"{type_} ({e})") from None
+        tables.append(pa.table(arrays, names=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS]))
+    table = pa.concat_tables(tables).combine_chunks()
+    if split is not None:
+        present = sorted(set(table.column("split").drop_null().to_pylist()))
+        table = table.filter(pc.equal(table.column("split"), split).fill_null(False))
+        if table.num_rows == 0:
+            raise ValueError(f"run {run}: no result rows of split {split!r} "
+                             f"(splits present: {present})")
+
+    cols: dict[str, np.ndarray] = {}
+    for name in [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS]:
+        column = table.column(name)
+        cols[name + "?"] = column.is_valid().to_numpy(zero_copy_only=False)
+        if name == "iou_sweep":
+            cols[name] = _sweep_matrix(run, column, cols[name + "?"], table)
+        elif column.type == _STR:
+            cols[name] = column.to_numpy(zero_copy_only=False).astype(object)
+        else:
+            filler = False if column.type == _BOOL else 0.0
+            cols[name] = column.fill_null(filler).to_numpy(zero_copy_only=False)
+
+    ids = cols["image_id"]
+    if not cols["image_id?"].all():
+        raise ValueError(f"run {run}: results have a null image_id")
+    unique, counts = np.unique(ids.astype(str), return_counts=True)
+    if (counts > 1).any():
+        dup = str(unique[counts > 1][0])
+        raise ValueError(f"run {run}: image_id {dup!r} appears {counts[counts > 1][0]} times "
+                         "in results (duplicate rows from a re-run?)")
+    bad = ~np.isin(cols["status"], ["ok", "error"])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"run {run}: row image_id {ids[i]!r} has status {cols['status'][i]!r} "
+                         "(expected 'ok' or 'error')")
+    no_flag = (cols["status"] == "ok") & ~cols["degenerate?"]
+    if no_flag.any():
+        raise ValueError(f"run {run}: row image_id {ids[int(np.argmax(no_flag))]!r} has status "
+                         "ok but degenerate is null")
+    for name in RATIO_COLUMNS.values():
+        nan = cols[name + "?"] & np.isnan(cols[name])
+        if nan.any():
+            raise ValueError(f"run {run}: column {name} is NaN in row image_id "
+                             f"{ids[int(np.argmax(nan))]!r}")
+    return cols
+
+
+def _sweep_matrix(run: str, column: pa.Array, valid: np.ndarray, table: pa.Table) -> np.ndarray:
+    """iou_sweep as an (n, len(THRESHOLDS)) float64 matrix, NaN on null rows."""
+    n_t = len(THRESHOLDS)
+    out = np.full((len(column), n_t), np.nan)
+    if not valid.any():
+        return out
+    lengths = pc.list_value_length(column).fill_null(n_t).to_numpy(zero_copy_only=False)
+    if (lengths != n_t).any():
+        i = int(np.argmax(lengths != n_t))
+        raise ValueError(f"run {run}: iou_sweep of row image_id "
+                         f"{table.column('image_id')[i].as_py()!r} has {lengths[i]} values, "
+                         f"expected {n_t} (one per threshold {THRESHOLDS})")
+    values = pc.list_flatten(column.filter(pa.array(valid)))
+    if values.null_count:
+        raise ValueError(f"run {run}: iou_sweep holds a null value")
+    out[valid] = values.to_numpy(zero_copy_only=False).reshape(-1, n_t)
+    return out
+
+
+def method_key(run: str, config: dict) -> str:
+    """Method of a run: config ``proxy``, else the one ``proxy_kind`` of its results."""
+    proxy = config.get("proxy")
+    if proxy:
+        return str(proxy)
+    dataset = pads.dataset([str(p) for p in result_files(run)], format="parquet")
+    kinds = set()
+    if "proxy_kind" in dataset.schema.names:
+        kinds = set(dataset.to_table(columns=["proxy_kind"]).column("proxy_kind")
+                    .drop_null().to_pylist())
+    if len(kinds) != 1:
+        raise ValueError(f"run {run}: summary.json config has no 'proxy' and the results' "
+                         f"proxy_kind does not name one mode (found {sorted(kinds)})")
+    return kinds.pop()

@@ -1,0 +1,146 @@
+"""Table 1 numbers: per-run means, then mean ± population std across the runs of a method.
+
+See the protocol in the ``embcam.report`` package docstring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
+from embcam.report.runs import RATIO_COLUMNS, method_key, read_results, read_summary
+
+REGIONS = {"bbox": "BBox", "mask": "Mask"}
+METHOD_NAMES = {
+    "self": "EmbeddingCAM (self proxy)", "mean": "EmbeddingCAM (mean proxy)",
+    "onehot": "Grad-CAM (onehot proxy)", "bank": "EmbeddingCAM (bank proxy)",
+}
+STD_NOTE = ("mean ± std across the runs of a method (independently trained models); std is "
+            "the population std (ddof = 0) of the per-run means, 0 for a single run")
+
+
+def table1(runs: list[str], *, split: str | None = None) -> dict:
+    """Table 1 of the paper over result directories ``runs`` (see the module docstring).
+
+    ``split``: keep only result rows whose ``split`` equals it. Returns a JSON-ready dict:
+    ``protocol``, ``split``, ``top_k`` (the k shared by every method, or None),
+    ``methods`` (one per proxy mode, in order of first appearance, each with ``rows``
+    {bbox, mask} x {uniform, all, topk}, ``accuracy`` and ``sweep``, every value a stat
+    {mean, std, n_runs, per_run, n_images}) and ``runs`` (per-run counts and values).
+    """
+    return evaluate(runs, split)[0]
+
+
+def evaluate(runs: list[str], split: str | None) -> tuple[dict, dict]:
+    """(table dict, {run: ok image ids}) for ``table1`` and ``write_report``."""
+    if not runs:
+        raise ValueError("no runs given: pass at least one result directory")
+    seen: dict[Path, str] = {}
+    for run in runs:
+        key = Path(run).resolve()
+        if key in seen:
+            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
+        seen[key] = run
+    per_run, ok_ids = [], {}
+    for run in runs:
+        summary = read_summary(run)
+        cols = read_results(run, split)
+        per_run.append(_run_entry(run, summary, cols))
+        ok_ids[run] = cols["image_id"][cols["status"] == "ok"]
+
+    methods: dict[str, dict] = {}
+    for entry in per_run:
+        methods.setdefault(entry["method"], {"key": entry["method"], "runs": []})
+        methods[entry["method"]]["runs"].append(entry)
+    out_methods = [_method_entry(m["key"], m["runs"]) for m in methods.values()]
+    ks = {m["top_k"] for m in out_methods if m["rows"]["bbox"]["topk"]["n_runs"]
+          or m["rows"]["mask"]["topk"]["n_runs"]}
+    table = {
+        "protocol": {
+            "images": "status ok and non-degenerate heatmap; rows where the metric is null "
+                      "(no box, no mask, no top-k map) are skipped and counted",
+            "std": STD_NOTE, "ddof": 0, "loc_iou": LOC_IOU,
+            "threshold": DEFAULT_THRESHOLD, "thresholds": list(THRESHOLDS),
+            "best_over_t": "per run the maximum accuracy over the thresholds (ties to the "
+                           "smallest t), then mean ± std across runs",
+        },
+        "split": split,
+        "top_k": ks.pop() if len(ks) == 1 else None,
+        "methods": out_methods,
+        "runs": per_run,
+    }
+    return table, ok_ids
+
+
+def _run_entry(run: str, summary: dict, cols: dict) -> dict:
+    """Counts and per-run values of one run."""
+    config = summary.get("config", {})
+    ok = cols["status"] == "ok"
+    degenerate = ok & cols["degenerate"]
+    evaluated = ok & ~degenerate
+
+    def mean_of(values: np.ndarray, valid: np.ndarray) -> dict:
+        sel = evaluated & valid
+        n = int(sel.sum())
+        return {"value": float(np.mean(values[sel])) if n else None, "n": n,
+                "skipped_null": int((evaluated & ~valid).sum())}
+
+    values = {name: mean_of(cols[name], cols[name + "?"]) for name in RATIO_COLUMNS.values()}
+    values["accuracy"] = mean_of(cols["loc_correct"], cols["loc_correct?"])
+    sweep_valid = cols["iou_sweep?"]
+    sweep = [mean_of(cols["iou_sweep"][:, i] >= LOC_IOU, sweep_valid)
+             for i in range(len(THRESHOLDS))]
+    accs = [s["value"] for s in sweep]
+    best = None
+    if accs[0] is not None:
+        i = int(np.argmax(accs))  # first maximum: the smallest t
+        best = {"value": accs[i], "threshold": THRESHOLDS[i], "n": sweep[i]["n"]}
+    return {
+        "run": run,
+        "method": method_key(run, config),
+        "model": config.get("model") or summary.get("model"),
+        "checkpoint": config.get("checkpoint"),
+        "top_k": config.get("top_k_channels"),
+        "counts": {"images": int(len(ok)), "ok": int(ok.sum()),
+                   "error": int((~ok).sum()), "degenerate": int(degenerate.sum()),
+                   "evaluated": int(evaluated.sum())},
+        "values": values,
+        "sweep": sweep,
+        "sweep_best": best,
+    }
+
+
+def _across(per_run: list[dict]) -> dict:
+    """mean ± population std over the runs that have a value."""
+    used = [r for r in per_run if r["value"] is not None]
+    vals = np.array([r["value"] for r in used], dtype=np.float64)
+    return {"mean": float(vals.mean()) if len(vals) else None,
+            "std": float(vals.std(ddof=0)) if len(vals) else None,
+            "n_runs": len(vals), "per_run": [float(v) for v in vals],
+            "n_images": [r["n"] for r in used]}
+
+
+def _method_entry(key: str, runs: list[dict]) -> dict:
+    ks = sorted({r["top_k"] for r in runs if r["top_k"] is not None})
+    if len(ks) > 1:
+        raise ValueError(f"method {key!r}: runs use different top_k_channels {ks} "
+                         f"({', '.join(r['run'] for r in runs)}); report them separately")
+    rows = {region: {col: _across([r["values"][name] for r in runs])
+                     for (reg, col), name in RATIO_COLUMNS.items() if reg == region}
+            for region in REGIONS}
+    sweep = [_across([r["sweep"][i] for r in runs]) for i in range(len(THRESHOLDS))]
+    return {
+        "key": key,
+        "name": METHOD_NAMES.get(key, f"EmbeddingCAM (proxy {key})"),
+        "runs": [r["run"] for r in runs],
+        "n_runs": len(runs),
+        "top_k": ks[0] if ks else None,
+        "rows": rows,
+        "accuracy": _across([r["values"]["accuracy"] for r in runs]),
+        "sweep": {"thresholds": list(THRESHOLDS), "accuracy": sweep,
+                  "best": _across([r["sweep_best"] or {"value": None, "n": 0} for r in runs]),
+                  "best_threshold": [r["sweep_best"]["threshold"] for r in runs
+                                     if r["sweep_best"]]},
+    }
