@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
+DELEGATED = {"report": "embcam.report", "train": "embcam.training"}  # commands with their own parsers
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,13 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=run_demo)
 
-    report = sub.add_parser("report", help="Table 1 (+ overlays) from one or more results folders")
-    report.add_argument("runs", nargs="+")
-    report.set_defaults(run=lambda a: _delegate("embcam.report", argv_after(argv, "report")))
-
-    train = sub.add_parser("train", help="train an embedding model (see jobs/train_embedding.py --help)")
-    train.set_defaults(run=lambda a: _delegate("embcam.training", argv_after(argv, "train")))
-    train.add_argument("rest", nargs=argparse.REMAINDER)
+    # listed for --help; they parse their own options (see DELEGATED below)
+    sub.add_parser("report", help="Table 1 (+ overlays) from one or more results folders", add_help=False)
+    sub.add_parser("train", help="train an embedding model on a manifest", add_help=False)
 
     make = sub.add_parser("make-manifest", help="write a manifest: synthetic | cub | folders")
     make.add_argument("kind", choices=["synthetic", "cub", "folders"])
@@ -138,20 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
-    known = {"report", "train"}
-    if argv and argv[0] in known:  # these parse their own options
-        return _delegate(f"embcam.{'report' if argv[0] == 'report' else 'training'}", argv[1:])
+    if argv and argv[0] in DELEGATED:
+        return _delegate(DELEGATED[argv[0]], argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, OSError) as exc:  # bad input: a clear message, not a traceback
         print(f"embcam {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def argv_after(argv, word):
-    argv = sys.argv[1:] if argv is None else argv
-    return argv[argv.index(word) + 1:]
 
 
 def _delegate(module: str, argv: list[str]) -> int:

@@ -237,6 +237,20 @@ def _examples(column: pa.ChunkedArray, rows) -> str:
 # --- locations and bytes ------------------------------------------------------------------
 
 
+def default_image_root(manifest: str) -> str:
+    """The folder relative uris resolve against unless --image-root says otherwise: the
+    manifest file's folder, the manifest itself when it is a directory of Parquet files,
+    or the folder a glob starts in. Local folders are made absolute."""
+    head = manifest.split("*")[0].split("?")[0].split("[")[0]  # up to the first glob character
+    if head.endswith(".parquet"):
+        folder = os.path.dirname(head)
+    elif head != manifest:
+        folder = head.rsplit("/", 1)[0] if "/" in head else ""
+    else:
+        folder = manifest.rstrip("/")
+    return folder if has_scheme(manifest) else os.path.abspath(folder or ".")
+
+
 def resolve_uri(uri: str, image_root: str | None) -> str:
     """The absolute local path or URI of a manifest ``uri``.
 

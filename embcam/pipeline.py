@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import __version__
-from .manifest import ManifestError, has_scheme, read_manifest
+from .manifest import ManifestError, default_image_root, has_scheme, read_manifest
 from .metrics import THRESHOLDS
 from .models import load_model
 from .proxies import MeanProxyAccumulator, load_proxy_bank, save_proxy_bank
@@ -76,15 +76,6 @@ class ExplainConfig:
         if self.strategy == "auto":
             return "two-pass" if self.top_k_channels else "embedding-map"
         return self.strategy
-
-
-def default_image_root(manifest: str) -> str:
-    """Relative uris resolve against the manifest's folder (the folder itself when the
-    manifest is a directory of Parquet files) unless --image-root says otherwise."""
-    head = manifest.split("*")[0].split("?")[0].split("[")[0]
-    if head != manifest or head.endswith(".parquet"):
-        return os.path.dirname(head.rstrip("/")) if head.endswith(".parquet") else head.rsplit("/", 1)[0]
-    return manifest.rstrip("/")
 
 
 def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:

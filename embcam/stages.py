@@ -17,14 +17,13 @@ import torch
 
 from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .images import decode_image, decode_mask, resize_square
-from .manifest import read_bytes, resolve_uri
+from .manifest import BBOX_COLUMNS, read_bytes, resolve_uri
 from .metrics import THRESHOLDS, _checked_bbox, heatmap_metrics
 from .models import load_model
 from .proxies import MeanProxyAccumulator
 from .schemas import conform
 
 OK, ERROR = "ok", "error"
-BBOX = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
 INTERNAL_COLUMNS = ("image", "maps", "mask_png")
@@ -55,9 +54,9 @@ def _fail(batch: dict, rows, reason: str) -> None:
 
 
 def _box(batch: dict, i: int):
-    if not all(c in batch for c in BBOX):
+    if not all(c in batch for c in BBOX_COLUMNS):
         return None
-    values = [batch[c][i] for c in BBOX]
+    values = [batch[c][i] for c in BBOX_COLUMNS]
     if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
         return None
     return tuple(float(v) for v in values)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .images import ImageDecodeError, decode_image, resize_square
-from .manifest import read_bytes, read_manifest, resolve_uri
+from .manifest import default_image_root, read_bytes, read_manifest, resolve_uri
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"
@@ -112,7 +112,7 @@ def load_split(manifest: str | Path, split: str, image_root: str | Path | None =
     order. Relative uris are resolved against ``image_root`` (default: the manifest's
     folder). Raises ValueError naming the column/row when labels or splits are missing."""
     table = read_manifest(str(manifest))
-    root = str(image_root) if image_root is not None else str(Path(manifest).resolve().parent)
+    root = str(image_root) if image_root is not None else default_image_root(str(manifest))
     columns = {name: table.column(name).to_pylist() for name in ("image_id", "uri", "label", "split")}
     if all(value is None for value in columns["split"]):
         raise ValueError(f"manifest {manifest}: column 'split' is missing or all null; training needs "

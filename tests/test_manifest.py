@@ -305,3 +305,15 @@ def test_cached_filesystem_paths_match_from_uri(monkeypatch):
         assert manifest._filesystem_path(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
     assert len(manifest._FILESYSTEMS) == 4
     assert manifest._filesystem_path("gs://bucket/z")[1] == "bucket/z"
+
+
+def test_default_image_root(tmp_path, monkeypatch):
+    from embcam.manifest import default_image_root
+
+    monkeypatch.chdir(tmp_path)
+    assert default_image_root("manifest.parquet") == str(tmp_path)  # a manifest in the working folder
+    assert default_image_root("data/m.parquet") == str(tmp_path / "data")
+    assert default_image_root("data/parts") == str(tmp_path / "data" / "parts")
+    assert default_image_root("data/*.parquet") == str(tmp_path / "data")
+    assert default_image_root("s3://bucket/cat/manifest.parquet") == "s3://bucket/cat"
+    assert default_image_root("gs://bucket/cat/") == "gs://bucket/cat"

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..schemas import arrow_schema
 
-BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+from ..manifest import BBOX_COLUMNS  # noqa: E402 (re-exported)
 
 # The manifest contract (schemas/manifest.json), every field nullable (Parquet
 # "optional") so the tables unify with readers' schemas.
