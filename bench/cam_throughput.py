@@ -7,16 +7,23 @@ noise hits all of them alike; each figure is the median images/s over the repeat
 its ratio to (a), plain inference, measured in the same run.
 
     (a) plain             embeddings only, under torch.inference_mode (the floor)
+    (a') plain_prepared   the same on the model as embcam runs it (below)
     (b) embcam_map        EmbeddingCAM, self proxy, strategy="embedding-map" (closed form)
+    (b+) embcam_compiled  (b) with the backbone compiled (--compile in the job)
     (c) embcam_autograd   EmbeddingCAM, self proxy, strategy="autograd"
     (d) embcam_map_5      embedding-map, the 5 nearest of a bank of 20 proxies per image
     (e) gradcam           pytorch-grad-cam GradCAM, dot-product target y.p, one per image
     (f) captum            Captum LayerGradCam on a forward returning y.p per image
+    (f') captum_prepared  the same on the model as embcam runs it
     mean-proxy workflow   embed all images, reduce to class proxies, explain each image
                           against its class proxy: embcam = one embedding-map pass;
                           each peer = an embedding pass + its explain pass.
 
-The peers get their proxies (each image's own normalised embedding for (e)/(f))
+embcam runs the model as its explain job does: ``prepare_for_inference`` (BatchNorm
+folded into the convs, channels_last weights; on CPU at batch 1 channels_last is left
+off, as it is slower there). The peers get the model as the user built it, as their
+documentation shows; (a') and (f') show what the same preparation is worth without
+EmbeddingCAM. The peers get their proxies (each image's own normalised embedding for (e)/(f))
 precomputed outside the timed region, so (b) vs (e)/(f) is conservative for embcam.
 Each tool returns what it returns by design: embcam and Captum raw (h, w) maps on the
 device, pytorch-grad-cam min-max scaled NumPy maps upsampled to the input size.
@@ -42,16 +49,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from embcam import EmbeddingCAM, heatmaps_from_maps, normalise  # noqa: E402
+from embcam import EmbeddingCAM, heatmaps_from_maps, normalise, prepare_for_inference  # noqa: E402
 from embcam.models import build_model  # noqa: E402
 
 METHODS = {
     "plain": "(a) plain inference",
+    "plain_prepared": "(a') plain inference, prepared model",
     "embcam_map": "(b) embcam embedding-map, self",
+    "embcam_compiled": "(b+) embcam embedding-map, compiled",
     "embcam_autograd": "(c) embcam autograd, self",
     "embcam_map_5": "(d) embcam embedding-map, 5 proxies",
     "gradcam": "(e) pytorch-grad-cam GradCAM",
     "captum": "(f) Captum LayerGradCam",
+    "captum_prepared": "(f') Captum, prepared model",
     "mean_proxy_embcam": "mean-proxy workflow: embcam",
     "mean_proxy_gradcam": "mean-proxy workflow: grad-cam",
     "mean_proxy_captum": "mean-proxy workflow: Captum",
@@ -76,25 +86,27 @@ def class_mean_proxies(y: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return normalise(sums.index_add_(0, labels, normalise(y.float())))
 
 
-def build_methods(model, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -> dict:
-    """name -> a callable running that method once on ``images`` and returning its maps."""
+def build_methods(model, prepared, compiled, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -> dict:
+    """name -> a callable running that method once on ``images`` and returning its maps
+    (``model`` as the user built it, ``prepared`` as embcam runs it, ``compiled`` the
+    same with a compiled backbone, or None)."""
     from captum.attr import LayerGradCam
     from pytorch_grad_cam import GradCAM
 
     device = images.device
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
     batch = images.shape[0]
-    layer = model.backbone.layer4
-    cam_map = EmbeddingCAM(model, strategy="embedding-map")
-    cam_grad = EmbeddingCAM(model, strategy="autograd")
+    cam_map = EmbeddingCAM(prepared, strategy="embedding-map")
+    cam_grad = EmbeddingCAM(prepared, strategy="autograd")
+    cam_compiled = EmbeddingCAM(compiled, strategy="embedding-map") if compiled is not None else None
     with torch.no_grad():  # not inference_mode: the peers' autograd must be able to use these
         self_proxies = normalise(model(images).float())  # peers' (e)/(f) proxies, untimed
     labels = torch.arange(batch, device=device) // IMAGES_PER_CLASS
     num_classes = int(labels.max()) + 1
 
-    def embed():
+    def embed(net=model):
         with torch.inference_mode(), autocast():
-            return model(images)
+            return net(images)
 
     def embcam_5():
         with autocast():
@@ -103,17 +115,20 @@ def build_methods(model, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -
         return heatmaps_from_maps(maps, bank[nearest])  # (B, 5, h, w)
 
     def gradcam(proxies):
-        with GradCAM(model=model, target_layers=[layer]) as cam, autocast():
+        with GradCAM(model=model, target_layers=[model.backbone.layer4]) as cam, autocast():
             return cam(input_tensor=images, targets=[DotTarget(p) for p in proxies])
 
-    def dot_forward(x, proxies):
-        return (model(x) * proxies).sum(-1)
+    def captum_for(net):
+        def dot_forward(x, proxies):
+            return (net(x) * proxies).sum(-1)
 
-    captum_cam = LayerGradCam(dot_forward, layer)
+        return LayerGradCam(dot_forward, net.backbone.layer4)
 
-    def captum(proxies):
+    captum_cams = {"user": captum_for(model), "prepared": captum_for(prepared)}
+
+    def captum(proxies, net="user"):
         with autocast():
-            return captum_cam.attribute(images, additional_forward_args=(proxies,), relu_attributions=True)
+            return captum_cams[net].attribute(images, additional_forward_args=(proxies,), relu_attributions=True)
 
     def mean_proxy_embcam():
         with autocast():
@@ -128,17 +143,23 @@ def build_methods(model, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -
         with autocast():
             return cam(images, "self").heatmaps
 
-    return {
+    methods = {
         "plain": embed,
+        "plain_prepared": lambda: embed(prepared),
         "embcam_map": lambda: run_cam(cam_map),
+        "embcam_compiled": lambda: run_cam(cam_compiled),
         "embcam_autograd": lambda: run_cam(cam_grad),
         "embcam_map_5": embcam_5,
         "gradcam": lambda: gradcam(self_proxies),
         "captum": lambda: captum(self_proxies),
+        "captum_prepared": lambda: captum(self_proxies, "prepared"),
         "mean_proxy_embcam": mean_proxy_embcam,
         "mean_proxy_gradcam": lambda: gradcam(mean_proxies_by_embedding_pass()),
         "mean_proxy_captum": lambda: captum(mean_proxies_by_embedding_pass()),
     }
+    if compiled is None:
+        del methods["embcam_compiled"]
+    return methods
 
 
 def gradcam_scaling(heat: torch.Tensor, size: int) -> np.ndarray:
@@ -161,6 +182,8 @@ def agreement(outputs: dict, image_size: int) -> dict:
     scale = ref.abs().max().clamp_min(1e-30)
     rel = lambda other: float((other.detach().float().cpu() - ref).abs().max() / scale)  # noqa: E731
     out = {}
+    if "embcam_compiled" in outputs:
+        out["embcam_compiled_vs_map_rel"] = rel(outputs["embcam_compiled"])
     if "embcam_autograd" in outputs:
         out["embcam_autograd_vs_map_rel"] = rel(outputs["embcam_autograd"])
     if "captum" in outputs:
@@ -190,11 +213,18 @@ def bench_batch(model, batch: int, args, device: torch.device, log) -> dict:
     f32 = torch.float32  # explicit: callers (tests) may have changed the default dtype
     images = torch.randn(batch, 3, args.image_size, args.image_size, generator=gen, dtype=f32).to(device)
     bank = normalise(torch.randn(BANK_SIZE, model.head.out_features, generator=gen, dtype=f32)).to(device)
-    methods = build_methods(model, images, bank, args.bf16)
-    errors, outputs = {}, {}
+    channels_last = not (device.type == "cpu" and batch == 1)
+    prepared = prepare_for_inference(model, channels_last=channels_last)
+    compiled = (prepare_for_inference(model, channels_last=channels_last, compile_batch_size=batch)
+                if args.compile else None)
+    methods = build_methods(model, prepared, compiled, images, bank, args.bf16)
+    errors, outputs, first_call = {}, {}, {}
     for name, fn in list(methods.items()):  # first call: the check run, and any failure
         try:
+            start = time.perf_counter()
             outputs[name] = fn()
+            sync(device)
+            first_call[name] = time.perf_counter() - start
         except Exception as exc:  # a peer failing (e.g. NumPy on bf16) is a result, not a crash
             errors[name] = f"{type(exc).__name__}: {exc}"
             del methods[name]
@@ -233,7 +263,8 @@ def bench_batch(model, batch: int, args, device: torch.device, log) -> dict:
             entry[key] = values[name]
             entry[ratio_names[key]] = values[name] / floor if floor else None
         results[name] = entry
-    return {"methods": results, "errors": errors, "agreement": checks}
+    return {"methods": results, "errors": errors, "agreement": checks,
+            "compile_seconds": first_call.get("embcam_compiled")}
 
 
 def check_targets(per_batch: dict) -> list[dict]:
@@ -253,8 +284,10 @@ def check_targets(per_batch: dict) -> list[dict]:
 
         if batch >= 16:
             add("(b)/(a) >= 0.9", "embcam_map", "plain", 0.9)
+            add("(b)/(a') >= 0.9 (same model)", "embcam_map", "plain_prepared", 0.9)
         add("(b)/(e) >= 3", "embcam_map", "gradcam", 3.0)
         add("(b)/(f) >= 1.4", "embcam_map", "captum", 1.4)
+        add("(b+)/(f) >= 1.4 (compiled)", "embcam_compiled", "captum", 1.4)
         # "(d) costs <= 1.1x (b)": time(d) <= 1.1 time(b), i.e. ips(d)/ips(b) >= 1/1.1
         add("(d)/(b) >= 1/1.1", "embcam_map_5", "embcam_map", 1 / 1.1)
         add("mean-proxy embcam/grad-cam >= 1.8", "mean_proxy_embcam", "mean_proxy_gradcam", 1.8)
@@ -281,6 +314,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{'MET ' if t['met'] else 'MISS'} b={t['batch_size']:<3d} {t['target']:34s} median "
                      f"{fmt(t['value']):>5s}  best {fmt(t['value_best']):>5s}  cpu {fmt(t['value_cpu']):>5s}")
     for b in batches:
+        if report["results"][b].get("compile_seconds") is not None:
+            lines.append(f"compile b={b}: first call of (b+) took {report['results'][b]['compile_seconds']:.1f} s "
+                         "(untimed above)")
         if report["results"][b]["agreement"]:
             lines.append(f"agreement b={b}: " + ", ".join(
                 f"{k}={v:.1e}" for k, v in report["results"][b]["agreement"].items()))
@@ -305,6 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra untimed rounds (default 0: the first call of every method, used for "
                              "the agreement check, is the warm-up)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip (b+), the compiled backbone (its compile is untimed, reported apart)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (cuda only)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default all cores)")
     parser.add_argument("--seed", type=int, default=0)
@@ -344,6 +382,7 @@ def run(argv=None, log=print) -> dict:
         "config": {
             "model": args.model, "image_size": args.image_size, "batch_sizes": args.batch_sizes,
             "repeats": args.repeats, "warmup": args.warmup, "device": args.device, "bf16": args.bf16,
+            "compile": args.compile,
             "threads": torch.get_num_threads(), "seed": args.seed, "command": " ".join(sys.argv),
             "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores".strip(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import __version__
+from .inference import check_compilable
 from .manifest import ManifestError, default_image_root, has_scheme, read_manifest
 from .metrics import THRESHOLDS
 from .models import load_model
@@ -46,6 +47,7 @@ class ExplainConfig:
     batch_size: int = 32
     num_gpus: int | None = None
     top_k_channels: int | None = None
+    compile: bool = False              # torch.compile the backbone (start-up minutes, then faster)
     address: str | None = None
     overwrite: bool = False
 
@@ -86,7 +88,10 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     cfg.check()
     table = _validated_manifest(cfg)                  # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
-    _, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)  # bad model: fail now
+    net, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)  # bad model: fail now
+    if cfg.compile:
+        check_compilable(net, cfg.target_layer, cfg.batch_size)
+    del net
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     out_fs, out_path = _prepare_out(cfg)
 
@@ -98,7 +103,8 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     ctx.print_on_execution_start = progress
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if cfg.num_gpus is None else cfg.num_gpus
-    model_cfg = ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size)
+    model_cfg = ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
+                            cfg.batch_size if cfg.compile else None)
     actor = _actor_options(gpus, cfg.batch_size)
     rows_per_block = max(cfg.batch_size, min(4 * cfg.batch_size, -(-table.num_rows // 8)))
 
