@@ -61,11 +61,13 @@ class PaddedBatches(nn.Module):
 
         parts = []
         for chunk in x.split(self.size):
-            n = chunk.shape[0]
-            if n < self.size:
-                chunk = torch.cat([chunk, chunk.new_zeros((self.size - n, *chunk.shape[1:]))])
+            # Always a fresh tensor: the compiled graph is also specialised on whether
+            # its input is an inference-mode tensor, so views of the caller's would
+            # compile a second graph.
+            padded = chunk.new_zeros((self.size, *chunk.shape[1:]))
+            padded[:len(chunk)] = chunk
             with inductor_config.patch(freezing=True):  # read when tracing, not just compiling
-                parts.append(self.module(chunk)[:n])
+                parts.append(self.module(padded)[:len(chunk)])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

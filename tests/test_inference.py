@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from embcam import EmbeddingCAM, prepare_for_inference
 from embcam.inference import fold_batchnorm
@@ -122,3 +123,27 @@ def test_untraceable_model_is_left_as_it_is():
 def test_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval-mode"):
         fold_batchnorm(build_model("embcam:small-resnet").train())
+
+
+def test_compiled_backbone_pads_ragged_batches_and_matches():
+    torch.manual_seed(1)
+    model = build_model("embcam:small-resnet+linear:8").float().eval()
+    compiled = prepare_for_inference(model, compile_batch_size=4)
+    x = torch.randn(9, 3, 32, 32, dtype=torch.float32)
+    ref = EmbeddingCAM(model, strategy="autograd")(x, "self")
+    counters.clear()
+    for rows in (slice(0, 4), slice(0, 3), slice(0, 9)):  # exact, padded, chunked + padded
+        out = EmbeddingCAM(compiled, strategy="embedding-map")(x[rows], "self")
+        assert rel(out.embeddings, ref.embeddings[rows]) < 1e-5
+        assert rel(out.heatmaps, ref.heatmaps[rows]) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, never recompiled
+
+
+def test_compile_refuses_what_it_cannot_compile():
+    model = build_model("embcam:small-resnet+linear:8").eval()
+    with pytest.raises(ValueError, match="backbone output"):
+        prepare_for_inference(model, "backbone.layer3", compile_batch_size=4)
+    with pytest.raises(ValueError, match="EmbeddingNet"):
+        prepare_for_inference(model.backbone, compile_batch_size=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        prepare_for_inference(model, compile_batch_size=0)

@@ -174,3 +174,16 @@ def test_bank_and_onehot_proxies(ray_session, dataset, tmp_path):
                                atol=1e-6 * float(ref.heatmaps.max()))
     np.testing.assert_allclose(rows.score, ref.embeddings.numpy()[np.arange(len(rows)), rows.label.astype(int)],
                                rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_job_matches_the_core(ray_session, dataset, tmp_path):
+    """--compile: batches thinned by the broken rows are padded into one compiled graph."""
+    explain(dataset, tmp_path, compile=True)
+    ok = read(tmp_path).query("status == 'ok'")
+    assert len(ok) == 16
+    ref = core_heatmaps(dataset, ok)
+    np.testing.assert_allclose(np.stack(ok.heatmap), ref.heatmaps.flatten(1).numpy(), rtol=1e-4,
+                               atol=1e-6 * float(ref.heatmaps.max()))
+    with pytest.raises(ValueError, match="backbone output"):
+        explain(dataset, tmp_path / "layer", compile=True, target_layer="backbone.layer3")
+    assert not (tmp_path / "layer").exists()
