@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-import torchvision
-from torchvision.models.resnet import BasicBlock
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,6 +92,26 @@ class EmbeddingNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (same names, so the same state dict), here so that
+    the small model does not import torchvision (about a second of every worker's start)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
 def small_resnet() -> nn.Sequential:
     """A 4-stage ResNet with one BasicBlock per stage, widths 16-32-64-128 (~0.3M params)."""
 
@@ -110,6 +128,8 @@ def small_resnet() -> nn.Sequential:
 
 
 def _torchvision_backbone(arch: str) -> tuple[nn.Sequential, int]:
+    import torchvision  # here: a second of import that the small model does not need
+
     net = getattr(torchvision.models, arch)(weights=None)
     if arch.startswith("resnet"):
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]

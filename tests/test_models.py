@@ -1,7 +1,10 @@
+import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.models import Preprocessing, build_model, export_torchscript, get_layer
@@ -62,3 +65,29 @@ def test_user_factory_is_imported_only_when_named(tmp_path, monkeypatch):
     model, _, _ = load_model("my_models:tiny")
     out = EmbeddingCAM(model, target_layer="1")(torch.randn(1, 3, 16, 16), "self")
     assert out.heatmaps.shape == (1, 14, 14) and out.heatmaps.max() > 0
+
+
+@pytest.mark.parametrize("stride, cin", [(1, 16), (2, 8)])
+def test_vendored_basic_block_is_torchvision_s(stride, cin):
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    from embcam.models import BasicBlock
+
+    def block(cls):
+        torch.manual_seed(0)
+        down = (nn.Sequential(nn.Conv2d(cin, 16, 1, stride, bias=False), nn.BatchNorm2d(16))
+                if stride != 1 or cin != 16 else None)
+        return cls(cin, 16, stride, downsample=down).eval()
+
+    ours, theirs = block(BasicBlock), block(TorchvisionBlock)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # checkpoints load either way
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())  # same init
+    x = torch.randn(2, cin, 16, 16)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_job_stages_do_not_import_torchvision():
+    """A second of every model worker's start, not needed by the small model."""
+    code = ("import sys, embcam.stages; from embcam.models import build_model; "
+            "build_model('embcam:small-resnet+linear:8'); assert 'torchvision' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
