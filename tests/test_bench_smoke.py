@@ -1,8 +1,8 @@
 """bench/cam_throughput.py runs end to end on a tiny config and reports every method.
 
 No timing is asserted: only that each method ran, the report is complete, the ratio of
-(a) to itself is exactly 1, and the maps that must agree (embcam's two strategies,
-Captum and pytorch-grad-cam on the same self proxy) do.
+(a) to itself is exactly 1, and the maps that must agree (embcam's two strategies and
+its compiled backbone, Captum and pytorch-grad-cam on the same self proxy) do.
 """
 import importlib.util
 import json
@@ -46,12 +46,13 @@ def test_quick_benchmark_reports_every_method(tmp_path):
 
     checks = result["agreement"]
     assert checks["embcam_autograd_vs_map_rel"] < 1e-4
+    assert checks["embcam_compiled_vs_map_rel"] < 1e-4 and result["compile_seconds"] > 0
     assert checks["captum_vs_embcam_rel"] < 1e-4
     assert checks["gradcam_vs_embcam_abs"] < 1e-3
 
     names = {t["target"] for t in report["targets"]}
     assert "(b)/(a) >= 0.9" not in names  # judged at batch >= 16 only
-    assert len(names) == 5 and all(t["batch_size"] == 2 for t in report["targets"])
+    assert len(names) == 6 and all(t["batch_size"] == 2 for t in report["targets"])
     for t in report["targets"]:
         assert t["met"] == (t["value"] >= t["threshold"])
 
