@@ -38,8 +38,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k-channels", type=int, metavar="K",
                    help="also compute heatmaps from the K channels with the largest weights (paper: 50)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each model worker's backbone for --batch-size: about a minute of start-up "
-                        "per worker for a ResNet-50, then 1.2-1.6x the images/s (worth it from ~10k images)")
+                   help="torch.compile each model worker's backbone for --batch-size: start-up per worker "
+                        "(19 s for a ResNet-50 on 2 CPU cores), then 1.07-1.4x the images/s on CPU "
+                        "(BENCHMARKS.md); for long jobs")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
