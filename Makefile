@@ -23,9 +23,10 @@ test: setup
 demo: setup
 	$(VENV)/bin/embcam demo --out demo_out
 
-bench: setup
-	$(PY) bench/cam_throughput.py --json bench/cam_throughput.json
-	$(PY) bench/job_vs_loop.py --json bench/job_vs_loop.json
+bench: setup  # the commands behind BENCHMARKS.md sections 3 and 4 (about 25 min on 2 cores)
+	$(PY) bench/cam_throughput.py --repeats 5 --json bench/cam_throughput.json
+	$(PY) bench/job_vs_loop.py --images 1000 --repeats 3 --memory-scale 10 --json bench/job_vs_loop.json
+	$(PY) bench/job_vs_loop.py --images 5000 --repeats 2 --memory-scale 0 --json bench/job_vs_loop_5000.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
