@@ -13,10 +13,10 @@ in float64) and both leaving the module tree, its names and hooks in place:
 
 And one opt-in step that costs start-up time: ``compile_batch_size`` compiles the
 backbone with ``torch.compile`` and inference freezing (weights constant-folded and
-prepacked for the convolution library). It serves only the forward passes embcam runs
-without autograd, which is every forward of the single-pass (embedding-map) path and
-the feature pass of the autograd path; peers that hook and backpropagate through the
-backbone cannot use it. Batches are padded to exactly that size, so one compiled graph
+prepacked for the convolution library). Freezing applies only to forward passes run without
+autograd, which is every forward of the single-pass (embedding-map) path and the
+feature pass of the autograd path; tools that take a gradient from the score run the
+forward with autograd on, where it does not apply. Batches are padded to exactly that size, so one compiled graph
 serves ragged tails and batches thinned by bad images without recompiling.
 """
 from __future__ import annotations

@@ -47,7 +47,7 @@ class ExplainConfig:
     batch_size: int = 32
     num_gpus: int | None = None
     top_k_channels: int | None = None
-    compile: bool = False              # torch.compile the backbone (start-up minutes, then faster)
+    compile: bool = False              # torch.compile each worker's backbone (start-up, then faster)
     address: str | None = None
     overwrite: bool = False
 
