@@ -147,3 +147,15 @@ def test_compile_refuses_what_it_cannot_compile():
         prepare_for_inference(model.backbone, compile_batch_size=4)
     with pytest.raises(ValueError, match=">= 1"):
         prepare_for_inference(model, compile_batch_size=0)
+
+
+def test_torchscript_models_are_prepared_without_folding(tmp_path):
+    from embcam.models import export_torchscript, load_model
+
+    model = model_with_bn_stats("embcam:small-resnet+linear:8").float()
+    export_torchscript(model, tmp_path / "m.ts")
+    scripted, _, _ = load_model(f"torchscript:{tmp_path / 'm.ts'}")
+    prepared = prepare_for_inference(scripted)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float32)
+    ref = EmbeddingCAM(model, strategy="autograd")(x, "self").heatmaps
+    assert rel(EmbeddingCAM(prepared, strategy="embedding-map")(x, "self").heatmaps, ref) < 1e-5
