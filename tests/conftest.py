@@ -1,6 +1,8 @@
 import os
 
 import pytest
+import torch
+from torch import nn
 
 # Quiet, offline Ray for the tests that need it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -17,3 +19,23 @@ def ray_session():
              object_store_memory=256 << 20, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def float64():
+    """float64 models and tensors for one test (the default dtype is restored after)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics and affine terms."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model

@@ -7,16 +7,12 @@ from torch import nn
 from embcam import EmbeddingCAM, heatmaps_from_maps, normalise, onehot
 from embcam.models import EmbeddingNet, GeM, GlobalAvgPool, build_model
 
+from conftest import randomise_bn
+
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """float64 models and tensors in this module only (restored for the other tests)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # float64 models and tensors in this module
 
 
 def close(a, b, rtol=RTOL):
@@ -28,17 +24,6 @@ def close(a, b, rtol=RTOL):
 
 def features():
     return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
-
-
-def randomise_bn(model):
-    """Give BatchNorm layers non-trivial running statistics."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
 
 
 def heads():

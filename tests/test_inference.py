@@ -10,26 +10,16 @@ from embcam import EmbeddingCAM, prepare_for_inference
 from embcam.inference import fold_batchnorm
 from embcam.models import build_model
 
+from conftest import randomise_bn
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+
+pytestmark = pytest.mark.usefixtures("float64")  # float64 models and tensors in this module
 
 
 def model_with_bn_stats(spec: str) -> nn.Module:
     """A seeded model whose BatchNorm layers have non-trivial statistics and affine terms."""
     torch.manual_seed(0)
-    model = build_model(spec).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
+    return randomise_bn(build_model(spec)).eval()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
