@@ -26,12 +26,26 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                             "(map-reduce over the manifest); onehot: Grad-CAM on a classifier's logit <label>")
     proxy.add_argument("--proxies", metavar="BANK.parquet", help="explain against a proxy bank (label, proxy)")
     p.add_argument("--proxy-split", metavar="S", help="with --proxy mean: build proxies from rows of split S only")
-    p.add_argument("--strategy", default="auto", choices=["auto", "two-pass", "embedding-map"],
-                   help="two-pass: the paper's autograd computation (with --proxy mean: embed, reduce, then "
-                        "forward+backward again); embedding-map: one model pass, heatmaps as ReLU(E.p) from each "
-                        "image's embedding map (no backward pass for GAP+linear heads); auto: embedding-map, or "
-                        "two-pass for mean proxies with --top-k-channels")
+    p.add_argument("--strategy", default="auto", choices=["auto", "streaming", "two-pass", "embedding-map"],
+                   help="how heatmaps are made. With --proxy mean: streaming = pass 1 embeds and reduces the "
+                        "proxies, pass 2 explains (nothing held between them); two-pass = the same with the "
+                        "paper's autograd computation in pass 2; embedding-map = one model pass keeping every "
+                        "image's E map until the reduce (small runs); auto = embedding-map while the maps fit "
+                        "in a tenth of the object store, else streaming. Other proxies: two-pass = autograd, "
+                        "anything else = the closed form ReLU(E.p)")
     p.add_argument("--image-root", help="folder or URI prefix for relative uris (default: the manifest's folder)")
+    p.add_argument("--allowed-prefix", action="append", metavar="PREFIX",
+                   help="read images only under --image-root and this folder or URI prefix (repeatable); "
+                        "any other uri becomes an error row")
+    p.add_argument("--confine-uris", action="store_true",
+                   help="read images only under --image-root (and --allowed-prefix)")
+    p.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="refuse images above this many pixels, from the header, before decoding (default 100 MP)")
+    p.add_argument("--max-bytes", type=int, default=256 << 20, help="refuse files above this size (default 256 MiB)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds per attempt at reading a remote image; 3 retries with backoff (default 30)")
+    p.add_argument("--block-rows", type=int, help="manifest rows per unit of work and of resume (default: "
+                   "from the manifest size, 1-8 batches)")
     p.add_argument("--image-size", type=int, help="model input size S (images resized to SxS, no crop); default: the model's")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--num-gpus", type=int, help="GPU actors, one model each (default: every GPU in the cluster; 0 = CPU)")
@@ -42,7 +56,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                         "(19 s for a ResNet-50 on 2 CPU cores), then 1.07-1.4x the images/s on CPU "
                         "(BENCHMARKS.md); for long jobs")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what embcam wrote in --out before (results, proxies, summary, run state) "
+                        "and start afresh; without it a re-run resumes the same run")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
 
 
@@ -54,16 +70,35 @@ def explain_config(args: argparse.Namespace):
         target_layer=args.target_layer, proxy="bank" if args.proxies else args.proxy,
         proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
         image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
-        num_gpus=args.num_gpus, top_k_channels=args.top_k_channels, compile=args.compile,
+        block_rows=args.block_rows, num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
+        compile=args.compile, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+        read_timeout=args.read_timeout,
+        allowed_prefixes=(args.allowed_prefix or []) if args.confine_uris or args.allowed_prefix else None,
         address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
 
 
 def run_explain_command(args: argparse.Namespace) -> int:
     from .pipeline import run_explain
 
-    summary = run_explain(explain_config(args), progress=not args.no_progress)
+    cfg = explain_config(args)
+    try:
+        summary = run_explain(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"embcam explain: interrupted; {_progress_note(cfg.out)} "
+              "Re-run the same command to resume.", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0
+
+
+def _progress_note(out: str) -> str:
+    from .runstate import RESULTS, RunFolder, covered
+
+    run = RunFolder(out)
+    saved = run.identity
+    if saved is None:
+        return "nothing was committed."
+    return f"{covered(run.pieces(RESULTS), saved['rows'])} of {saved['rows']} rows are committed in {out}."
 
 
 def format_summary(summary: dict) -> str:
@@ -78,7 +113,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"embcam explain: {c['results']} rows ({c['ok']} ok, {c['error']} error, {c['degenerate']} degenerate) "
         f"in {summary['wall_seconds']:.1f} s = {summary['images_per_second']:.1f} images/s "
-        f"[{summary['model']}, proxy {summary['config']['proxy']}, {summary['plan']}]",
+        f"[{summary['model']}, proxy {summary['config']['proxy']}, {summary['plan']} plan]"
+        + (f"; {c['resumed']} rows carried over from an earlier attempt" if c.get("resumed") else ""),
         "",
         "                 uniform  EmbeddingCAM" + (f"  top-{k} channels" if k else ""),
         f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}      " + top("ratio_bbox"),

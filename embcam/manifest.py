@@ -13,8 +13,10 @@ import fnmatch
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -145,6 +147,112 @@ def read_manifest(source: str | os.PathLike) -> pa.Table:
         _check_structure(table, where=f"manifest file {path}")
         tables.append(_cast_known(table))
     return validate_manifest(pa.concat_tables(tables))
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    """What a streamed validation learnt: the row count and a digest of the image_ids in order."""
+
+    rows: int
+    ids_sha256: str
+
+
+SCAN_BATCH_ROWS = 65536
+
+
+def scan_manifest(source: str | os.PathLike, sink=None) -> ManifestScan:
+    """Validate the manifest at ``source`` in a stream, as :func:`read_manifest` does,
+    without holding it: one batch of rows at a time (plus 8 bytes per row, an id hash,
+    to find duplicates across files). ``sink(table)``, when given, receives every
+    validated batch in order, cast to the manifest schema."""
+    fs, paths = resolve_source(source)
+    rows, digest, hashes = 0, hashlib.sha256(), []
+    for where, table in _stream(fs, paths):
+        _check_structure(table, where=where)
+        table = _cast_known(table)
+        for name in ("image_id", "uri"):
+            _check_filled(table.column(name), name, rows)
+        ids = _id_hashes(table.column("image_id"))
+        digest.update(ids.tobytes())
+        hashes.append(ids)
+        if sink is not None and table.num_rows:
+            sink(conform(table, "manifest"))
+        rows += table.num_rows
+    if rows == 0:
+        raise ManifestError("manifest is empty (0 rows)")
+    ordered = np.sort(np.concatenate(hashes))
+    suspects = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(suspects):
+        _check_unique_in(fs, paths, set(suspects.tolist()))
+    return ManifestScan(rows, digest.hexdigest())
+
+
+def _stream(fs: pafs.FileSystem, paths: list[str]):
+    """(where, table) for each batch of each file: the manifest columns only, the same in
+    every file; read errors become ManifestError."""
+    known = [column["name"] for column in load_schema("manifest")["columns"]]
+    first_columns = None
+    for path in paths:
+        try:
+            handle = fs.open_input_file(path)
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+        with handle:
+            columns = [name for name in known if name in parquet.schema_arrow.names]
+            if first_columns is None:
+                first_columns = columns
+            elif columns != first_columns:
+                differ = sorted(set(columns) ^ set(first_columns))
+                raise ManifestError(
+                    f"mixed schemas across manifest files: {paths[0]} has columns {first_columns} "
+                    f"but {path} has {columns} (differing: {', '.join(differ)})")
+            where = f"manifest file {path}"
+            schema = pa.schema([parquet.schema_arrow.field(name) for name in columns])
+            yield where, schema.empty_table()  # the column checks, even for a file without rows
+            batches = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError) as exc:
+                    raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+                yield where, pa.Table.from_batches([batch])
+
+
+def _check_filled(column: pa.ChunkedArray, name: str, offset: int) -> None:
+    bad = pc.fill_null(pc.equal(column, ""), True)
+    rows = pc.indices_nonzero(bad).to_pylist()
+    if rows:
+        values = column.take(rows[:MAX_EXAMPLES]).to_pylist()
+        examples = ", ".join(f"row {offset + row}: {value!r}" for row, value in zip(rows, values))
+        raise ManifestError(f"manifest column {name!r}: {len(rows)} null or empty value(s) "
+                            f"in rows from {offset}; e.g. {examples}")
+
+
+def _id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
+    import pandas as pd  # its vectorised string hash: 8 bytes per id
+
+    return pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object))
+
+
+def _check_unique_in(fs: pafs.FileSystem, paths: list[str], suspects: set) -> None:
+    """Second pass over the image_ids whose hashes collide: report true duplicates."""
+    at: dict[str, list[int]] = {}
+    offset = 0
+    for _, table in _stream(fs, paths):
+        ids = table.column("image_id").cast(pa.string())
+        hit = np.flatnonzero(np.isin(_id_hashes(ids), list(suspects))) if len(ids) else []
+        for row, value in zip(hit, ids.take(pa.array(hit, pa.int64())).to_pylist()):
+            at.setdefault(value, []).append(offset + int(row))
+        offset += table.num_rows
+    duplicated = {value: rows for value, rows in at.items() if len(rows) > 1}
+    if duplicated:
+        examples = "; ".join(f"{value!r} at rows {', '.join(map(str, rows[:MAX_EXAMPLES]))}"
+                             for value, rows in list(duplicated.items())[:MAX_EXAMPLES])
+        raise ManifestError(f"manifest column 'image_id': {len(duplicated)} duplicated value(s), "
+                            f"e.g. {examples}")
 
 
 # --- validation -------------------------------------------------------------------------

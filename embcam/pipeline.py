@@ -1,34 +1,45 @@
-"""The explain job on Ray Data (DESIGN §3): manifest -> images -> embeddings -> class
-proxies (map-reduce) -> heatmaps -> metrics -> results/*.parquet + summary.json.
+"""The explain job on Ray Data: manifest -> images -> embeddings -> (class proxies) ->
+heatmaps -> metrics -> ``results/part-<start>-<stop>.parquet`` + ``summary.json``.
 
-The per-batch work lives in ``embcam.stages`` (no Ray); this module only wires it:
-CPU tasks decode, a fixed pool of model actors (one per GPU, or one on a CPU-only
-machine) embeds and explains, CPU tasks compute metrics, Ray writes Parquet.
+The per-batch work lives in ``embcam.stages`` and the run folder's rules (commits,
+resume, markers) in ``embcam.runstate`` (no Ray in either); this module wires them. The
+manifest is validated in a stream and copied into the run folder; every stage works on
+manifest row ranges read back from that copy, so the driver holds no per-row state.
+CPU tasks fetch and decode, a fixed pool of model actors (one per GPU, or one on a
+CPU-only machine) embeds and explains, and CPU tasks compute metrics and commit each
+batch's rows as a piece named by its rows. A re-run of the same command computes only
+the rows no piece covers.
 """
 from __future__ import annotations
 
-import json
-import os
+import hashlib
+import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import __version__
+from .attempts import Attempts
+from .cam import EmbeddingCAM
+from .fetch import ReadLimits
 from .inference import check_compilable
-from .manifest import ManifestError, default_image_root, has_scheme, read_manifest
+from .manifest import ManifestError, default_image_root, scan_manifest
 from .metrics import THRESHOLDS
 from .models import load_model
-from .proxies import MeanProxyAccumulator, load_proxy_bank, save_proxy_bank
-from .stages import (INTERNAL_COLUMNS, ExplainModel, ModelConfig, compute_metrics,
-                     heatmaps_from_kept_maps, load_images, partial_sums, to_results)
+from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
+from .runstate import (ATTEMPTS, DONE, IDENTITY, PARTIALS, PROXIES, RESULTS, STATE, SUMMARY, ManifestCopy,
+                       RunFolder, RunMismatch, covered, filesystem_path, identity_differences, pending_blocks, piece_name)
+from .stages import (ExplainModel, ModelConfig, compute_metrics, flag_nan_boxes, heatmaps_from_kept_maps, load_images,
+                     partial_sums, row_runs, to_results)
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
-JOB_STRATEGIES = ("auto", "two-pass", "embedding-map")
+JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
+KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
 @dataclass
@@ -45,9 +56,14 @@ class ExplainConfig:
     image_root: str | None = None
     image_size: int | None = None
     batch_size: int = 32
+    block_rows: int | None = None       # manifest rows per unit of work (default: from the manifest size)
     num_gpus: int | None = None
     top_k_channels: int | None = None
-    compile: bool = False              # torch.compile each worker's backbone (start-up, then faster)
+    compile: bool = False               # torch.compile each worker's backbone (start-up, then faster)
+    max_pixels: int = ReadLimits.max_pixels
+    max_bytes: int = ReadLimits.max_bytes
+    read_timeout: float = ReadLimits.read_timeout
+    allowed_prefixes: list[str] | None = None  # confine uris to the image root and these
     address: str | None = None
     overwrite: bool = False
 
@@ -62,38 +78,51 @@ class ExplainConfig:
             raise ValueError(f"--strategy must be one of {JOB_STRATEGIES}, got {self.strategy!r}")
         if self.proxy_split and self.proxy != "mean":
             raise ValueError("--proxy-split only applies to --proxy mean")
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+        for name in ("batch_size", "max_pixels", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.block_rows is not None and self.block_rows < 1:
+            raise ValueError("--block-rows must be >= 1")
+        if self.read_timeout <= 0:
+            raise ValueError("--read-timeout must be > 0")
         if self.top_k_channels is not None and self.top_k_channels < 1:
             raise ValueError("--top-k-channels must be >= 1")
         if self.top_k_channels and self.proxy == "mean" and self.strategy == "embedding-map":
             raise ValueError("--top-k-channels needs the channel weights, which the embedding-map "
-                             "strategy never forms: use --strategy two-pass (or auto)")
+                             "strategy never forms: use --strategy streaming, two-pass or auto")
 
-    def plan(self) -> str:
-        """How heatmaps are made: 'one-pass' (proxy known up front), 'two-pass' or
-        'embedding-map' (mean proxies, which need a dataset-wide reduce first)."""
-        if self.proxy != "mean":
-            return "one-pass"
-        if self.strategy == "auto":
-            return "two-pass" if self.top_k_channels else "embedding-map"
-        return self.strategy
+    def limits(self, image_root: str) -> ReadLimits:
+        prefixes = None if self.allowed_prefixes is None else (image_root, *self.allowed_prefixes)
+        return ReadLimits(max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                          read_timeout=self.read_timeout, allowed_prefixes=prefixes)
 
 
-def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
-    """Run the whole job; returns the summary written to ``OUT/summary.json``."""
+def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
+    """Run the job to completion, resuming what ``cfg.out`` already holds; returns the
+    summary written to ``OUT/summary.json``. ``log`` gets one-line notes (default: stderr)."""
     import ray
 
     started = time.time()
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
-    table = _validated_manifest(cfg)                  # fails fast, before any model work
+    scan, stats = _scanned_manifest(cfg)             # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     net, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)  # bad model: fail now
     if cfg.compile:
         check_compilable(net, cfg.target_layer, cfg.batch_size)
-    del net
+    probe = EmbeddingCAM(net, cfg.target_layer)(_zeros(preprocessing.size))
+    dims = (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
+    del net, probe
     image_root = cfg.image_root or default_image_root(cfg.manifest)
-    out_fs, out_path = _prepare_out(cfg)
+    identity = _identity(cfg, scan, spec, preprocessing.size)
+
+    run = RunFolder(cfg.out)
+    state = _open_run(run, cfg, identity, log)
+    if state == "complete":
+        summary = run.read_json(SUMMARY)
+        log(f"embcam explain: {cfg.out} already holds this run, complete "
+            f"({summary['counts']['results']} rows): nothing to do")
+        return dict(summary, already_complete=True)
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
@@ -101,145 +130,321 @@ def run_explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if cfg.num_gpus is None else cfg.num_gpus
-    model_cfg = ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
-                            cfg.batch_size if cfg.compile else None)
-    actor = _actor_options(gpus, cfg.batch_size)
-    rows_per_block = max(cfg.batch_size, min(4 * cfg.batch_size, -(-table.num_rows // 8)))
+    gpus = _gpus(cfg.num_gpus)
 
-    def loaded():
-        # Blocks cut on the driver: a manifest read as one block would run on one worker.
-        blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-        return (ray.data.from_arrow(blocks)
-                .map_batches(load_images, fn_args=(image_root, preprocessing.size),
-                             batch_size=rows_per_block, num_cpus=1, batch_format="numpy"))
+    if state == "fresh":
+        block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
+        plan, reason = _choose_plan(cfg, scan.rows, dims)
+        _copy_manifest(cfg, run, block_rows)
+        run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason, "rows": scan.rows,
+                        "block_rows": block_rows, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                       STATE, IDENTITY)               # written last: the run exists from here on
+    saved = run.read_json(STATE, IDENTITY)
+    plan, block_rows = saved["plan"], saved["block_rows"]
+    resumed = covered(run.pieces(RESULTS), scan.rows)
+    if state == "resume":
+        log(f"embcam explain: resuming {cfg.out}: {resumed} of {scan.rows} rows already done "
+            f"({plan} plan)")
 
-    def model_stage(ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
-        kwargs = dict(model=model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
-                      top_k_channels=top_k, output=output, split=cfg.proxy_split)
-        return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor)
+    job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
+               ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
+                           cfg.batch_size if cfg.compile else None),
+               preprocessing.size, cfg.limits(image_root), image_root, gpus)
+    proxies = bank
+    if plan != "one-pass":
+        proxies = load_proxy_bank(run.join(PROXIES), filesystem=run.fs) if run.exists(PROXIES) else None
+    if proxies is None and plan in ("streaming", "two-pass"):
+        proxies = job.mean_proxies_pass()
+        job.explain_pass("mean", proxies, "embedding-map" if plan == "streaming" else "autograd")
+    elif proxies is None and plan == "embedding-map":
+        job.kept_maps_pass()
+    elif plan == "one-pass":
+        job.explain_pass(cfg.proxy, bank, "autograd" if cfg.strategy == "two-pass" else "embedding-map")
+    else:  # mean proxies persisted by an earlier attempt: only heatmaps are left
+        job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else "embedding-map")
 
-    plan = cfg.plan()
-    proxies, counts = bank, None
-    if plan == "two-pass":
-        partials = model_stage(loaded(), "mean", None, "partials")
-        proxies, counts = _reduce(partials, cfg)
-        explained = model_stage(loaded(), "mean", proxies, "heatmaps", "autograd", cfg.top_k_channels)
-    elif plan == "embedding-map":
-        kept = model_stage(loaded(), "mean", None, "maps").materialize()  # E maps: no second model pass
-        partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": cfg.proxy_split},
-                                    batch_format="numpy")
-        proxies, counts = _reduce(partials, cfg)
-        explained = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies),
-                                     batch_format="numpy")
-    else:
-        strategy = "autograd" if cfg.strategy == "two-pass" else "embedding-map"  # the paper's path on request
-        explained = model_stage(loaded(), cfg.proxy, bank, "heatmaps", strategy, cfg.top_k_channels)
-
-    results = (explained.map_batches(compute_metrics, batch_format="numpy", num_cpus=1)
-               .map_batches(_results_table, batch_format="numpy"))
-    results.write_parquet(_join(out_path, "results"), filesystem=out_fs)
-    if proxies is not None:
-        save_proxy_bank(_join(out_path, "proxies.parquet"), proxies, counts, filesystem=out_fs)
-
-    summary = _summary(cfg, spec, plan, gpus, table.num_rows, out_fs, out_path, time.time() - started)
-    with out_fs.open_output_stream(_join(out_path, "summary.json")) as f:
-        f.write(json.dumps(summary, indent=2).encode())
+    summary = _summary(cfg, run, spec, saved, gpus, scan.rows, resumed, stats, time.time() - started)
+    run.write_json(summary, SUMMARY)
+    run.write_bytes(b"", DONE)                        # the completion marker, last
+    run.delete(STATE, ATTEMPTS)
     return summary
 
 
-def _validated_manifest(cfg: ExplainConfig) -> pa.Table:
-    table = read_manifest(cfg.manifest)
-    needs_label = cfg.proxy in ("mean", "onehot", "bank")
-    if needs_label and table.column("label").null_count == table.num_rows:
-        raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
-                            "and the manifest has none")
-    if cfg.proxy_split:
-        splits = set(table.column("split").drop_null().to_pylist())
-        if cfg.proxy_split not in splits:
-            raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
-                                f"(found: {', '.join(sorted(map(str, splits)))})")
-    return table
+class _Job:
+    """The Ray Data passes of one run, over the row ranges not yet committed."""
+
+    def __init__(self, cfg, run, copy, rows, model_cfg, size, limits, image_root, gpus):
+        self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
+        self.size, self.limits, self.image_root = size, limits, image_root
+        self.actor = _actor_options(gpus, cfg.batch_size)
+
+    def loaded(self, pending: list[tuple[int, int]]):
+        """The images of the pending row ranges, one read task per range."""
+        import ray
+
+        ranges = np.asarray(pending, np.int64).reshape(-1, 2)
+        return (ray.data.range(len(ranges), override_num_blocks=len(ranges))
+                .map_batches(_read_and_load, batch_size=1, num_cpus=1, batch_format="numpy",
+                             fn_args=(self.copy, ranges, self.run, self.image_root, self.size, self.limits)))
+
+    def model(self, ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
+        kwargs = dict(model=self.model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
+                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.run)
+        return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **self.actor)
+
+    def commit(self, ds, kind: str) -> None:
+        """Run ``ds`` to the end, committing each batch's rows as pieces (progress on the way)."""
+        fn = _commit_results if kind == RESULTS else _commit_partials
+        done = ds.map_batches(fn, fn_args=(self.run,), batch_format="numpy", num_cpus=1)
+        for _ in done.iter_batches(batch_size=None, batch_format="numpy"):
+            pass
+
+    def pending(self, *folder: str) -> list[tuple[int, int]]:
+        return pending_blocks(self.run.pieces(*folder), self.rows, self.copy.block_rows)
+
+    def explain_pass(self, proxy_mode, proxies, strategy) -> None:
+        todo = self.pending(RESULTS)
+        if todo:
+            self.commit(self.model(self.loaded(todo), proxy_mode, proxies, "heatmaps", strategy,
+                                   self.cfg.top_k_channels), RESULTS)
+
+    def mean_proxies_pass(self) -> dict:
+        """Pass 1: embeddings only, per-class partial sums committed per piece, then the
+        reduce; ``proxies.parquet`` is written before any heatmap."""
+        todo = self.pending(STATE, PARTIALS)
+        if todo:
+            self.commit(self.model(self.loaded(todo), "mean", None, "partials"), PARTIALS)
+        acc = MeanProxyAccumulator()
+        for path in self.run.piece_paths(STATE, PARTIALS):
+            table = pq.read_table(path, filesystem=self.run.fs, columns=["label", "sum", "count"])
+            for label, total, count in zip(*(table.column(c).to_pylist() for c in ("label", "sum", "count"))):
+                if label is not None:
+                    acc.add_partial(label, np.asarray(total, np.float64), count)
+        return self._persist(acc)
+
+    def kept_maps_pass(self) -> None:
+        """One model pass keeping every image's E map until the reduce (small runs only)."""
+        kept = self.model(self.loaded(self.pending(RESULTS)), "mean", None, "maps").materialize()
+        acc = MeanProxyAccumulator()
+        partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
+                                    batch_format="numpy")
+        for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
+            for label, total, count in zip(batch["label"], batch["sum"], batch["count"]):
+                if label is not None:
+                    acc.add_partial(str(label), total, int(count))
+        proxies = self._persist(acc)
+        self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
+                    RESULTS)
+
+    def _persist(self, acc: MeanProxyAccumulator) -> dict:
+        if not acc.sums:
+            where = f" in split {self.cfg.proxy_split!r}" if self.cfg.proxy_split else ""
+            raise RuntimeError(f"no labelled image{where} could be embedded: no mean proxy to explain against")
+        proxies = acc.finalize()
+        self.run.write_table(proxy_table(proxies, dict(acc.counts)), PROXIES)
+        return proxies
 
 
-def _actor_options(gpus: int, batch_size: int) -> dict:
-    """One model per GPU; on a CPU-only machine one actor (its torch uses every core of
-    its node, see ExplainModel) while decode and metrics tasks take the other CPU slots.
-    Asking for a GPU where there is none would wait forever, hence the count from the
-    cluster's resources."""
-    if gpus > 0:
-        return dict(compute=_pool(gpus), num_gpus=1, num_cpus=1, batch_size=batch_size)
-    return dict(compute=_pool(1), num_cpus=1, batch_size=batch_size)
+# --- the per-batch functions Ray runs (module level: pickled by reference) ----------------
 
 
-def _pool(size: int):
-    import ray
-    return ray.data.ActorPoolStrategy(size=size)
+def _read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
+                   image_root: str, size: int, limits: ReadLimits) -> dict:
+    start, stop = ranges[int(batch["id"][0])]
+    rows = copy.read(int(start), int(stop))
+    data = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    nan_box = flag_nan_boxes(rows)
+    data["status"] = np.where(nan_box, "error", "ok").astype(object)
+    data["error"] = np.where(nan_box, "bbox: a box coordinate is NaN (a row without a box has nulls)",
+                             None).astype(object)
+    return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits))
 
 
 def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
     return partial_sums(batch, np.asarray(batch["embedding"]), split)
 
 
-def _reduce(partials, cfg: ExplainConfig) -> tuple[dict, dict]:
-    """Combine per-batch partial sums on the driver: one row per (batch, class), never
-    the embeddings themselves."""
-    acc = MeanProxyAccumulator()
-    for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
-        for label, total, count in zip(batch["label"], batch["sum"], batch["count"]):
-            acc.add_partial(str(label), total, int(count))
-    if not acc.sums:
-        where = f" in split {cfg.proxy_split!r}" if cfg.proxy_split else ""
-        raise RuntimeError(f"no labelled image{where} could be embedded: no mean proxy to explain against")
-    return acc.finalize(), dict(acc.counts)
+def _commit_results(batch: dict, run: RunFolder) -> dict:
+    batch = compute_metrics(batch)
+    rows = np.asarray(batch["row"])
+    for positions, start, stop in row_runs(rows):
+        piece = {k: v[positions] for k, v in batch.items()}
+        run.write_table(to_results(piece), RESULTS, piece_name(start, stop))
+    return {"rows": np.array([len(rows)])}
 
 
-def _results_table(batch: dict) -> pa.Table:
-    return to_results({k: v for k, v in batch.items() if k not in INTERNAL_COLUMNS})
+def _commit_partials(batch: dict, run: RunFolder) -> dict:
+    """Partial sums arrive one row per (run of rows, label): commit each run's rows as one piece."""
+    starts, stops = np.asarray(batch["start"]), np.asarray(batch["stop"])
+    for start, stop in sorted(set(zip(starts.tolist(), stops.tolist()))):
+        keep = (starts == start) & (stops == stop)
+        table = pa.table({"label": pa.array(batch["label"][keep], pa.string()),
+                          "sum": pa.array(list(np.asarray(batch["sum"][keep], np.float64)), pa.list_(pa.float64())),
+                          "count": pa.array(batch["count"][keep], pa.int64())})
+        run.write_table(table, STATE, PARTIALS, piece_name(start, stop))
+    return {"rows": np.array([int((stops - starts)[np.unique(starts, return_index=True)[1]].sum())])}
 
 
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+# --- driver-side checks and bookkeeping ---------------------------------------------------
 
 
-def _prepare_out(cfg: ExplainConfig) -> tuple[pafs.FileSystem, str]:
-    """The output folder; an existing results folder is kept unless --overwrite."""
-    fs, path = pafs.FileSystem.from_uri(cfg.out) if has_scheme(cfg.out) else (
-        pafs.LocalFileSystem(), os.path.abspath(cfg.out))
-    results = _join(path, "results")
-    if fs.get_file_info(results).type != pafs.FileType.NotFound:
-        if not cfg.overwrite:
-            raise FileExistsError(f"{cfg.out} already holds results: choose a new --out or pass --overwrite")
-        fs.delete_dir(results)
-    fs.create_dir(path, recursive=True)
-    return fs, path  # a path on fs: every write below goes through fs
+def _zeros(size: int):
+    import torch
+    return torch.zeros(1, 3, size, size)
 
 
-def _summary(cfg, spec, plan, gpus, manifest_rows, fs, out_path, wall) -> dict:
+def _scanned_manifest(cfg: ExplainConfig):
+    stats = {"labelled": 0, "splits": set()}
+
+    def look(table: pa.Table) -> None:
+        stats["labelled"] += table.num_rows - table.column("label").null_count
+        if len(stats["splits"]) < 1000:
+            stats["splits"].update(table.column("split").drop_null().unique().to_pylist())
+
+    scan = scan_manifest(cfg.manifest, look)
+    if cfg.proxy in ("mean", "onehot", "bank") and stats["labelled"] == 0:
+        raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
+                            "and the manifest has none")
+    if cfg.proxy_split and cfg.proxy_split not in stats["splits"]:
+        raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
+                            f"(found: {', '.join(sorted(map(str, stats['splits'])))})")
+    return scan, {"labelled": stats["labelled"]}
+
+
+def _copy_manifest(cfg: ExplainConfig, run: RunFolder, block_rows: int) -> None:
+    copy = ManifestCopy(run, block_rows)
+    scan_manifest(cfg.manifest, copy.write)
+    copy.close()
+
+
+def _file_sha256(uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    fs, path = filesystem_path(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
+    """What makes two runs the same run: resuming one with another is refused."""
+    return {
+        "manifest": {"path": cfg.manifest, "rows": scan.rows, "image_ids_sha256": scan.ids_sha256},
+        "model": {"spec": spec, "checkpoint": cfg.checkpoint, "checkpoint_sha256": _file_sha256(cfg.checkpoint)},
+        "proxy": cfg.proxy, "proxy_split": cfg.proxy_split,
+        "proxy_bank_sha256": _file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
+        "strategy": cfg.strategy, "target_layer": cfg.target_layer, "image_size": image_size,
+        "top_k_channels": cfg.top_k_channels, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+        "embcam": __version__,
+    }
+
+
+def _open_run(run: RunFolder, cfg: ExplainConfig, identity: dict, log) -> str:
+    """'fresh', 'resume' or 'complete' for this configuration against what ``--out`` holds."""
+    saved = run.identity
+    if cfg.overwrite:
+        run.clear()
+        return "fresh"
+    if saved is None:
+        if run.listing(RESULTS):
+            raise FileExistsError(f"{cfg.out} holds results that embcam cannot resume (no {STATE}/{IDENTITY}): "
+                                  "choose a new --out or pass --overwrite")
+        run.clear()  # leftovers of a start that never got as far as run.json
+        return "fresh"
+    differences = identity_differences(saved["identity"], identity)
+    if differences:
+        if not run.holds_work() and not run.is_complete():
+            log(f"embcam explain: {cfg.out} held an unfinished run with nothing committed: starting afresh")
+            run.clear()
+            return "fresh"
+        state = "a complete" if run.is_complete() else "an unfinished"
+        raise RunMismatch(f"{cfg.out} holds {state} run with another configuration ("
+                          + "; ".join(differences) + "): use the same options to resume it, "
+                          "a new --out, or --overwrite to start afresh")
+    if run.is_complete() and run.exists(SUMMARY):
+        return "complete"
+    run.delete(DONE)
+    run.delete(SUMMARY)
+    run.delete(STATE, ATTEMPTS)  # markers of batches in flight when the last attempt stopped: not deaths
+    for folder in ((RESULTS,), (STATE, PARTIALS), ()):
+        run.drop_temporaries(*folder)
+    return "resume"
+
+
+def _choose_plan(cfg: ExplainConfig, rows: int, dims: tuple) -> tuple[str, str]:
+    """The plan and why: one-pass unless mean proxies; for those, keep the E maps only
+    while rows * d * h * w * 4 bytes stay a small share of the object store."""
+    if cfg.proxy != "mean":
+        return "one-pass", f"proxy {cfg.proxy} is known before any image is explained"
+    if cfg.strategy != "auto":
+        return cfg.strategy, f"--strategy {cfg.strategy}"
+    import ray
+
+    need = rows * math.prod(dims) * 4
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if cfg.top_k_channels:
+        return "streaming", "--top-k-channels needs channel weights, which kept E maps do not give"
+    if need <= KEEP_MAPS_SHARE * store:
+        return "embedding-map", (f"E maps need {need / 2**20:.0f} MiB, within {KEEP_MAPS_SHARE:.0%} of the "
+                                 f"{store / 2**20:.0f} MiB object store: one model pass")
+    return "streaming", (f"E maps would need {need / 2**20:.0f} MiB, over {KEEP_MAPS_SHARE:.0%} of the "
+                         f"{store / 2**20:.0f} MiB object store: two forward passes, nothing held")
+
+
+def _gpus(requested: int | None) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    found = int(resources.get("GPU", 0))
+    if requested is None:
+        return found
+    if requested < 0 or requested > found:
+        raise ValueError(f"--num-gpus {requested}: the cluster has {found} GPU(s) "
+                         f"({', '.join(f'{k}={v:g}' for k, v in sorted(resources.items()) if k in ('CPU', 'GPU', 'memory'))})")
+    return requested
+
+
+def _actor_options(gpus: int, batch_size: int) -> dict:
+    """One model per GPU; on a CPU-only machine one actor (its torch uses every core of
+    its node, see ExplainModel) while decode and metrics tasks take the other CPU slots."""
+    import ray
+
+    if gpus > 0:
+        return dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=1, batch_size=batch_size)
+    return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size)
+
+
+def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, stats, wall) -> dict:
     """Counts and mean metrics, read back from what was written."""
     import ray
     import torch
 
+    pieces = run.pieces(RESULTS)
+    if covered(pieces, manifest_rows) != manifest_rows:
+        raise RuntimeError(f"results cover {covered(pieces, manifest_rows)} of {manifest_rows} manifest rows")
     columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
                "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
-    t = pq.read_table(_join(out_path, "results"), filesystem=fs, columns=columns).to_pandas()
+    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
     ok = t[t.status == "ok"]
-    if len(t) != manifest_rows:
-        raise RuntimeError(f"results hold {len(t)} rows for {manifest_rows} manifest rows")
     means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
     sweep = [v for v in ok["iou_sweep"] if v is not None]
     means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= 0.5 for s in sweep]))
                                     for j, t_ in enumerate(THRESHOLDS)} if sweep else None)
+    computed = manifest_rows - resumed
     return {
         "config": asdict(cfg),
         "model": spec,
-        "plan": plan,
+        "plan": saved["plan"],
+        "plan_reason": saved["plan_reason"],
+        "identity": saved["identity"],
         "counts": {"manifest": manifest_rows, "results": int(len(t)), "ok": int(len(ok)),
-                   "error": int((t.status == "error").sum()), "degenerate": int(ok.degenerate.fillna(False).sum())},
+                   "error": int((t.status == "error").sum()), "degenerate": int(ok.degenerate.fillna(False).sum()),
+                   "resumed": resumed, "labelled": stats["labelled"]},
         "metrics": means,
         "wall_seconds": round(wall, 3),
-        "images_per_second": round(manifest_rows / wall, 3) if wall > 0 else None,
+        "images_per_second": round(computed / wall, 3) if wall > 0 else None,
         "devices": {"gpus": gpus},
         "versions": {"embcam": __version__, "torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pa.__version__, "python": platform.python_version()},

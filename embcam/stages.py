@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
-from .images import decode_image, decode_mask, resize_square
+from .attempts import Attempts, fault_point
+from .fetch import ReadLimits, read_bytes
+from .images import decode_image_oriented, decode_mask, resize_square
 from .inference import prepare_for_inference
-from .manifest import BBOX_COLUMNS, read_bytes, resolve_uri
+from .manifest import BBOX_COLUMNS, resolve_uri
 from .metrics import THRESHOLDS, _checked_bbox, heatmap_metrics
 from .models import load_model
 from .proxies import MeanProxyAccumulator
@@ -56,12 +59,28 @@ def _fail(batch: dict, rows, reason: str) -> None:
 
 
 def _box(batch: dict, i: int):
+    """The row's box, or None when it has none (all four null). Nulls arrive as NaN here;
+    a NaN the manifest really held was failed when the rows were read (``flag_nan_boxes``)."""
     if not all(c in batch for c in BBOX_COLUMNS):
         return None
     values = [batch[c][i] for c in BBOX_COLUMNS]
-    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+    missing = [v is None or (isinstance(v, float) and np.isnan(v)) for v in values]
+    if all(missing):
         return None
+    if any(missing):
+        absent = ", ".join(c for c, m in zip(BBOX_COLUMNS, missing) if m)
+        raise ValueError(f"box given only partially ({absent} missing)")
     return tuple(float(v) for v in values)
+
+
+def flag_nan_boxes(rows: pa.Table) -> np.ndarray:
+    """Rows whose box holds a NaN (not a null): the schema makes them error rows."""
+    bad = np.zeros(rows.num_rows, bool)
+    for c in BBOX_COLUMNS:
+        if c in rows.column_names:
+            column = rows.column(c)
+            bad |= pc.fill_null(pc.and_(pc.is_valid(column), pc.is_nan(column)), False).to_numpy(zero_copy_only=False)
+    return bad
 
 
 def _present(batch: dict, column: str, i: int):
@@ -69,21 +88,24 @@ def _present(batch: dict, column: str, i: int):
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
-def load_images(batch: dict, image_root: str | None, image_size: int) -> dict:
-    """Fetch, decode and resize every row's image; check its box and mask (CPU)."""
+def load_images(batch: dict, image_root: str | None, image_size: int, limits: ReadLimits = ReadLimits()) -> dict:
+    """Fetch, decode (EXIF orientation applied) and resize every OK row's image; check its
+    box and mask, which are given on the displayed image (CPU)."""
     n = len(batch["image_id"])
-    out = dict(batch)
-    out["status"] = np.array([OK] * n, dtype=object)
-    out["error"] = np.array([None] * n, dtype=object)
+    out = _copy_status(batch)
     out["width"] = np.zeros(n, np.int32)
     out["height"] = np.zeros(n, np.int32)
+    out["orientation"] = np.zeros(n, np.int32)
     out["image"] = np.zeros((n, image_size, image_size, 3), np.uint8)
     out["mask_png"] = np.array([b""] * n, dtype=object)
-    for i in range(n):
+    for i in np.flatnonzero(out["status"] == OK):
+        fault_point("decode", [batch["image_id"][i]])
         step = "image"
         try:
-            image = decode_image(read_bytes(resolve_uri(str(batch["uri"][i]), image_root)))
+            data = read_bytes(resolve_uri(str(batch["uri"][i]), image_root), limits)
+            image, orientation = decode_image_oriented(data, limits.max_pixels)
             height, width = image.shape[:2]
+            out["width"][i], out["height"][i], out["orientation"][i] = width, height, orientation
             box = _box(batch, i)
             if box is not None:
                 step = "bbox"
@@ -91,15 +113,15 @@ def load_images(batch: dict, image_root: str | None, image_size: int) -> dict:
             mask_uri = _present(batch, "mask_uri", i)
             if mask_uri is not None:
                 step = "mask"
-                data = read_bytes(resolve_uri(str(mask_uri), image_root))
-                mask = decode_mask(data)
+                data = read_bytes(resolve_uri(str(mask_uri), image_root), limits)
+                mask = decode_mask(data, limits.max_pixels)
                 if mask.shape != (height, width):
-                    raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+                    raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height} "
+                                     "(as displayed, EXIF orientation applied)")
                 out["mask_png"][i] = data
-            out["width"][i], out["height"][i] = width, height
             out["image"][i] = resize_square(image, image_size)
         except Exception as exc:  # noqa: BLE001 - any failure becomes this row's reason
-            out["status"][i], out["error"][i] = ERROR, f"{step}: {type(exc).__name__}: {exc}"
+            out["status"][i], out["error"][i] = ERROR, reason(step, exc)
     return out
 
 
@@ -115,7 +137,7 @@ class ExplainModel:
     def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
                  strategy: str = "embedding-map", top_k_channels: int | None = None,
                  output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
-                 split: str | None = None):
+                 split: str | None = None, run=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -132,9 +154,14 @@ class ExplainModel:
         size = self.preprocess.size
         probe = self.cam(torch.zeros(1, 3, size, size, device=self.device))
         self.num_outputs, self.map_shape = probe.embeddings.shape[-1], tuple(probe.heatmaps.shape[1:])
+        self.attempts = Attempts(run, "model") if run is not None else None  # rows that kill the worker
 
     def __call__(self, batch: dict) -> dict:
+        return self.attempts(batch, self._call) if self.attempts else self._call(batch)
+
+    def _call(self, batch: dict) -> dict:
         ok = np.flatnonzero(batch["status"] == OK)
+        fault_point("model", batch["image_id"][ok])
         if self.output == "partials":
             return self._partials(batch, ok)
         n = len(batch["status"])
@@ -151,23 +178,50 @@ class ExplainModel:
             if self.cam_topk is not None:
                 out["heatmap_topk"] = np.zeros((n,) + self.map_shape, np.float32)
         if len(ok):
-            try:
-                self._explain(batch, out, ok)
-            except Exception as exc:  # noqa: BLE001 - the batch fails, the job goes on
-                _fail(out, ok, f"model: {type(exc).__name__}: {exc}")
+            self._split_on_error(lambda rows: self._explain(batch, out, rows), out, ok)
         return out
+
+    def _split_on_error(self, fn, out: dict, ok) -> None:
+        """``fn(ok)``; when it raises (say, CUDA out of memory), each half again, down to
+        single rows, which then fail with the reason: one bad batch never fails its neighbours."""
+        try:
+            fn(ok)
+        except Exception as exc:  # noqa: BLE001 - the rows fail, the job goes on
+            if len(ok) == 1:
+                _fail(out, ok, reason("model", exc))
+                return
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._split_on_error(fn, out, ok[:len(ok) // 2])
+            self._split_on_error(fn, out, ok[len(ok) // 2:])
 
     def _images(self, batch: dict, rows) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][rows])).to(self.device)
         return self.preprocess(pixels)
 
     def _partials(self, batch: dict, ok) -> dict:
-        with torch.inference_mode():
-            y = self.model(self._images(batch, ok)).float().cpu().numpy() if len(ok) else None
-        embeddings = np.zeros((len(batch["status"]), self.num_outputs), np.float32)
-        if y is not None:
-            embeddings[ok] = y
-        return partial_sums(batch, embeddings, self.split)
+        """Per-class partial sums, one set per run of consecutive manifest rows (each run
+        is committed as one piece), tagged with the run's [start, stop)."""
+        out = _copy_status(batch)
+        embeddings = np.zeros((len(out["status"]), self.num_outputs), np.float32)
+
+        def embed(rows):
+            with torch.inference_mode():
+                embeddings[rows] = self.model(self._images(batch, rows)).float().cpu().numpy()
+
+        if len(ok):
+            self._split_on_error(embed, out, ok)
+        parts = []
+        for positions, start, stop in row_runs(np.asarray(batch["row"])):
+            run = {k: v[positions] for k, v in out.items()}
+            part = partial_sums(run, embeddings[positions], self.split)
+            if not len(part["label"]):  # no labelled row: still a piece, so the rows count as done
+                part = {"label": np.array([None], dtype=object), "sum": np.zeros((1, self.num_outputs)),
+                        "count": np.zeros(1, np.int64)}
+            part["start"] = np.full(len(part["label"]), start, np.int64)
+            part["stop"] = np.full(len(part["label"]), stop, np.int64)
+            parts.append(part)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _explain(self, batch: dict, out: dict, ok) -> None:
         x = self._images(batch, ok)
@@ -211,6 +265,20 @@ class ExplainModel:
                 return None
             return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
         return self.bank.get(str(label))
+
+
+def reason(step: str, exc: Exception) -> str:
+    """An error row's message: the step, the exception type and its first line (bounded)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{step}: {type(exc).__name__}: {text[:300]}"
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """(positions, start, stop) of each run of consecutive manifest row numbers in a batch."""
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
+    return [(p, int(r[0]), int(r[-1]) + 1) for p, r in zip(np.split(order, cuts), np.split(ordered, cuts))]
 
 
 def partial_sums(batch: dict, embeddings: np.ndarray, split: str | None = None) -> dict:
@@ -286,7 +354,7 @@ def compute_metrics(batch: dict) -> dict:
                 for column in ("ratio_bbox", "ratio_mask"):
                     out[column + "_topk"][i] = np.nan if top[column] is None else top[column]
         except Exception as exc:  # noqa: BLE001
-            _fail(out, [i], f"metrics: {type(exc).__name__}: {exc}")
+            _fail(out, [i], reason("metrics", exc))
     return out
 
 
@@ -305,6 +373,8 @@ def to_results(batch: dict) -> pa.Table:
     decoded = ok | (np.asarray(batch["width"]) > 0)
     cols["width"] = pa.array(batch["width"], pa.int32(), mask=~decoded)
     cols["height"] = pa.array(batch["height"], pa.int32(), mask=~decoded)
+    if "orientation" in batch:
+        cols["orientation"] = pa.array(batch["orientation"], pa.int32(), mask=~decoded)
     for k in ("embedding", "heatmap", "heatmap_topk", "iou_sweep"):
         if k in batch:
             values = np.asarray(batch[k], np.float32).reshape(n, -1)

@@ -51,7 +51,7 @@ __all__ = ["table1", "render_markdown", "render_html", "draw_sweep", "overlay_pa
 
 
 def write_report(runs: list[str], out_dir: str, *, overlays: int = 24,
-                 split: str | None = None) -> dict:
+                 split: str | None = None, allow_partial: bool = False) -> dict:
     """Write report.md, report.json, report.html, sweep.png and overlays/ into ``out_dir``.
 
     Returns the ``table1`` dict with an ``overlays`` entry: ``written``, ``skipped``
@@ -61,7 +61,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24,
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
-    table, ok_ids = evaluate(runs, split)
+    table, ok_ids = evaluate(runs, split, allow_partial)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table["overlays"] = write_overlays(table, ok_ids, out, overlays)
@@ -86,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", type=int, default=24, metavar="N",
                         help="overlay images per method (first N image_ids, sorted); 0: none")
     parser.add_argument("--split", help="only rows of this split (results column split)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
     args = parser.parse_args(argv)
     try:
-        table = write_report(args.runs, args.out, overlays=args.overlays, split=args.split)
+        table = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,
+                             allow_partial=args.allow_partial)
     except (ValueError, OSError) as e:
         parser.exit(2, f"embcam report: error: {e}\n")
     print(render_markdown(table))

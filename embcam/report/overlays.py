@@ -174,7 +174,7 @@ def write_overlays(table: dict, ok_ids: dict, out_dir: Path, count: int) -> dict
     if count <= 0:
         info["skipped"] = "not requested (--overlays 0)"
         return info
-    summaries = {r["run"]: read_summary(r["run"]) for r in table["runs"]}
+    summaries = {r["run"]: read_summary(r["run"], allow_partial=True) for r in table["runs"]}
     ids = _overlay_ids(ok_ids, table["methods"], count)
     jobs = []
     try:

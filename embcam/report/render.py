@@ -51,7 +51,8 @@ def _runs_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in table["runs"]:
         c, v = r["counts"], r["values"]
-        rows.append([r["run"], r["method"], str(r["model"] or "—"),
+        run = r["run"] + (f" (UNFINISHED: {r['unfinished']})" if r.get("unfinished") else "")
+        rows.append([run, r["method"], str(r["model"] or "—"),
                      "—" if r["top_k"] is None else str(r["top_k"]),
                      str(c["images"]), str(c["ok"]), str(c["error"]), str(c["degenerate"]),
                      str(c["evaluated"]), str(v["ratio_bbox"]["skipped_null"]),
@@ -64,6 +65,10 @@ def _notes(table: dict) -> list[str]:
     notes = [f"Each value: per run, the mean over images with status ok, a non-degenerate "
              f"heatmap and the annotation (box or mask); then {STD_NOTE}. "
              f"(n=…) in a cell: averaged over fewer runs than the method has; —: no value."]
+    unfinished = [r["run"] for r in table["runs"] if r.get("unfinished")]
+    if unfinished:
+        notes.append(f"UNFINISHED run(s) {', '.join(unfinished)}: their numbers cover only the rows "
+                     "done so far, not the whole manifest.")
     if table["split"] is not None:
         notes.append(f"Only rows of split {table['split']!r}.")
     return notes

@@ -35,7 +35,20 @@ RATIO_COLUMNS = {
 }
 
 
-def read_summary(run: str) -> dict:
+def read_summary(run: str, allow_partial: bool = False) -> dict:
+    """``RUN/summary.json``; for a run the job has not finished, an error, or with
+    ``allow_partial`` a stand-in from its run state that says ``unfinished``."""
+    state = Path(run) / "_embcam" / "run.json"
+    if state.is_file() and not (Path(run) / "_SUCCESS").is_file():
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        rows = sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1])
+                   for p in (Path(run) / "results").glob("part-*-*.parquet"))
+        note = f"{rows} of {saved['rows']} rows"
+        if not allow_partial:
+            raise ValueError(f"run {run} is unfinished ({note} done): finish it by re-running the same "
+                             "embcam explain command, or pass --allow-partial to report on what is there")
+        return {"config": saved.get("config", {}), "model": saved["identity"]["model"]["spec"],
+                "unfinished": note}
     path = Path(run) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"run {run}: no summary.json (expected {path})")

@@ -33,7 +33,7 @@ def table1(runs: list[str], *, split: str | None = None) -> dict:
     return evaluate(runs, split)[0]
 
 
-def evaluate(runs: list[str], split: str | None) -> tuple[dict, dict]:
+def evaluate(runs: list[str], split: str | None, allow_partial: bool = False) -> tuple[dict, dict]:
     """(table dict, {run: ok image ids}) for ``table1`` and ``write_report``."""
     if not runs:
         raise ValueError("no runs given: pass at least one result directory")
@@ -45,7 +45,7 @@ def evaluate(runs: list[str], split: str | None) -> tuple[dict, dict]:
         seen[key] = run
     per_run, ok_ids = [], {}
     for run in runs:
-        summary = read_summary(run)
+        summary = read_summary(run, allow_partial)
         cols = read_results(run, split)
         per_run.append(_run_entry(run, summary, cols))
         ok_ids[run] = cols["image_id"][cols["status"] == "ok"]
@@ -100,6 +100,7 @@ def _run_entry(run: str, summary: dict, cols: dict) -> dict:
     return {
         "run": run,
         "method": method_key(run, config),
+        "unfinished": summary.get("unfinished"),
         "model": config.get("model") or summary.get("model"),
         "checkpoint": config.get("checkpoint"),
         "top_k": config.get("top_k_channels"),
