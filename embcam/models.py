@@ -14,14 +14,20 @@ A spec names an architecture; creation is one function, :func:`load_model`:
 - ``<package.module>:<factory>``: user code, imported only because the user named
   it; ``factory()`` returns an ``nn.Module``.
 
-Checkpoints are loaded with ``torch.load(..., weights_only=True)``. A checkpoint
-written by :func:`save_checkpoint` also records the spec and the preprocessing, so
-``load_model(checkpoint=path)`` alone rebuilds the model.
+Checkpoints are data, never code: they are read with ``torch.load(...,
+weights_only=True)`` (tensors and plain containers; anything else is refused with a
+one-line ValueError). A checkpoint written by :func:`save_checkpoint` also records the
+spec and the preprocessing, so ``load_model(checkpoint=path)`` alone rebuilds the model;
+the recorded spec may name only a built-in architecture (``torchvision:``, ``embcam:``).
+User code and TorchScript run only from a spec the caller names (``spec=``, ``--model``).
 """
 from __future__ import annotations
 
 import importlib
 import io
+import math
+import re
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+BUILTIN_SOURCES = ("torchvision", "embcam", "timm")  # timm: reserved, no timm model is built yet
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,7 @@ def build_model(spec: str) -> nn.Module:
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ValueError(f"model spec {spec!r} must look like 'torchvision:resnet50+linear:128'")
-    if kind in ("torchvision", "embcam"):
+    if kind in BUILTIN_SOURCES:
         arch, _, head = rest.partition("+")
         if kind == "embcam" and arch == "small-resnet":
             backbone, width = small_resnet(), 128
@@ -205,20 +212,11 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
     preprocessing = Preprocessing()
     state = None
     if checkpoint is not None:
-        source = checkpoint
-        if "://" in str(checkpoint):  # object storage: read through pyarrow's filesystems
-            from .manifest import read_bytes
-            source = io.BytesIO(read_bytes(str(checkpoint)))
-        blob = torch.load(source, map_location="cpu", weights_only=True)
-        if isinstance(blob, dict) and "state_dict" in blob:
-            state = blob["state_dict"]
-            spec = spec or blob.get("spec")
-            if "preprocessing" in blob:
-                p = blob["preprocessing"]
-                preprocessing = Preprocessing(int(p["size"]), tuple(p["mean"]), tuple(p["std"]))
-        else:
-            state = blob
-    if spec is None:
+        state, stored_spec, stored_preprocessing = _read_checkpoint(checkpoint)
+        if not spec and stored_spec is not None:
+            spec = _checkpoint_spec(stored_spec, checkpoint)
+        preprocessing = stored_preprocessing or preprocessing
+    if not spec:
         raise ValueError("no model: give a spec (e.g. torchvision:resnet50+linear:128) or an embcam checkpoint")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # without a checkpoint every worker must still build the same weights
@@ -228,6 +226,71 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
     if image_size is not None:
         preprocessing = Preprocessing(image_size, preprocessing.mean, preprocessing.std)
     return model.eval(), preprocessing, spec
+
+
+def _read_checkpoint(checkpoint: str | Path) -> tuple[dict, str | None, Preprocessing | None]:
+    """(state dict, recorded spec, recorded preprocessing) of a state dict or an embcam checkpoint."""
+    if "://" in str(checkpoint):  # object storage: read through pyarrow's filesystems
+        from .manifest import read_bytes
+        source = io.BytesIO(read_bytes(str(checkpoint)))
+    else:
+        source = open(checkpoint, "rb")  # a missing or unreadable path fails here, with its own message
+    with source, warnings.catch_warnings():  # "dispatching to torch.jit.load": not with weights_only, refused below
+        warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript")
+        try:
+            blob = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickle, zip and torch raise many types, OSError included
+            raise ValueError(f"checkpoint {checkpoint} is not a weights-only PyTorch file "
+                             f"({_short_reason(exc)})") from None
+    spec = preprocessing = None
+    if isinstance(blob, dict) and "state_dict" in blob:
+        spec = blob.get("spec")
+        if spec is not None and not isinstance(spec, str):
+            raise ValueError(f"checkpoint {checkpoint}: its 'spec' must be a string, not {type(spec).__name__}")
+        if "preprocessing" in blob:
+            preprocessing = _checkpoint_preprocessing(blob["preprocessing"], checkpoint)
+        blob = blob["state_dict"]
+    if not (isinstance(blob, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())):
+        raise ValueError(f"checkpoint {checkpoint} is neither a state dict (a dict of names to tensors) "
+                         "nor an embcam checkpoint (see save_checkpoint)")
+    return blob, spec, preprocessing
+
+
+def _short_reason(exc: Exception) -> str:
+    """``Type: first words`` of a torch.load error, cut before anything read from the file:
+    pickle and torch put that after a colon, in quotes or as numbers (``invalid load key,
+    'x'``, ``KeyError: 101``), and the weights-only unpickler after its first sentence."""
+    words = re.match(r"[A-Za-z ,()`_=./-]*", str(exc)).group().split(". ")[0].strip(" ,.")[:100]
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+
+
+def _checkpoint_spec(spec: str, checkpoint: str | Path) -> str:
+    """The spec a checkpoint records, if it names a built-in architecture.
+
+    Whoever wrote a checkpoint file must not choose code to run (``os:system``,
+    ``torchscript:<any file>``): user code and TorchScript load only from a spec the
+    caller names. Checked before anything is imported or opened.
+    """
+    if spec.partition(":")[0] not in BUILTIN_SOURCES:
+        raise ValueError(f"checkpoint {checkpoint} names model {spec[:100]!r}, but a checkpoint may only name "
+                         "built-in models (torchvision:, embcam:): user code and TorchScript must be named "
+                         "on the command line with --model")
+    return spec
+
+
+def _checkpoint_preprocessing(entry: object, checkpoint: str | Path) -> Preprocessing:
+    def numbers(v: object, positive: bool = False) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in v)
+
+    if isinstance(entry, dict):
+        size, mean, std = entry.get("size"), entry.get("mean"), entry.get("std")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0 and numbers(mean) and numbers(std, True):
+            return Preprocessing(size, tuple(map(float, mean)), tuple(map(float, std)))
+    raise ValueError(f"checkpoint {checkpoint} has a bad 'preprocessing' entry: expected "
+                     "{'size': an int > 0, 'mean': 3 numbers, 'std': 3 numbers > 0}")
 
 
 def _load_state(model: nn.Module, state: dict, source) -> None:

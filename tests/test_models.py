@@ -1,5 +1,9 @@
+import os
+import pickle
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -91,3 +95,140 @@ def test_job_stages_do_not_import_torchvision():
     code = ("import sys, embcam.stages; from embcam.models import build_model; "
             "build_model('embcam:small-resnet+linear:8'); assert 'torchvision' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def hostile_pkg(tmp_path, monkeypatch):
+    """A package on sys.path: importing hostile_pkg.models touches IMPORTED; tiny() builds a model."""
+    pkg = tmp_path / "hostile_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(textwrap.dedent("""
+        import pathlib
+        import torch
+        pathlib.Path(__file__).with_name("IMPORTED").touch()
+        def tiny():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield pkg
+    for name in ("hostile_pkg.models", "hostile_pkg"):
+        sys.modules.pop(name, None)
+
+
+def checkpoint_naming(path, spec, state=None):
+    """A weights_only-clean checkpoint whose recorded spec is ``spec``."""
+    torch.save({"spec": spec, "preprocessing": {"size": 16, "mean": [0, 0, 0], "std": [1, 1, 1]},
+                "state_dict": state or {}}, path)
+    assert torch.load(path, weights_only=True)["spec"] == spec
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tempfile:mkdtemp", "hostile_pkg.models:tiny", "torchscript"])
+def test_a_checkpoint_cannot_name_code(kind, hostile_pkg, tmp_path, monkeypatch):
+    calls = []
+
+    def spy(fn):
+        return lambda *a, **k: calls.append(fn.__name__) or fn(*a, **k)
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "mkdtemp", spy(tempfile.mkdtemp))
+    export_torchscript(build_model("embcam:small-resnet"), tmp_path / "m.ts")
+    monkeypatch.setattr(torch.jit, "load", spy(torch.jit.load))
+    spec = f"torchscript:{tmp_path / 'm.ts'}" if kind == "torchscript" else kind
+    path = checkpoint_naming(tmp_path / "c.pt", spec)
+    with pytest.raises(ValueError) as err:
+        load_model(checkpoint=path)
+    assert str(err.value) == (f"checkpoint {path} names model {spec[:100]!r}, but a checkpoint may only name built-in "
+                              "models (torchvision:, embcam:): user code and TorchScript must be named on the "
+                              "command line with --model")
+    assert calls == [] and os.listdir(tmp_path / "tmp") == []
+    assert not (hostile_pkg / "IMPORTED").exists() and "hostile_pkg" not in sys.modules
+
+
+def test_os_abort_in_a_checkpoint_is_refused_and_the_process_lives(tmp_path):
+    path = checkpoint_naming(tmp_path / "abort.pt", "os:abort")
+    code = (f"from embcam.models import load_model\n"
+            f"try: load_model(checkpoint={str(path)!r})\nexcept ValueError as e: print(e)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "'os:abort', but a checkpoint may only name built-in models" in run.stdout
+
+
+def test_user_code_named_by_the_caller_still_loads_with_the_checkpoint(hostile_pkg, tmp_path):
+    torch.manual_seed(3)
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = checkpoint_naming(tmp_path / "c.pt", "hostile_pkg.models:tiny", tiny.state_dict())
+    with pytest.raises(ValueError, match="--model"):
+        load_model(checkpoint=path)
+    assert not (hostile_pkg / "IMPORTED").exists()
+    model, prep, spec = load_model("hostile_pkg.models:tiny", path)  # the user named it
+    assert (hostile_pkg / "IMPORTED").exists() and spec == "hostile_pkg.models:tiny" and prep.size == 16
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), tiny(x))
+
+
+class _Touch:
+    """Unpickling this runs ``touch <marker>``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_malicious_pickle_is_refused_in_one_line(writer, tmp_path):
+    marker, path = tmp_path / "PWNED", tmp_path / "evil.pt"
+    blob = {"spec": "embcam:small-resnet", "state_dict": _Touch(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(blob, protocol=2))
+    else:
+        torch.save(blob, path)
+    assert b"system" in path.read_bytes() and b"touch" in path.read_bytes()
+    with pytest.raises(ValueError) as err:
+        load_model(checkpoint=path)
+    message = str(err.value)
+    assert re.fullmatch(rf"checkpoint {re.escape(str(path))} is not a weights-only PyTorch file "
+                        r"\(UnpicklingError[^()\n]*\)", message), message
+    assert "system" not in message and "touch" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", [None, "credentials\nhunter2 swordfish\n", "hello swordfish\n"])
+def test_unreadable_files_give_one_line_without_their_text(text, tmp_path):
+    path = tmp_path / "bad.pt"
+    if text is None:  # a truncated checkpoint
+        save_checkpoint(path, build_model("embcam:small-resnet"), "embcam:small-resnet", Preprocessing(16))
+        path.write_bytes(path.read_bytes()[:5000])
+        secrets = ["small-resnet", "state_dict", "backbone"]
+    else:  # torch's own messages quote "credentials\nhunter2..." (a pickle GLOBAL) and "hello"'s
+        path.write_text(text)  # second byte ('h' is pickle's BINGET: KeyError: 101)
+        secrets = text.split() + [str(byte) for byte in text.encode()[:2]]
+    with pytest.raises(ValueError) as err:
+        load_model(checkpoint=path)
+    message = str(err.value)
+    assert re.fullmatch(rf"checkpoint {re.escape(str(path))} is not a weights-only PyTorch file \([^()\n]+\)",
+                        message), message
+    assert not any(secret in message.replace(str(path), "") for secret in secrets), message
+
+
+@pytest.mark.parametrize("blob, match", [
+    ([torch.zeros(1)], "is neither a state dict"),
+    ({"state_dict": {"w": 1}}, "is neither a state dict"),
+    ({"w": torch.zeros(1), 3: torch.zeros(1)}, "is neither a state dict"),
+    ({"state_dict": {}, "spec": 3}, "'spec' must be a string, not int"),
+    ({"state_dict": {}, "spec": "timm:vit"}, "unknown architecture in 'timm:vit'"),  # allowed, not built yet
+    ({"state_dict": {}, "preprocessing": {"size": 16}}, "bad 'preprocessing' entry"),
+    ({"state_dict": {}, "preprocessing": [16, (0, 0, 0), (1, 1, 1)]}, "bad 'preprocessing' entry"),
+    ({"state_dict": {}, "preprocessing": {"size": "16", "mean": (0, 0, 0), "std": (1, 1, 1)}}, "bad 'preproc"),
+    ({"state_dict": {}, "preprocessing": {"size": 16, "mean": (0, 0), "std": (1, 1, 1)}}, "bad 'preproc"),
+    ({"state_dict": {}, "preprocessing": {"size": 16, "mean": (0, 0, 0), "std": (1, 0, 1)}}, "bad 'preproc"),
+    ({"state_dict": {}, "preprocessing": {"size": 16, "mean": "abc", "std": (1, 1, 1)}}, "bad 'preproc"),
+])
+def test_malformed_checkpoints_fail_clearly(blob, match, tmp_path):
+    torch.save(blob, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=match):
+        load_model("embcam:small-resnet" if "spec" not in blob else None, tmp_path / "c.pt")
