@@ -1,33 +1,223 @@
 """Decoding images and masks from bytes with OpenCV, and resizing for the network.
 
-Every decoder works on the stored pixels: EXIF orientation is not applied (as with PIL and
-torchvision by default), so boxes and masks must be given on the stored pixel grid.
+Decoders return pixels in display orientation: the EXIF orientation tag (JPEG APP1, PNG
+eXIf, WebP EXIF, TIFF) is applied as browsers show the image, so widths, heights, boxes and
+masks are all in display coordinates. A mask file's own EXIF orientation is applied too.
+
+A small file can claim a huge image (a 1 MB PNG of 20000 x 20000 pixels decodes to 1.2 GB).
+With ``max_pixels`` the size is read from the header and checked before any pixel is
+decoded; the header is understood for JPEG, PNG, GIF, BMP, WebP and TIFF, and other formats
+are then refused since their size cannot be checked. Error messages give formats and sizes,
+never bytes of the file.
+
 OpenCV runs its own thread pool; callers that run one decode per CPU (Ray tasks) may want
 ``cv2.setNumThreads(1)``. This module leaves thread settings alone.
 """
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 
+_ORIENTATION_TAG = 0x0112
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # "BM" alone is too common a start
+# EXIF orientation -> (row step, column step) taking stored pixels to display pixels.
+# 5..8 are 1..4 applied after swapping rows and columns (6: 90 deg clockwise, 8: anticlockwise).
+_FLIPS = {1: (1, 1), 2: (1, -1), 3: (-1, -1), 4: (-1, 1)}
+
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image OpenCV can decode, or its pixel type is unsupported."""
+    """The bytes are not an image OpenCV can decode, are too large, or of an unsupported type."""
 
 
-def _imdecode(data: bytes) -> np.ndarray:
-    """The raw decoded array (channels in OpenCV's BGR(A) order, dtype as stored)."""
+# --- headers ----------------------------------------------------------------------------------
+
+
+def _format(data: bytes) -> str | None:
+    """The image format named by the file's magic bytes, for the formats whose header is read."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:4] in _TIFF_MAGIC:
+        return "TIFF"
+    return None
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, payload) of the JPEG segments before the first scan."""
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan
+            return
+        (length,) = struct.unpack_from(">H", data, at + 2)
+        yield marker, data[at + 4:at + 2 + length]
+        at += 2 + length
+
+
+def _png_chunks(data: bytes):
+    """(type, payload) of the PNG chunks before the image data."""
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        if kind in (b"IDAT", b"IEND"):
+            return
+        yield kind, data[at + 8:at + 8 + length]
+        at += 12 + length
+
+
+def _riff_chunks(data: bytes):
+    """(fourcc, payload) of the chunks of a RIFF (WebP) file."""
+    at = 12
+    while at + 8 <= len(data):
+        kind, length = struct.unpack_from("<4sI", data, at)
+        yield kind, data[at + 8:at + 8 + length]
+        at += 8 + length + (length & 1)
+
+
+def _tiff_tags(data: bytes, wanted: set[int]) -> dict[int, int]:
+    """The SHORT or LONG values of the ``wanted`` tags in the first IFD of TIFF (or EXIF) data."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or struct.unpack_from(order + "H", data, 2)[0] != 42:
+        return {}
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    tags = {}
+    for i in range(count):
+        tag, kind, _, value = struct.unpack_from(order + "HHI4s", data, ifd + 2 + 12 * i)
+        if tag in wanted and kind in (3, 4):  # one SHORT or LONG is stored in the entry itself
+            tags[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), value)[0]
+    return tags
+
+
+def _header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
+    if fmt == "PNG" and data[12:16] == b"IHDR":
+        return struct.unpack_from(">II", data, 16)
+    if fmt == "JPEG":
+        for marker, payload in _jpeg_segments(data):  # the first frame header (SOFn) has it
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+                height, width = struct.unpack_from(">HH", payload, 1)
+                return width, height
+    if fmt == "GIF":
+        return struct.unpack_from("<HH", data, 6)
+    if fmt == "BMP":
+        if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return struct.unpack_from("<HH", data, 18)
+        width, height = struct.unpack_from("<ii", data, 18)
+        return abs(width), abs(height)  # a negative height means rows stored top-down
+    if fmt == "WebP":
+        kind, payload = next(_riff_chunks(data), (None, b""))
+        if kind == b"VP8 " and payload[3:6] == b"\x9d\x01\x2a":
+            width, height = struct.unpack_from("<HH", payload, 6)
+            return width & 0x3FFF, height & 0x3FFF
+        if kind == b"VP8L" and payload[:1] == b"\x2f":
+            (bits,) = struct.unpack_from("<I", payload, 1)
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if kind == b"VP8X":
+            return (1 + int.from_bytes(payload[4:7], "little"),
+                    1 + int.from_bytes(payload[7:10], "little"))
+    if fmt == "TIFF":
+        tags = _tiff_tags(data, {256, 257})
+        if len(tags) == 2:
+            return tags[256], tags[257]
+    return None
+
+
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the stored image, read from the header without decoding.
+
+    Known for JPEG, PNG, GIF, BMP, WebP and TIFF (first image); None for other formats and
+    for headers that are cut short or give a zero size. The size is the stored one: EXIF
+    orientation 5..8 swaps it for display.
+    """
+    try:
+        size = _header_size(data, _format(data))
+    except struct.error:  # header cut short
+        return None
+    return (int(size[0]), int(size[1])) if size and size[0] > 0 and size[1] > 0 else None
+
+
+def _exif(data: bytes, fmt: str | None) -> bytes:
+    """The EXIF block (TIFF structure) of the file; empty when there is none."""
+    if fmt == "TIFF":
+        return data
+    if fmt == "JPEG":
+        segments = (payload[6:] for marker, payload in _jpeg_segments(data)
+                    if marker == 0xE1 and payload[:6] == b"Exif\x00\x00")
+    elif fmt == "PNG":
+        segments = (payload for kind, payload in _png_chunks(data) if kind == b"eXIf")
+    elif fmt == "WebP":
+        segments = (payload.removeprefix(b"Exif\x00\x00") for kind, payload in _riff_chunks(data)
+                    if kind == b"EXIF")
+    else:
+        return b""
+    return next(segments, b"")
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) of encoded image bytes; 1 when absent or invalid."""
+    try:
+        value = _tiff_tags(_exif(data, _format(data)), {_ORIENTATION_TAG}).get(_ORIENTATION_TAG, 1)
+    except struct.error:  # EXIF block cut short
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image is {width}x{height} = {width * height / 1e6:.4g} MP, "
+                               f"over the limit of {max_pixels / 1e6:.4g} MP (--max-pixels)")
+
+
+def _to_display(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels (H, W[, C]) turned as EXIF ``orientation`` says, as a contiguous array."""
+    if orientation >= 5:
+        array, orientation = array.swapaxes(0, 1), orientation - 4
+    rows, columns = _FLIPS[orientation]
+    return np.ascontiguousarray(array[::rows, ::columns])
+
+
+def _imdecode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
+    """The decoded array in display orientation (channels in OpenCV's BGR(A) order, dtype as
+    stored) and the EXIF orientation that was applied."""
     if not data:
         raise ImageDecodeError("empty file")
-    try:
+    fmt = _format(data)
+    if max_pixels is not None:
+        size = image_size_from_header(data)
+        if size is None:
+            raise ImageDecodeError(
+                f"cannot read the image size from the header ({fmt or 'unknown format'}, "
+                f"{len(data)} bytes), so it cannot be checked against the pixel limit "
+                f"(--max-pixels); the size is read from JPEG, PNG, GIF, BMP, WebP and TIFF files")
+        _check_pixels(*size, max_pixels)
+    try:  # IMREAD_UNCHANGED: OpenCV applies no EXIF orientation (except to TIFF, see below)
         array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:  # e.g. larger than OpenCV's pixel limit
+    except cv2.error as exc:  # e.g. larger than OpenCV's own pixel limit
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
     if array is None:
         raise ImageDecodeError(f"cannot decode image: unknown format or corrupt data "
-                               f"({len(data)} bytes, starting {data[:8]!r})")
-    return array
+                               f"({fmt or 'unknown format'}, {len(data)} bytes)")
+    orientation = exif_orientation(data)
+    if fmt == "TIFF":  # OpenCV's TIFF decoder applies the Orientation tag itself
+        return array, orientation
+    return _to_display(array, orientation), orientation
 
 
 def _to_unit_float(array: np.ndarray) -> np.ndarray:
@@ -50,16 +240,20 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.rint(_to_unit_float(array) * 255).astype(np.uint8)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes as an (H, W, 3) uint8 RGB array.
+def decode_image_oriented(data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, int]:
+    """Encoded image bytes as (display-oriented (H, W, 3) uint8 RGB array, EXIF orientation).
+
+    The orientation (1..8, 1 when the file has none) has already been applied to the array;
+    it is returned to be reported. With ``max_pixels``, an image whose header gives more
+    pixels, or whose size cannot be read from its header, is refused before decoding.
 
     Converts rather than rejects: grey becomes three equal channels; an alpha channel
     (RGBA, grey + alpha, palette with transparency) is composited over white, as a catalog
     page shows it; 16-bit and float images are scaled to 8 bits with rounding; palette and
     CMYK images come out as RGB (OpenCV's decoders expand them). Raises
-    :class:`ImageDecodeError` for empty, truncated or non-image bytes.
+    :class:`ImageDecodeError` for empty, truncated, too large or non-image bytes.
     """
-    array = _imdecode(data)
+    array, orientation = _imdecode(data, max_pixels)
     if array.ndim == 2:
         array = array[:, :, None]
     channels = array.shape[2]
@@ -70,22 +264,29 @@ def decode_image(data: bytes) -> np.ndarray:
     else:
         array = _to_uint8(array)
     if array.shape[2] == 1:
-        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2)), orientation
     if array.shape[2] == 3:
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), orientation
     raise ImageDecodeError(f"unsupported number of channels: {channels}")
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """Encoded mask bytes as an (H, W) float32 array in [0, 1].
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """The display-oriented RGB array of :func:`decode_image_oriented`."""
+    return decode_image_oriented(data, max_pixels)[0]
 
+
+def decode_mask(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded mask bytes as an (H, W) float32 array in [0, 1], in display orientation.
+
+    The mask is given in the display coordinates of its image; its own EXIF orientation,
+    if any, is applied. ``max_pixels`` as for :func:`decode_image_oriented`.
     Grey levels are scaled (8-bit / 255, 16-bit / 65535). A colour mask gives its
     brightest channel, which is the grey value for grey stored as RGB and keeps a pure
     red, green or blue mask as foreground. With an alpha channel: when the colour is the
     same everywhere the alpha is the mask (shape drawn only in transparency); otherwise
     the colour value times alpha (composited over black).
     """
-    array = _imdecode(data)
+    array, _ = _imdecode(data, max_pixels)
     values = _to_unit_float(array if array.ndim == 3 else array[:, :, None])
     channels = values.shape[2]
     if channels in (1, 3):

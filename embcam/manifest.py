@@ -1,4 +1,4 @@
-"""Reading and validating the input manifest (``schemas/manifest.json``), and fetching bytes.
+"""Reading and validating the input manifest (``schemas/manifest.json``); resolving uris.
 
 Whole-manifest problems (missing or mistyped columns, null or duplicate ``image_id``,
 null ``uri``, a partial box, an empty manifest, files with different columns) raise
@@ -8,7 +8,6 @@ a missing file) are not checked here: the job turns them into error rows.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
 import os
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embcam.fetch import read_bytes  # noqa: F401 - temporary re-export: import it from embcam.fetch
 from embcam.schemas import arrow_schema, conform, load_schema
 
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
@@ -342,7 +342,7 @@ def _examples(column: pa.ChunkedArray, rows) -> str:
     return "e.g. " + ", ".join(f"row {row}: {value!r}" for row, value in zip(rows, values))
 
 
-# --- locations and bytes ------------------------------------------------------------------
+# --- locations ----------------------------------------------------------------------------
 
 
 def default_image_root(manifest: str) -> str:
@@ -375,47 +375,10 @@ def resolve_uri(uri: str, image_root: str | None) -> str:
         raise ValueError(f"relative uri {uri!r} needs an image root (none given)")
     while uri.startswith("./"):
         uri = uri[2:]
-    if has_scheme(image_root):
-        return image_root.rstrip("/") + "/" + quote(uri, safe="/")
+    if has_scheme(image_root):  # the path goes before the root's query (?endpoint_override=...)
+        parts = urlsplit(image_root)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + quote(uri, safe="/")))
     return os.path.join(os.path.abspath(os.path.expanduser(image_root)), uri)
-
-
-def read_bytes(uri: str) -> bytes:
-    """The content of ``uri``: a pyarrow-filesystem URI or a local path (opened as is).
-
-    Raises FileNotFoundError when it does not exist and OSError for any other failure,
-    both naming ``uri``.
-    """
-    if not has_scheme(uri):
-        with open(uri, "rb") as handle:  # the OSError already names the path
-            return handle.read()
-    try:
-        fs, path = _filesystem_path(uri)
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(errno.ENOENT, f"no such file ({exc})", uri) from None
-    except (OSError, pa.ArrowException) as exc:
-        raise OSError(f"cannot read {uri}: {exc}") from None
-
-
-# Filesystems are built once per (scheme, host, query): building an S3 one may cost a
-# network round trip (region lookup). The first URI teaches how its paths map onto the
-# filesystem (s3://bucket/key -> "bucket" + "/key"); where that mapping is not a plain
-# prefix, every URI goes through from_uri.
-_FILESYSTEMS: dict[tuple[str, str, str], tuple[pafs.FileSystem, str]] = {}
-
-
-def _filesystem_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    parts = urlsplit(uri)
-    key, url_path = (parts.scheme, parts.netloc, parts.query), unquote(parts.path)
-    if key in _FILESYSTEMS:
-        fs, prefix = _FILESYSTEMS[key]
-        return fs, prefix + url_path
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if path.endswith(url_path):
-        _FILESYSTEMS[key] = (fs, path[:len(path) - len(url_path)])
-    return fs, path
 
 
 # --- file names -----------------------------------------------------------------------------

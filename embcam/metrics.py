@@ -152,15 +152,27 @@ def _image_size(width, height) -> tuple[int, int]:
 
 
 def _checked_bbox(bbox, width: int, height: int) -> Box:
-    """Validate a ground-truth box; clip overshoots of less than one pixel."""
-    x0, y0, x1, y1 = (float(v) for v in bbox)
+    """Validate a ground-truth box (x0, y0, x1, y1); clip overshoots of less than one pixel.
+
+    A missing (None or NaN) coordinate is an error like an infinite one, never "no box".
+    """
+    values = tuple(bbox)
+    box = f"({', '.join(map(str, values))})"  # str, not repr: nan, not np.float64(nan)
+    if len(values) != 4:
+        raise ValueError(f"bbox {box} must have 4 coordinates (x0, y0, x1, y1)")
+    missing = [name for name, v in zip(("x0", "y0", "x1", "y1"), values)
+               if v is None or math.isnan(float(v))]
+    if missing:
+        raise ValueError(f"bbox {box} has a non-finite coordinate: {', '.join(missing)} "
+                         f"missing (None or NaN)")
+    x0, y0, x1, y1 = (float(v) for v in values)
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ValueError(f"bbox {tuple(bbox)} has a non-finite coordinate")
+        raise ValueError(f"bbox {box} has a non-finite coordinate")
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"bbox {tuple(bbox)} is empty or inverted (need x0 < x1, y0 < y1)")
+        raise ValueError(f"bbox {box} is empty or inverted (need x0 < x1, y0 < y1)")
     overshoot = max(-x0, -y0, x1 - width, y1 - height)
     if overshoot >= 1.0:
-        raise ValueError(f"bbox {tuple(bbox)} lies (partly) outside the {width}x{height} "
+        raise ValueError(f"bbox {box} lies (partly) outside the {width}x{height} "
                          f"image by {overshoot:g} px (at most <1 px is clipped)")
     return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
 
