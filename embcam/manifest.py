@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from embcam.fetch import read_bytes  # noqa: F401 - temporary re-export: import it from embcam.fetch
 from embcam.schemas import arrow_schema, conform, load_schema
 
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")

@@ -231,8 +231,8 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
 def _read_checkpoint(checkpoint: str | Path) -> tuple[dict, str | None, Preprocessing | None]:
     """(state dict, recorded spec, recorded preprocessing) of a state dict or an embcam checkpoint."""
     if "://" in str(checkpoint):  # object storage: read through pyarrow's filesystems
-        from .manifest import read_bytes
-        source = io.BytesIO(read_bytes(str(checkpoint)))
+        from .fetch import ReadLimits, read_bytes
+        source = io.BytesIO(read_bytes(str(checkpoint), ReadLimits(max_bytes=16 << 30, read_timeout=600)))
     else:
         source = open(checkpoint, "rb")  # a missing or unreadable path fails here, with its own message
     with source, warnings.catch_warnings():  # "dispatching to torch.jit.load": not with weights_only, refused below

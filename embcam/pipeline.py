@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .attempts import Attempts
+from .attempts import Attempts, fault_point
 from .cam import EmbeddingCAM
 from .fetch import ReadLimits
 from .inference import check_compilable
@@ -105,7 +105,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     started = time.time()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
-    scan, stats = _scanned_manifest(cfg)             # fails fast, before any model work
+    scan = _scanned_manifest(cfg)             # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     net, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)  # bad model: fail now
     if cfg.compile:
@@ -163,7 +163,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     else:  # mean proxies persisted by an earlier attempt: only heatmaps are left
         job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else "embedding-map")
 
-    summary = _summary(cfg, run, spec, saved, gpus, scan.rows, resumed, stats, time.time() - started)
+    summary = _summary(cfg, run, spec, saved, gpus, scan.rows, resumed, time.time() - started)
     run.write_json(summary, SUMMARY)
     run.write_bytes(b"", DONE)                        # the completion marker, last
     run.delete(STATE, ATTEMPTS)
@@ -265,6 +265,7 @@ def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
 
 
 def _commit_results(batch: dict, run: RunFolder) -> dict:
+    fault_point("commit", batch["image_id"])
     batch = compute_metrics(batch)
     rows = np.asarray(batch["row"])
     for positions, start, stop in row_runs(rows):
@@ -308,7 +309,7 @@ def _scanned_manifest(cfg: ExplainConfig):
     if cfg.proxy_split and cfg.proxy_split not in stats["splits"]:
         raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
                             f"(found: {', '.join(sorted(map(str, stats['splits'])))})")
-    return scan, {"labelled": stats["labelled"]}
+    return scan
 
 
 def _copy_manifest(cfg: ExplainConfig, run: RunFolder, block_rows: int) -> None:
@@ -416,7 +417,7 @@ def _actor_options(gpus: int, batch_size: int) -> dict:
     return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size)
 
 
-def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, stats, wall) -> dict:
+def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
     """Counts and mean metrics, read back from what was written."""
     import ray
     import torch
@@ -441,7 +442,7 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, stats, wall) -
         "identity": saved["identity"],
         "counts": {"manifest": manifest_rows, "results": int(len(t)), "ok": int(len(ok)),
                    "error": int((t.status == "error").sum()), "degenerate": int(ok.degenerate.fillna(False).sum()),
-                   "resumed": resumed, "labelled": stats["labelled"]},
+                   "resumed": resumed},
         "metrics": means,
         "wall_seconds": round(wall, 3),
         "images_per_second": round(computed / wall, 3) if wall > 0 else None,

@@ -92,6 +92,8 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
     """Fetch, decode (EXIF orientation applied) and resize every OK row's image; check its
     box and mask, which are given on the displayed image (CPU)."""
     n = len(batch["image_id"])
+    if "status" not in batch:  # straight from a manifest: every row starts OK
+        batch = dict(batch, status=np.array([OK] * n, dtype=object), error=np.array([None] * n, dtype=object))
     out = _copy_status(batch)
     out["width"] = np.zeros(n, np.int32)
     out["height"] = np.zeros(n, np.int32)

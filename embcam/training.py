@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .images import ImageDecodeError, decode_image, resize_square
-from .manifest import default_image_root, read_bytes, read_manifest, resolve_uri
+from .fetch import read_bytes
+from .manifest import default_image_root, read_manifest, resolve_uri
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.manifest import (ManifestError, read_bytes, read_manifest, resolve_source,
+from embcam.manifest import (ManifestError, read_manifest, resolve_source,
                              resolve_uri, safe_name, validate_manifest)
 from embcam.schemas import arrow_schema
 
@@ -199,7 +199,7 @@ def test_large_string_and_dictionary_columns_are_accepted():
     assert out.column("split").to_pylist() == [None, None]
 
 
-# --- resolve_uri / read_bytes -----------------------------------------------------------------
+# --- resolve_uri -----------------------------------------------------------------
 
 
 def test_resolve_uri(tmp_path, monkeypatch):
@@ -215,28 +215,6 @@ def test_resolve_uri(tmp_path, monkeypatch):
         resolve_uri("x.jpg", None)
     with pytest.raises(ValueError, match="empty uri"):
         resolve_uri("", "/root")
-
-
-def test_read_bytes_local_and_file_uris(tmp_path):
-    (tmp_path / "one.bin").write_bytes(b"\x00one")
-    (tmp_path / "two words.bin").write_bytes(b"two")
-    assert read_bytes(str(tmp_path / "one.bin")) == b"\x00one"
-    assert read_bytes(f"file://{tmp_path}/one.bin") == b"\x00one"
-    # A second URI on the same filesystem goes through the cached path mapping.
-    uri = resolve_uri("two words.bin", f"file://{tmp_path}")
-    assert uri.endswith("two%20words.bin")
-    assert read_bytes(uri) == b"two"
-
-
-def test_read_bytes_errors_name_the_uri(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jpg"):
-        read_bytes(str(tmp_path / "nope.jpg"))
-    with pytest.raises(FileNotFoundError, match=r"file://.*nope\.jpg"):
-        read_bytes(f"file://{tmp_path}/nope.jpg")
-    with pytest.raises(OSError, match=r"cannot read file://.*is a directory"):
-        read_bytes(f"file://{tmp_path}")
-    with pytest.raises(OSError, match=r"cannot read foo://x/y.jpg"):
-        read_bytes("foo://x/y.jpg")
 
 
 # --- safe_name ----------------------------------------------------------------------------------
@@ -288,23 +266,6 @@ def test_data_modules_import_neither_torch_nor_ray():
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom)}
         assert not imported & {"torch", "ray"}, (module.__name__, imported)
-
-
-def test_cached_filesystem_paths_match_from_uri(monkeypatch):
-    # Filesystems are cached per (scheme, host, query); later URIs must map to the same
-    # paths pyarrow itself would give. Building these filesystems needs no network.
-    import pyarrow.fs as pafs
-
-    import embcam.manifest as manifest
-
-    monkeypatch.setattr(manifest, "_FILESYSTEMS", {})
-    uris = ["gs://bucket/a/b.jpg", "gs://bucket/c%20d/e%2Bf.jpg", "gs://other/x.png",
-            "s3://bucket/k/1.jpg?region=eu-west-1", "s3://bucket/k%23/2.jpg?region=eu-west-1",
-            "file:///tmp/a.jpg", "file:///var/x%20y.jpg"]
-    for uri in uris:
-        assert manifest._filesystem_path(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
-    assert len(manifest._FILESYSTEMS) == 4
-    assert manifest._filesystem_path("gs://bucket/z")[1] == "bucket/z"
 
 
 def test_default_image_root(tmp_path, monkeypatch):

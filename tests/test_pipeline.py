@@ -68,13 +68,13 @@ def test_self_proxy_job(ray_session, dataset, tmp_path):
     table = dataset[3]
     assert sorted(df.image_id) == sorted(table.column("image_id").to_pylist())  # every row exactly once
     errors = df.set_index("image_id").error
-    assert "cannot decode image" in errors["corrupt"]
+    assert errors["corrupt"].startswith("image: ImageDecodeError: cannot")
     assert "No such file" in errors["missing"] or "FileNotFound" in errors["missing"]
     assert "empty file" in errors["empty"]
     assert errors["badbox"].startswith("bbox:")
     ok = df[df.status == "ok"]
     assert len(ok) == 16 and df[df.status == "error"].heatmap.isna().all()
-    assert summary["counts"] == {"manifest": 20, "results": 20, "ok": 16, "error": 4,
+    assert summary["counts"] == {"manifest": 20, "results": 20, "ok": 16, "error": 4, "resumed": 0,
                                  "degenerate": int(ok.degenerate.sum())}
 
     ref = core_heatmaps(dataset, ok)

@@ -1,0 +1,203 @@
+"""Crash safety of the explain job with real processes: a SIGKILLed driver resumes, killed
+workers lose nothing, a row that kills its worker becomes one error row, and a run folder
+never describes what it does not hold.
+
+Each job here runs as its own `embcam explain` process with its own local Ray, so that a
+fault can be injected into its workers (EMBCAM_FAULT) and the driver can be killed. Every
+process of such a job carries a unique marker in its environment; the fixture kills them
+all at the end, the raylet and agents that outlive a killed driver included.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embcam import save_checkpoint
+from embcam.datasets import generate_dataset
+from embcam.models import Preprocessing, build_model
+from embcam.pipeline import ExplainConfig, run_explain
+from embcam.runstate import RunMismatch
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """6 classes x 25 images; a small model for 48 px inputs."""
+    root = tmp_path_factory.mktemp("resume")
+    manifest = generate_dataset(root, num_classes=6, images_per_class=25, min_side=48, max_side=64, seed=5)
+    torch.manual_seed(0)
+    checkpoint = root / "model.pt"
+    save_checkpoint(checkpoint, build_model("embcam:small-resnet+linear:16"), "embcam:small-resnet+linear:16",
+                    Preprocessing(SIZE))
+    return manifest, checkpoint, pq.read_table(manifest).num_rows
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def jobs():
+    """Starts `embcam explain` processes; kills every process they started at teardown."""
+    marker = uuid.uuid4().hex
+
+    def start(dataset, out, *extra, fault=None):
+        manifest, checkpoint, _ = dataset
+        env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+        env.pop("RAY_ADDRESS", None)
+        if fault:
+            env["EMBCAM_FAULT"] = fault
+        cmd = [sys.executable, "-m", "embcam.cli", "explain", "--manifest", str(manifest), "--out", str(out),
+               "--checkpoint", str(checkpoint), "--batch-size", "8", "--block-rows", "8", "--no-progress", *extra]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def finish(process, timeout=240):
+        out, err = process.communicate(timeout=timeout)
+        return process.returncode, out, err
+
+    def crash(process):
+        """SIGKILL the driver, then (as a machine crash would) every process of its job: a
+        killed driver's workers may otherwise commit their batches in flight for a moment."""
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kill_all(marker)
+
+    yield start, finish, crash
+    kill_all(marker)
+
+
+def kill_all(marker: str) -> None:
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        if pid != os.getpid() and _environ_has(pid, f"EMBCAM_TEST_JOB={marker}".encode()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def results(out) -> pd.DataFrame:
+    return pd.read_parquet(Path(out) / "results")
+
+
+def assert_complete(out, rows):
+    df = results(out)
+    assert len(df) == rows and df.image_id.is_unique  # one row per manifest row, exactly once
+    assert (Path(out) / "_SUCCESS").exists()
+    return df, json.loads((Path(out) / "summary.json").read_text())
+
+
+def test_sigkilled_driver_resumes_where_it_stopped(dataset, jobs, tmp_path):
+    start, finish, crash = jobs
+    rows = dataset[2]
+    out = tmp_path / "run"
+    driver = start(dataset, out, "--proxy", "mean", "--strategy", "streaming")
+    deadline = time.time() + 180
+    while len(list((out / "results").glob("part-*.parquet"))) < 2:  # pass 2 has begun committing
+        assert driver.poll() is None, finish(driver)
+        assert time.time() < deadline
+        time.sleep(0.02)
+    crash(driver)
+    done = sum(pq.read_metadata(p).num_rows for p in (out / "results").glob("part-*.parquet"))
+    assert 0 < done < rows and not (out / "_SUCCESS").exists() and not (out / "summary.json").exists()
+    proxies_written = (out / "proxies.parquet").stat().st_mtime_ns
+
+    code, stdout, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
+    assert code == 0, stderr
+    assert f"resuming {out}" in stderr and "carried over" in stdout
+    df, summary = assert_complete(out, rows)
+    assert summary["counts"]["resumed"] >= done > 0 and summary["counts"]["ok"] == rows
+    assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written  # pass 1 was not redone
+
+    # the same numbers as one uninterrupted run
+    code, _, stderr = finish(start(dataset, tmp_path / "fresh", "--proxy", "mean", "--strategy", "streaming"))
+    assert code == 0, stderr
+    fresh = results(tmp_path / "fresh").set_index("image_id").loc[df.image_id]
+    np.testing.assert_allclose(np.stack(df.heatmap), np.stack(fresh.heatmap), rtol=1e-5, atol=1e-7)
+
+    # complete: says so and does no work; another configuration is refused with the reason
+    code, stdout, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
+    assert code == 0 and "already holds this run, complete" in stderr
+    code, _, stderr = finish(start(dataset, out, "--proxy", "self"))
+    assert code == 2 and "proxy: 'mean' -> 'self'" in stderr and "Traceback" not in stderr
+
+
+def test_killed_model_and_cpu_workers_lose_nothing(dataset, jobs, tmp_path):
+    start, finish, crash = jobs
+    rows = dataset[2]
+    ids = pq.read_table(dataset[0], columns=["image_id"]).column("image_id").to_pylist()
+    for stage, image_id in (("model", ids[40]), ("commit", ids[100])):
+        once = tmp_path / f"{stage}.killed"
+        out = tmp_path / stage
+        code, _, stderr = finish(start(dataset, out, fault=f"{stage}:{image_id}:once:{once}"))
+        assert code == 0, stderr
+        assert once.exists()  # the worker really was killed once
+        df, summary = assert_complete(out, rows)
+        assert summary["counts"]["ok"] == rows
+
+
+def test_a_row_that_kills_its_worker_becomes_one_error_row(dataset, jobs, tmp_path):
+    start, finish, crash = jobs
+    rows = dataset[2]
+    killer = pq.read_table(dataset[0], columns=["image_id"]).column("image_id")[17].as_py()
+    code, _, stderr = finish(start(dataset, tmp_path, fault=f"decode:{killer}"))
+    assert code == 0, stderr
+    df, summary = assert_complete(tmp_path, rows)
+    bad = df[df.status == "error"]
+    assert bad.image_id.tolist() == [killer]
+    assert bad.error.iloc[0].startswith("worker died while processing this row")
+    assert summary["counts"]["ok"] == rows - 1
+    assert not (tmp_path / "_embcam" / "attempts").exists()
+
+
+def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_session, dataset, jobs, tmp_path):
+    start, finish, crash = jobs
+    manifest, checkpoint, rows = dataset
+    run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
+                              batch_size=8), progress=False)
+    driver = start(dataset, tmp_path, "--proxy", "mean", "--overwrite")
+    deadline = time.time() + 180
+    while (tmp_path / "_SUCCESS").exists() or not list((tmp_path / "results").glob("part-*")):
+        assert driver.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    crash(driver)
+    assert not (tmp_path / "summary.json").exists()
+    report = [sys.executable, "-m", "embcam.cli", "report", str(tmp_path), "--out", str(tmp_path / "rep")]
+    refused = subprocess.run(report, capture_output=True, text=True)
+    assert refused.returncode == 2 and "is unfinished" in refused.stderr
+    labelled = subprocess.run(report + ["--allow-partial"], capture_output=True, text=True)
+    assert labelled.returncode == 0 and "UNFINISHED" in labelled.stdout
+    # a different configuration is refused while anything is committed ...
+    with pytest.raises(RunMismatch, match="proxy: 'mean' -> 'self'"):
+        run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
+                                  batch_size=8), progress=False)
+
+
+def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset, tmp_path):
+    manifest, checkpoint, rows = dataset
+    (tmp_path / "results").mkdir()  # a failed start left an empty folder
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
+                                        batch_size=8, proxy="mean"), progress=False)
+    assert summary["counts"]["results"] == rows
+    # an unfinished run with nothing committed, started with other options, is replaced
+    (tmp_path / "_SUCCESS").unlink()
+    for piece in (tmp_path / "results").glob("part-*"):
+        piece.unlink()
+    (tmp_path / "proxies.parquet").unlink()
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
+                                        batch_size=8), progress=False)
+    assert summary["counts"]["results"] == rows and summary["config"]["proxy"] == "self"
