@@ -117,7 +117,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     identity = _identity(cfg, scan, spec, preprocessing.size)
 
     run = RunFolder(cfg.out)
-    state = _open_run(run, cfg, identity, log)
+    state, note = _run_state(run, cfg, identity)
     if state == "complete":
         summary = run.read_json(SUMMARY)
         log(f"embcam explain: {cfg.out} already holds this run, complete "
@@ -131,6 +131,9 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
     gpus = _gpus(cfg.num_gpus)
+    if note:
+        log(f"embcam explain: {note}")
+    _prepare(run, state)                              # from here on --out changes
 
     if state == "fresh":
         block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
@@ -195,7 +198,8 @@ class _Job:
     def commit(self, ds, kind: str) -> None:
         """Run ``ds`` to the end, committing each batch's rows as pieces (progress on the way)."""
         fn = _commit_results if kind == RESULTS else _commit_partials
-        done = ds.map_batches(fn, fn_args=(self.run,), batch_format="numpy", num_cpus=1)
+        done = ds.map_batches(fn, fn_args=(self.run,), batch_format="numpy", num_cpus=1,
+                              batch_size=self.copy.block_rows)  # about one piece per block
         for _ in done.iter_batches(batch_size=None, batch_format="numpy"):
             pass
 
@@ -275,15 +279,27 @@ def _commit_results(batch: dict, run: RunFolder) -> dict:
 
 
 def _commit_partials(batch: dict, run: RunFolder) -> dict:
-    """Partial sums arrive one row per (run of rows, label): commit each run's rows as one piece."""
+    """Partial sums arrive one row per (run of rows, label). Adjacent runs are merged (their
+    sums added per label) and each merged run is committed as one piece; a run without a
+    labelled row still gets a piece (one null-label row), so its rows count as done."""
     starts, stops = np.asarray(batch["start"]), np.asarray(batch["stop"])
+    merged: list[list[int]] = []
     for start, stop in sorted(set(zip(starts.tolist(), stops.tolist()))):
-        keep = (starts == start) & (stops == stop)
-        table = pa.table({"label": pa.array(batch["label"][keep], pa.string()),
-                          "sum": pa.array(list(np.asarray(batch["sum"][keep], np.float64)), pa.list_(pa.float64())),
-                          "count": pa.array(batch["count"][keep], pa.int64())})
-        run.write_table(table, STATE, PARTIALS, piece_name(start, stop))
-    return {"rows": np.array([int((stops - starts)[np.unique(starts, return_index=True)[1]].sum())])}
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop])
+    for start, stop in merged:
+        acc = MeanProxyAccumulator()
+        for i in np.flatnonzero((starts >= start) & (stops <= stop)):
+            if batch["label"][i] is not None:
+                acc.add_partial(batch["label"][i], np.asarray(batch["sum"][i], np.float64), int(batch["count"][i]))
+        parts = acc.partials() or [{"label": None, "sum": [], "count": 0}]
+        run.write_table(pa.Table.from_pylist(parts, schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
+    return {"rows": np.array([sum(b - a for a, b in merged)])}
+
+
+PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
 
 
 # --- driver-side checks and bookkeeping ---------------------------------------------------
@@ -342,36 +358,41 @@ def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
     }
 
 
-def _open_run(run: RunFolder, cfg: ExplainConfig, identity: dict, log) -> str:
-    """'fresh', 'resume' or 'complete' for this configuration against what ``--out`` holds."""
+def _run_state(run: RunFolder, cfg: ExplainConfig, identity: dict) -> tuple[str, str | None]:
+    """('fresh' | 'resume' | 'complete', a note) for this configuration against what
+    ``--out`` holds; refuses another configuration's run. Changes nothing."""
     saved = run.identity
     if cfg.overwrite:
-        run.clear()
-        return "fresh"
+        return "fresh", None
     if saved is None:
         if run.listing(RESULTS):
             raise FileExistsError(f"{cfg.out} holds results that embcam cannot resume (no {STATE}/{IDENTITY}): "
                                   "choose a new --out or pass --overwrite")
-        run.clear()  # leftovers of a start that never got as far as run.json
-        return "fresh"
+        return "fresh", None  # at most the leftovers of a start that never got as far as run.json
     differences = identity_differences(saved["identity"], identity)
     if differences:
         if not run.holds_work() and not run.is_complete():
-            log(f"embcam explain: {cfg.out} held an unfinished run with nothing committed: starting afresh")
-            run.clear()
-            return "fresh"
+            return "fresh", f"{cfg.out} held an unfinished run with nothing committed: starting afresh"
         state = "a complete" if run.is_complete() else "an unfinished"
         raise RunMismatch(f"{cfg.out} holds {state} run with another configuration ("
                           + "; ".join(differences) + "): use the same options to resume it, "
                           "a new --out, or --overwrite to start afresh")
     if run.is_complete() and run.exists(SUMMARY):
-        return "complete"
+        return "complete", None
+    return "resume", None
+
+
+def _prepare(run: RunFolder, state: str) -> None:
+    """A fresh run starts from an --out without anything embcam wrote; a resumed one
+    drops what only its last attempt needed."""
+    if state == "fresh":
+        run.clear()
+        return
     run.delete(DONE)
     run.delete(SUMMARY)
     run.delete(STATE, ATTEMPTS)  # markers of batches in flight when the last attempt stopped: not deaths
     for folder in ((RESULTS,), (STATE, PARTIALS), ()):
         run.drop_temporaries(*folder)
-    return "resume"
 
 
 def _choose_plan(cfg: ExplainConfig, rows: int, dims: tuple) -> tuple[str, str]:

@@ -53,7 +53,9 @@ def _copy_status(batch: dict) -> dict:
 
 
 def _fail(batch: dict, rows, reason: str) -> None:
-    for i in np.flatnonzero(rows) if isinstance(rows, np.ndarray) else rows:
+    """Fail the OK ones of ``rows`` (a boolean mask or row indices)."""
+    rows = np.asarray(rows)
+    for i in np.flatnonzero(rows) if rows.dtype == bool else rows:
         if batch["status"][i] == OK:
             batch["status"][i], batch["error"][i] = ERROR, reason
 
@@ -213,6 +215,9 @@ class ExplainModel:
 
         if len(ok):
             self._split_on_error(embed, out, ok)
+        norms = np.linalg.norm(embeddings, axis=1)
+        _fail(out, (out["status"] == OK) & ~(np.isfinite(norms) & (norms > 0)),
+              "model: the embedding is zero or not finite: it has no direction")
         parts = []
         for positions, start, stop in row_runs(np.asarray(batch["row"])):
             run = {k: v[positions] for k, v in out.items()}
