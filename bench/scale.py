@@ -3,7 +3,7 @@
     .venv/bin/python bench/scale.py --images 10000 100000 --json bench/scale.json
 
 For each N it runs the real CLI as its own process with its own local Ray (the bundled demo
-model, 64 px images, 100 classes, the default batch size) and samples, every 0.5 s:
+model at 64 px input, 64 px images, 100 classes, the default batch size) and samples, every 0.5 s:
 - memory: the summed PSS of every process of the job (driver, raylet, GCS, workers;
   PSS counts shared pages once, so the object store's shared memory is not counted
   once per process that maps it);
@@ -204,10 +204,11 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/embcam-scale", help="generated data and runs (about 1 GB at 100,000)")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill-and-resume run")
     parser.add_argument("--strategy", default="auto", help="passed to embcam explain --strategy")
+    parser.add_argument("--image-size", default="64", help="model input size (the demo model's is 128)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    extra = ["--strategy", args.strategy]
+    extra = ["--strategy", args.strategy, "--image-size", args.image_size]
     manifests = dataset(work, args.images)
     figures = {"machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
                "runs": {}}

@@ -1,6 +1,6 @@
 """Per-image heatmap metrics: mass ratios, uniform baselines, localisation box, IoU.
 
-Implements DESIGN §5 for one image on CPU (numpy + OpenCV, no Python loop over pixels).
+Implements docs/design.md §7 for one image on CPU (numpy + OpenCV, no Python loop over pixels).
 
 Conventions
 -----------

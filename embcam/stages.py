@@ -340,7 +340,7 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict
 
 
 def compute_metrics(batch: dict) -> dict:
-    """Per-image metrics (DESIGN §5) for every OK row; NaN where a metric is null."""
+    """Per-image metrics (docs/design.md §7) for every OK row; NaN where a metric is null."""
     out = _copy_status(batch)
     n = len(out["status"])
     for column in METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):

@@ -1,7 +1,7 @@
 """Manifest makers: turn an image collection into embcam's Parquet manifest.
 
 Every maker writes one row per image with the columns of the manifest contract
-(DESIGN.md §4): ``image_id``, ``uri`` and ``label``, and where the source has them
+(docs/design.md §6): ``image_id``, ``uri`` and ``label``, and where the source has them
 ``bbox_x0, bbox_y0, bbox_x1, bbox_y1`` (float64 pixels of the original image,
 continuous coordinates: a box over the whole image is ``0, 0, W, H``), ``mask_uri``
 and ``split``. Paths are written relative to the directory holding the manifest

@@ -6,7 +6,7 @@ the model, ``top_k_channels``, the ``manifest`` and the ``image_root``). Runs ar
 into *methods* by their proxy mode (config ``proxy``; the results' ``proxy_kind`` when
 the config has none); the runs of one method are independently trained models.
 
-Protocol (DESIGN §5, paper Table 1)
+Protocol (docs/design.md §7, paper Table 1)
 -----------------------------------
 * Per run, a metric is the mean over the images with status ``ok`` and a non-degenerate
   heatmap whose value is not null (no box / no mask / no top-k map: skipped and counted).
