@@ -162,6 +162,8 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     elif proxies is None and plan == "embedding-map":
         job.kept_maps_pass()
     elif plan == "one-pass":
+        if bank is not None:  # the bank explained against, kept with the run
+            run.write_table(proxy_table(bank), PROXIES)
         job.explain_pass(cfg.proxy, bank, "autograd" if cfg.strategy == "two-pass" else "embedding-map")
     else:  # mean proxies persisted by an earlier attempt: only heatmaps are left
         job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else "embedding-map")

@@ -290,9 +290,11 @@ def row_runs(rows: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
 
 def partial_sums(batch: dict, embeddings: np.ndarray, split: str | None = None) -> dict:
     """Per-class sums of the normalised embeddings of a batch's OK, labelled rows (of
-    ``split`` only, when given): one row per class, what the mean-proxy reduce combines."""
+    ``split`` only, when given): one row per class, what the mean-proxy reduce combines.
+    An embedding without a direction (zero, not finite) is left out."""
+    norms = np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)
     rows = [i for i in np.flatnonzero(batch["status"] == OK) if _present(batch, "label", i) is not None
-            and (split is None or _present(batch, "split", i) == split)]
+            and (split is None or _present(batch, "split", i) == split) and np.isfinite(norms[i]) and norms[i] > 0]
     acc = MeanProxyAccumulator()
     if rows:
         acc.add(np.asarray(embeddings)[rows], [str(batch["label"][i]) for i in rows])
