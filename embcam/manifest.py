@@ -126,24 +126,9 @@ def read_manifest(source: str | os.PathLike) -> pa.Table:
     row indices in error messages count across the files in sorted path order.
     """
     fs, paths = resolve_source(source)
-    known = [column["name"] for column in load_schema("manifest")["columns"]]
-    tables, first_columns = [], None
-    for path in paths:
-        try:
-            with fs.open_input_file(path) as handle:
-                parquet = pq.ParquetFile(handle)
-                columns = [name for name in known if name in parquet.schema_arrow.names]
-                table = parquet.read(columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
-        if first_columns is None:
-            first_columns = columns
-        elif columns != first_columns:
-            differ = sorted(set(columns) ^ set(first_columns))
-            raise ManifestError(
-                f"mixed schemas across manifest files: {paths[0]} has columns {first_columns} "
-                f"but {path} has {columns} (differing: {', '.join(differ)})")
-        _check_structure(table, where=f"manifest file {path}")
+    tables = []
+    for where, table in _stream(fs, paths):
+        _check_structure(table, where=where)
         tables.append(_cast_known(table))
     return validate_manifest(pa.concat_tables(tables))
 
@@ -207,9 +192,7 @@ def _stream(fs: pafs.FileSystem, paths: list[str]):
                     f"mixed schemas across manifest files: {paths[0]} has columns {first_columns} "
                     f"but {path} has {columns} (differing: {', '.join(differ)})")
             where = f"manifest file {path}"
-            schema = pa.schema([parquet.schema_arrow.field(name) for name in columns])
-            yield where, schema.empty_table()  # the column checks, even for a file without rows
-            batches = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns)
+            batches, empty = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns), True
             while True:
                 try:
                     batch = next(batches)
@@ -217,7 +200,10 @@ def _stream(fs: pafs.FileSystem, paths: list[str]):
                     break
                 except (pa.ArrowException, OSError) as exc:
                     raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+                empty = False
                 yield where, pa.Table.from_batches([batch])
+            if empty:  # the column checks still apply to a file without rows
+                yield where, pa.schema([parquet.schema_arrow.field(name) for name in columns]).empty_table()
 
 
 def _check_filled(column: pa.ChunkedArray, name: str, offset: int) -> None:
@@ -337,7 +323,7 @@ def _check_unique(ids: pa.ChunkedArray) -> None:
 
 def _examples(column: pa.ChunkedArray, rows) -> str:
     rows = list(rows)[:MAX_EXAMPLES]
-    values = column.take(rows).to_pylist()
+    values = column.take(pa.array(rows, pa.int64())).to_pylist()
     return "e.g. " + ", ".join(f"row {row}: {value!r}" for row, value in zip(rows, values))
 
 
