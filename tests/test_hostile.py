@@ -74,6 +74,7 @@ def test_hostile_rows_become_error_rows_and_the_rest_is_computed(ray_session, ho
                                         batch_size=4), progress=False)
     assert time.perf_counter() - started < 120  # nothing hangs: FIFO, /dev/zero, a dead endpoint
     df = pd.read_parquet(tmp_path / "results").set_index("image_id")
+    print(df[["status", "error"]].to_string())  # shown when an assertion below fails
     assert summary["counts"]["results"] == len(df) == 11
     error = df.error
     assert "20000x20000 = 400 MP, over the limit of 100 MP" in error["bomb"]
