@@ -229,13 +229,13 @@ def _filesystem_path(uri: str, timeout: float = ReadLimits.read_timeout
         fs, prefix = _FILESYSTEMS[key]
         return fs, prefix + url_path
     fs, path = pafs.FileSystem.from_uri(uri)
-    fs = _with_timeouts(fs, timeout)
+    fs = with_timeouts(fs, timeout)
     if path.endswith(url_path):
         _FILESYSTEMS[key] = (fs, path[:len(path) - len(url_path)])
     return fs, path
 
 
-def _with_timeouts(fs: pafs.FileSystem, timeout: float) -> pafs.FileSystem:
+def with_timeouts(fs: pafs.FileSystem, timeout: float) -> pafs.FileSystem:
     """``fs`` rebuilt with network timeouts of ``timeout`` s where pyarrow has them.
 
     A URI cannot set S3's connect and request timeouts (pyarrow rejects them in the query),

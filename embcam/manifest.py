@@ -21,10 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embcam.fetch import with_timeouts
 from embcam.schemas import arrow_schema, conform, load_schema
 
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 MAX_EXAMPLES = 5
+REMOTE_TIMEOUT_S = 60.0  # a remote manifest that does not answer fails after about this long
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -54,6 +56,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[pafs.FileSystem, list[str
         base_uri = urlunsplit((parts.scheme, parts.netloc, base or "/", parts.query, ""))
         try:
             fs, root = pafs.FileSystem.from_uri(base_uri)
+            fs = with_timeouts(fs, REMOTE_TIMEOUT_S)  # GCS would otherwise retry for 15 minutes
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"manifest source {source!r}: {exc}") from None
         pattern = unquote(pattern)

@@ -278,3 +278,15 @@ def test_default_image_root(tmp_path, monkeypatch):
     assert default_image_root("data/*.parquet") == str(tmp_path / "data")
     assert default_image_root("s3://bucket/cat/manifest.parquet") == "s3://bucket/cat"
     assert default_image_root("gs://bucket/cat/") == "gs://bucket/cat"
+
+
+def test_unreachable_remote_manifest_fails_in_bounded_time(monkeypatch):
+    # GCS retries for 15 minutes by default; the manifest reader bounds it. Nothing listens
+    # on the endpoint, and no credentials can be found: both fail, and are retried until the limit.
+    import time
+
+    monkeypatch.setattr("embcam.manifest.REMOTE_TIMEOUT_S", 2.0)
+    started = time.perf_counter()
+    with pytest.raises(ManifestError, match="manifest source 'gs://bucket/m.parquet"):
+        read_manifest("gs://bucket/m.parquet?endpoint_override=127.0.0.1:9&scheme=http")
+    assert time.perf_counter() - started < 30
