@@ -201,3 +201,21 @@ def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset,
     summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                                         batch_size=8), progress=False)
     assert summary["counts"]["results"] == rows and summary["config"]["proxy"] == "self"
+
+
+def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(dataset, jobs, tmp_path):
+    start, finish, _ = jobs
+    rows = dataset[2]
+    driver = start(dataset, tmp_path)
+    deadline = time.time() + 180
+    while not list((tmp_path / "results").glob("part-*.parquet")):
+        assert driver.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGINT)
+    code, _, stderr = finish(driver)
+    assert code == 130 and "interrupted;" in stderr and "Re-run the same command to resume" in stderr
+    assert not (tmp_path / "_SUCCESS").exists()
+    code, _, stderr = finish(start(dataset, tmp_path))
+    assert code == 0, stderr
+    df, summary = assert_complete(tmp_path, rows)
+    assert summary["counts"]["ok"] == rows
