@@ -46,7 +46,9 @@ class Attempts:
         return out
 
     def _row_by_row(self, batch: dict, fn, key: str, deaths: int) -> dict:
-        outs = []
+        """Each row alone; a row whose marker an earlier attempt left is a killer. Its
+        marker stays until the batch is done, so a later death cannot clear it."""
+        outs, killers = [], []
         for i, row in enumerate(np.asarray(batch["row"])):
             one = {k: v[i:i + 1] for k, v in batch.items()}
             marker = f"{key}.row-{row}"
@@ -54,10 +56,12 @@ class Attempts:
                 reason = (f"worker died while processing this row ({self.stage} stage; "
                           f"{deaths} worker deaths on its batch)")
                 outs.append(fn(_failed(one, [0], reason)))
-                self.run.delete(STATE, ATTEMPTS, marker)
+                killers.append(marker)
                 continue
             self._write(marker, "started")
             outs.append(fn(one))
+            self.run.delete(STATE, ATTEMPTS, marker)
+        for marker in killers:
             self.run.delete(STATE, ATTEMPTS, marker)
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 

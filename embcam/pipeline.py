@@ -351,7 +351,7 @@ def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
     """What makes two runs the same run: resuming one with another is refused."""
     return {
         "manifest": {"path": cfg.manifest, "rows": scan.rows, "image_ids_sha256": scan.ids_sha256},
-        "model": {"spec": spec, "checkpoint": cfg.checkpoint, "checkpoint_sha256": _file_sha256(cfg.checkpoint)},
+        "model": {"spec": spec, "checkpoint_sha256": _file_sha256(cfg.checkpoint)},
         "proxy": cfg.proxy, "proxy_split": cfg.proxy_split,
         "proxy_bank_sha256": _file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
         "strategy": cfg.strategy, "target_layer": cfg.target_layer, "image_size": image_size,
