@@ -23,7 +23,10 @@ ERROR = "error"
 
 
 class Attempts:
-    """Counts a stage's attempts at each batch (keyed by its manifest rows)."""
+    """Counts a stage's attempts at each batch (keyed by its manifest rows), in
+    ``_embcam/attempts/`` under ``run``: the run folder itself, which every node sees, or
+    a node-local folder where a marker per batch would cost round trips to an object
+    store (the model stage, whose restarted actor usually comes back on the same node)."""
 
     def __init__(self, run: RunFolder, stage: str):
         self.run, self.stage = run, stage
@@ -72,7 +75,7 @@ class Attempts:
             return f.read().decode()
 
     def _write(self, name: str, text: str) -> None:
-        self.run.write_bytes(text.encode(), STATE, ATTEMPTS, name)
+        self.run.write_bytes(text.encode(), STATE, ATTEMPTS, name, durable=False)
 
 
 def _failed(batch: dict, rows, reason: str) -> dict:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -182,6 +184,9 @@ class _Job:
         self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
         self.size, self.limits, self.image_root = size, limits, image_root
         self.actor = _actor_options(gpus, cfg.batch_size)
+        # the model stage's worker-death markers: on each node's own disk (see embcam.attempts)
+        self.markers = run if run.local else RunFolder(os.path.join(
+            tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16]))
 
     def loaded(self, pending: list[tuple[int, int]]):
         """The images of the pending row ranges, one read task per range."""
@@ -194,7 +199,7 @@ class _Job:
 
     def model(self, ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
         kwargs = dict(model=self.model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
-                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.run)
+                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.markers)
         return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **self.actor)
 
     def commit(self, ds, kind: str) -> None:

@@ -62,8 +62,10 @@ class RunFolder:
 
     # --- writing, always whole ----------------------------------------------------------
 
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Put ``data`` at ``parts``: temporary name + rename on a local disk, one PUT elsewhere."""
+    def write_bytes(self, data: bytes, *parts: str, durable: bool = True) -> None:
+        """Put ``data`` at ``parts``: temporary name + rename on a local disk, one PUT elsewhere.
+        ``durable``: flushed to the disk first, so that a machine crash cannot leave a
+        committed but empty file (a process crash cannot: the kernel keeps its writes)."""
         path = self.join(*parts)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if not self.local:
@@ -74,8 +76,9 @@ class RunFolder:
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip dot files
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
