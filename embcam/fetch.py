@@ -173,7 +173,8 @@ def _read_remote(uri: str, limits: ReadLimits) -> bytes:
             if not _TRANSIENT.search(str(exc)):  # access denied, bad uri, ...
                 raise FetchError(f"cannot read {uri}: {exc}") from None
             last, reason = FetchError, str(exc)
-    raise last(f"cannot read {uri}: {reason} ({attempts} attempt{'s' * (attempts > 1)})")
+    # the count first: an error row keeps only the start of a long message
+    raise last(f"cannot read {uri} ({attempts} attempt{'s' * (attempts > 1)}): {reason}")
 
 
 def _read_remote_once(uri: str, limits: ReadLimits) -> bytes:

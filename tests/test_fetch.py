@@ -178,8 +178,8 @@ def test_transient_errors_are_retried(monkeypatch):
     assert read_bytes("s3://bucket/k.jpg", ReadLimits(retries=2)) == b"data"
     assert len(calls) == 3
     calls = flaky(monkeypatch, [network] * 3)
-    with pytest.raises(FetchError, match=r"cannot read s3://bucket/k.jpg: AWS Error "
-                                         r"NETWORK_CONNECTION.*\(3 attempts\)$"):
+    with pytest.raises(FetchError, match=r"cannot read s3://bucket/k.jpg \(3 attempts\): AWS Error "
+                                         r"NETWORK_CONNECTION"):
         read_bytes("s3://bucket/k.jpg", ReadLimits(retries=2))
     assert len(calls) == 3
 
@@ -198,8 +198,8 @@ def test_a_hanging_attempt_times_out_and_is_retried(monkeypatch):
                                                                         time.sleep(30)))
     monkeypatch.setattr(fetch, "_BACKOFF_S", 0.01)
     start = time.perf_counter()
-    with pytest.raises(TimeoutError, match=r"cannot read gs://b/k.jpg: timed out after 0.2 s "
-                                           r"\(3 attempts\)"):
+    with pytest.raises(TimeoutError, match=r"cannot read gs://b/k.jpg \(3 attempts\): timed out "
+                                           r"after 0.2 s"):
         read_bytes("gs://b/k.jpg", ReadLimits(read_timeout=0.2, retries=2))
     assert len(calls) == 3 and time.perf_counter() - start < 0.2 * 3 + 1
 
@@ -217,7 +217,7 @@ def test_unreachable_s3_endpoint_is_bounded(fresh_filesystems, monkeypatch):
     uri = f"s3://key:secret@bucket/k.jpg?endpoint_override=127.0.0.1:{closed_port()}&scheme=http"
     limits = ReadLimits(read_timeout=1.0, retries=2)
     start = time.perf_counter()
-    with pytest.raises(OSError, match=r"cannot read s3://.*k\.jpg.*\(3 attempts\)$"):
+    with pytest.raises(OSError, match=r"cannot read s3://.*k\.jpg.* \(3 attempts\): "):
         read_bytes(uri, limits)
     # 3 attempts of at most 1 s, back-off 0.5 s + 1 s, and some slack
     assert time.perf_counter() - start < 3 * 1.0 + 1.5 + 1.5

@@ -81,7 +81,7 @@ def test_hostile_rows_become_error_rows_and_the_rest_is_computed(ray_session, ho
     assert "not a regular file (character device)" in error["zero"]
     assert "not a regular file (FIFO)" in error["fifo"]
     assert "not a regular file (directory)" in error["folder"]
-    assert "(4 attempts)" in error["remote"]
+    assert "(4 attempts): " in error["remote"]
     assert "NaN" in error["nanbox"] and "partially" in error["partial"]
     assert error["passwd"].startswith("image: ImageDecodeError")
     for message in error.dropna():
