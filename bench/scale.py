@@ -149,7 +149,9 @@ def _shm_used() -> int:
 
 
 def committed_rows(out: Path) -> int:
-    return sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1]) for p in (out / "results").glob("part-*.parquet"))
+    from embcam.runstate import RESULTS, RunFolder
+
+    return sum(stop - start for start, stop in RunFolder(str(out)).pieces(RESULTS))
 
 
 def in_flight_rows(out: Path) -> int:

@@ -142,9 +142,6 @@ class RunFolder:
     def is_complete(self) -> bool:
         return self.exists(DONE)
 
-    def is_unfinished(self) -> bool:
-        return self.exists(STATE, IDENTITY) and not self.is_complete()
-
     def holds_work(self) -> bool:
         """True when an earlier attempt committed anything worth keeping."""
         return bool(self.pieces(RESULTS) or self.pieces(STATE, PARTIALS) or self.exists(PROXIES))

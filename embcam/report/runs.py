@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from embcam.metrics import THRESHOLDS
+from embcam.runstate import RESULTS, RunFolder, covered
 
 # Columns the table reads, with the type they are cast to; optional ones may be absent.
 _F64, _BOOL, _STR = pa.float64(), pa.bool_(), pa.string()
@@ -38,12 +39,10 @@ RATIO_COLUMNS = {
 def read_summary(run: str, allow_partial: bool = False) -> dict:
     """``RUN/summary.json``; for a run the job has not finished, an error, or with
     ``allow_partial`` a stand-in from its run state that says ``unfinished``."""
-    state = Path(run) / "_embcam" / "run.json"
-    if state.is_file() and not (Path(run) / "_SUCCESS").is_file():
-        saved = json.loads(state.read_text(encoding="utf-8"))
-        rows = sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1])
-                   for p in (Path(run) / "results").glob("part-*-*.parquet"))
-        note = f"{rows} of {saved['rows']} rows"
+    folder = RunFolder(run)
+    saved = folder.identity
+    if saved is not None and not folder.is_complete():
+        note = f"{covered(folder.pieces(RESULTS), saved['rows'])} of {saved['rows']} rows"
         if not allow_partial:
             raise ValueError(f"run {run} is unfinished ({note} done): finish it by re-running the same "
                              "embcam explain command, or pass --allow-partial to report on what is there")
