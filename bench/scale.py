@@ -58,15 +58,13 @@ def dataset(work: Path, sizes: list[int]) -> dict[int, Path]:
         with ProcessPoolExecutor(2) as pool:
             manifests = list(pool.map(_generate, halves))
         tables = []
-        for manifest in manifests:
+        for manifest in manifests:  # uris relative to each half's folder -> relative to `folder`
             t = pq.read_table(manifest)
             prefix = Path(manifest).parent.name + "/"
-            tables.append(t.set_column(t.schema.get_field_index("uri"), "uri",
-                                       pa.array([prefix + u for u in t.column("uri").to_pylist()])))
-            if "mask_uri" in t.column_names:
-                t = tables[-1]
-                tables[-1] = t.set_column(t.schema.get_field_index("mask_uri"), "mask_uri",
-                                          pa.array([prefix + u for u in t.column("mask_uri").to_pylist()]))
+            for column in ("uri", "mask_uri"):
+                t = t.set_column(t.schema.get_field_index(column), column,
+                                 pa.array([prefix + u for u in t.column(column).to_pylist()]))
+            tables.append(t)
         pq.write_table(pa.concat_tables(tables), folder / f"manifest-{largest}.parquet")
     full = pq.read_table(folder / f"manifest-{largest}.parquet")
     out = {}

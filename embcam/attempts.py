@@ -69,10 +69,11 @@ class Attempts:
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def _read(self, name: str) -> str | None:
-        if not self.run.exists(STATE, ATTEMPTS, name):
+        try:  # one call on the hot path, not a check and then a read
+            with self.run.fs.open_input_stream(self.run.join(STATE, ATTEMPTS, name)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
             return None
-        with self.run.fs.open_input_stream(self.run.join(STATE, ATTEMPTS, name)) as f:
-            return f.read().decode()
 
     def _write(self, name: str, text: str) -> None:
         self.run.write_bytes(text.encode(), STATE, ATTEMPTS, name, durable=False)

@@ -225,12 +225,9 @@ class _Job:
         todo = self.pending(STATE, PARTIALS)
         if todo:
             self.commit(self.model(self.loaded(todo), "mean", None, "partials"), PARTIALS)
-        acc = MeanProxyAccumulator()
-        for path in self.run.piece_paths(STATE, PARTIALS):
-            table = pq.read_table(path, filesystem=self.run.fs, columns=["label", "sum", "count"])
-            for label, total, count in zip(*(table.column(c).to_pylist() for c in ("label", "sum", "count"))):
-                if label is not None:
-                    acc.add_partial(label, np.asarray(total, np.float64), count)
+        table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
+                              schema=PARTIALS_SCHEMA)
+        acc = _add_partials(MeanProxyAccumulator(), *(table.column(c).to_pylist() for c in ("label", "sum", "count")))
         return self._persist(acc)
 
     def kept_maps_pass(self) -> None:
@@ -240,9 +237,7 @@ class _Job:
         partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
                                     batch_format="numpy")
         for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
-            for label, total, count in zip(batch["label"], batch["sum"], batch["count"]):
-                if label is not None:
-                    acc.add_partial(str(label), total, int(count))
+            _add_partials(acc, batch["label"], batch["sum"], batch["count"])
         proxies = self._persist(acc)
         self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
                     RESULTS)
@@ -297,13 +292,19 @@ def _commit_partials(batch: dict, run: RunFolder) -> dict:
         else:
             merged.append([start, stop])
     for start, stop in merged:
-        acc = MeanProxyAccumulator()
-        for i in np.flatnonzero((starts >= start) & (stops <= stop)):
-            if batch["label"][i] is not None:
-                acc.add_partial(batch["label"][i], np.asarray(batch["sum"][i], np.float64), int(batch["count"][i]))
-        parts = acc.partials() or [{"label": None, "sum": [], "count": 0}]
+        rows = (starts >= start) & (stops <= stop)
+        parts = _add_partials(MeanProxyAccumulator(), batch["label"][rows], batch["sum"][rows],
+                              batch["count"][rows]).partials() or [{"label": None, "sum": [], "count": 0}]
         run.write_table(pa.Table.from_pylist(parts, schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
     return {"rows": np.array([sum(b - a for a, b in merged)])}
+
+
+def _add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyAccumulator:
+    """Add per-class partial sums; a null label marks a piece without labelled rows."""
+    for label, total, count in zip(labels, sums, counts):
+        if label is not None:
+            acc.add_partial(str(label), np.asarray(total, np.float64), int(count))
+    return acc
 
 
 PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
