@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # machines install from local disk; pyproject keeps open ranges for clusters.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench bench-scale clean
+.PHONY: setup test wheel-check demo bench bench-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+wheel-check: setup  # build the wheel, install it in a fresh venv, explain 20 images with it (CI runs this)
+	bash .ci/wheel_check.sh
 
 demo: setup
 	$(VENV)/bin/embcam demo --out demo_out

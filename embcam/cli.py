@@ -20,6 +20,15 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model spec, e.g. torchvision:resnet50+linear:128 (default: the checkpoint's)")
     p.add_argument("--checkpoint", help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
     p.add_argument("--target-layer", help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
+    p.add_argument("--reshape", choices=["tokens", "nhwc"],
+                   help="how the target layer's output becomes a (K, h, w) map: tokens = a transformer's "
+                        "token sequence laid out on its patch grid, nhwc = channels last (default: the model's own)")
+    p.add_argument("--py-modules", action="append", metavar="PATH",
+                   help="your model code for every Ray worker: a package folder or a .py file, imported by "
+                        "its name (repeatable; sent through Ray's runtime_env, like the folder below)")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="a folder every Ray worker runs in, on its Python path (Ray's runtime_env "
+                        "working_dir; .gitignore and .rayignore are honoured, 512 MiB at most)")
     proxy = p.add_mutually_exclusive_group()
     proxy.add_argument("--proxy", default="self", choices=["self", "mean", "onehot"],
                        help="self: each image's own embedding; mean: its class's normalised mean proxy "
@@ -67,13 +76,14 @@ def explain_config(args: argparse.Namespace):
 
     return ExplainConfig(
         manifest=args.manifest, out=args.out, model=args.model, checkpoint=args.checkpoint,
-        target_layer=args.target_layer, proxy="bank" if args.proxies else args.proxy,
+        target_layer=args.target_layer, reshape=args.reshape, proxy="bank" if args.proxies else args.proxy,
         proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
         image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
         block_rows=args.block_rows, num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
         compile=args.compile, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         read_timeout=args.read_timeout,
         allowed_prefixes=(args.allowed_prefix or []) if args.confine_uris or args.allowed_prefix else None,
+        py_modules=args.py_modules, working_dir=args.working_dir,
         address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
 
 

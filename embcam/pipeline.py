@@ -9,17 +9,27 @@ CPU tasks fetch and decode, a fixed pool of model actors (one per GPU, or one on
 CPU-only machine) embeds and explains, and CPU tasks compute metrics and commit each
 batch's rows as a piece named by its rows. A re-run of the same command computes only
 the rows no piece covers.
+
+User code (``--model package.module:factory``) reaches the workers only through Ray's
+runtime environment: ``py_modules`` and ``working_dir``, given to ``ray.init`` when embcam
+starts or connects to Ray; the driver, which builds the model once to fail fast, imports
+the same modules for that build only. Data (a manifest, a checkpoint) never names code.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
 import math
 import os
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -27,20 +37,20 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .attempts import Attempts, fault_point
-from .cam import EmbeddingCAM
 from .fetch import ReadLimits
 from .inference import check_compilable
-from .manifest import ManifestError, default_image_root, scan_manifest
+from .manifest import ManifestError, default_image_root, has_scheme, scan_manifest
 from .metrics import THRESHOLDS
-from .models import load_model
+from .models import BUILTIN_SOURCES, load_model
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
 from .runstate import (ATTEMPTS, DONE, IDENTITY, PARTIALS, PROXIES, RESULTS, STATE, SUMMARY, ManifestCopy,
                        RunFolder, RunMismatch, covered, filesystem_path, identity_differences, pending_blocks, piece_name)
 from .stages import (ExplainModel, ModelConfig, compute_metrics, flag_nan_boxes, heatmaps_from_kept_maps, load_images,
-                     partial_sums, row_runs, to_results)
+                     make_cam, partial_sums, resolved_target, row_runs, to_results)
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
+RESHAPES = ("tokens", "nhwc")
 KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
@@ -51,6 +61,7 @@ class ExplainConfig:
     model: str | None = None
     checkpoint: str | None = None
     target_layer: str | None = None
+    reshape: str | None = None          # "tokens" | "nhwc" (None: the model's own)
     proxy: str = "self"
     proxies: str | None = None          # a proxy bank (Parquet): implies proxy="bank"
     proxy_split: str | None = None
@@ -66,6 +77,8 @@ class ExplainConfig:
     max_bytes: int = ReadLimits.max_bytes
     read_timeout: float = ReadLimits.read_timeout
     allowed_prefixes: list[str] | None = None  # confine uris to the image root and these
+    py_modules: list[str] | None = None  # user code for every worker: package folders or .py files
+    working_dir: str | None = None       # a folder every worker runs in, on its Python path
     address: str | None = None
     overwrite: bool = False
 
@@ -80,6 +93,13 @@ class ExplainConfig:
             raise ValueError(f"--strategy must be one of {JOB_STRATEGIES}, got {self.strategy!r}")
         if self.proxy_split and self.proxy != "mean":
             raise ValueError("--proxy-split only applies to --proxy mean")
+        if self.reshape is not None and self.reshape not in RESHAPES:
+            raise ValueError(f"--reshape must be one of {RESHAPES}, got {self.reshape!r}")
+        for path in self.py_modules or []:
+            if not (os.path.isdir(path) or (path.endswith(".py") and os.path.isfile(path))):
+                raise ValueError(f"--py-modules {path}: not a package folder or a .py file")
+        if self.working_dir is not None and not os.path.isdir(self.working_dir):
+            raise ValueError(f"--working-dir {self.working_dir}: not a folder")
         for name in ("batch_size", "max_pixels", "max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -107,19 +127,19 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     started = time.time()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
+    if cfg.working_dir:  # the workers run in their copy of it: no path may depend on the cwd
+        cfg = _with_absolute_paths(cfg)
+    runtime_env = _runtime_env(cfg)
     scan = _scanned_manifest(cfg)             # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
-    net, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)  # bad model: fail now
-    if cfg.compile:
-        check_compilable(net, cfg.target_layer, cfg.batch_size)
-    probe = EmbeddingCAM(net, cfg.target_layer)(_zeros(preprocessing.size))
-    dims = (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
-    del net, probe
-    image_root = cfg.image_root or default_image_root(cfg.manifest)
-    identity = _identity(cfg, scan, spec, preprocessing.size)
-
     run = RunFolder(cfg.out)
-    state, note = _run_state(run, cfg, identity)
+    with _importable(cfg.py_modules, cfg.working_dir):
+        net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
+        identity = _identity(cfg, scan, spec, preprocessing.size)
+        state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
+        dims = None if state == "complete" else _output_dims(net, cfg, preprocessing.size)
+    del net
+    image_root = cfg.image_root or default_image_root(cfg.manifest)
     if state == "complete":
         summary = run.read_json(SUMMARY)
         log(f"embcam explain: {cfg.out} already holds this run, complete "
@@ -127,8 +147,8 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
         return dict(summary, already_complete=True)
 
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+        ray.init(address=cfg.address, runtime_env=runtime_env or None, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
@@ -153,7 +173,7 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
-                           cfg.batch_size if cfg.compile else None),
+                           cfg.batch_size if cfg.compile else None, cfg.reshape),
                preprocessing.size, cfg.limits(image_root), image_root, gpus)
     proxies = bank
     if plan != "one-pass":
@@ -310,12 +330,109 @@ def _add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyA
 PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
 
 
+# --- user code: to the workers through Ray's runtime_env, importable on the driver -------
+
+SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
+
+
+def _runtime_env(cfg: ExplainConfig) -> dict:
+    """Ray's ``runtime_env`` for the user code named by ``--py-modules`` / ``--working-dir``.
+    Refused, in one line, where Ray would not ship it: to a Ray this process already
+    joined (a job's runtime_env is fixed by its ``ray.init``), or when a submitted job
+    already has the same field (Ray refuses to merge them)."""
+    import ray
+
+    env = {}
+    if cfg.py_modules:
+        env["py_modules"] = [os.path.abspath(path) for path in cfg.py_modules]
+    if cfg.working_dir:
+        env["working_dir"] = os.path.abspath(cfg.working_dir)
+    submitted = json.loads(os.environ.get(SUBMITTED_JOB_CONFIG) or "{}").get("runtime_env") or {}
+    for key in sorted(set(env) & set(submitted)):
+        raise ValueError(f"--{key.replace('_', '-')}: this job was submitted with its own {key} "
+                         "(ray job submit), which Ray does not merge with another: name it in one place only")
+    if env and ray.is_initialized():
+        raise ValueError("--py-modules/--working-dir: Ray is already initialised in this process, so they "
+                         "cannot reach its workers: pass them to your own ray.init(runtime_env=...) instead")
+    return env
+
+
+class _NamedModules(importlib.abc.MetaPathFinder):
+    """Finds exactly the top-level modules that ``--py-modules`` names (a package folder
+    or a .py file), and nothing else in the folders that hold them."""
+
+    def __init__(self, paths: list[str]):
+        self.folders = {}
+        for path in paths:
+            path = os.path.abspath(path).rstrip(os.sep)
+            name = os.path.basename(path)
+            self.folders[name[:-3] if name.endswith(".py") else name] = os.path.dirname(path)
+
+    def find_spec(self, fullname, path=None, target=None):
+        folder = self.folders.get(fullname)
+        return None if folder is None else importlib.machinery.PathFinder.find_spec(fullname, [folder])
+
+
+@contextlib.contextmanager
+def _importable(py_modules: list[str] | None, working_dir: str | None):
+    """The user code importable in this process for the block, as Ray makes it on every
+    worker: each ``py_modules`` entry by its name, the ``working_dir`` on the path."""
+    finder = _NamedModules(py_modules or [])
+    sys.meta_path.insert(0, finder)
+    folder = os.path.abspath(working_dir) if working_dir else None
+    if folder:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        if folder:
+            sys.path.remove(folder)
+
+
+def _driver_model(cfg: ExplainConfig):
+    """The model, built once on the driver so that a bad spec or checkpoint fails before
+    any work; user code this process cannot find fails in one line that says how to ship it."""
+    missing = _missing_user_module(cfg.model)
+    if missing:
+        raise ValueError(f"--model {cfg.model}: no module named {missing!r} here: ship your code with "
+                         "--py-modules PATH or --working-dir DIR, or install it on every node")
+    return load_model(cfg.model, cfg.checkpoint, cfg.image_size)
+
+
+def _missing_user_module(spec: str | None) -> str | None:
+    """The top-level module of a ``package.module:factory`` spec when it cannot be found
+    (found, not imported: importing is the model loader's job)."""
+    source = (spec or "").partition(":")[0]
+    if not source or ":" not in spec or source in (*BUILTIN_SOURCES, "torchscript"):
+        return None
+    top = source.split(".")[0]
+    return top if importlib.util.find_spec(top) is None else None
+
+
+def _with_absolute_paths(cfg: ExplainConfig) -> ExplainConfig:
+    """``cfg`` with every local path made absolute against this process's cwd."""
+    def local(path):
+        return path if path is None or has_scheme(path) else os.path.abspath(os.path.expanduser(path))
+
+    prefixes = None if cfg.allowed_prefixes is None else [local(p) for p in cfg.allowed_prefixes]
+    return replace(cfg, manifest=local(cfg.manifest), out=local(cfg.out), image_root=local(cfg.image_root),
+                   checkpoint=local(cfg.checkpoint), proxies=local(cfg.proxies), allowed_prefixes=prefixes,
+                   py_modules=[local(p) for p in cfg.py_modules or []] or None, working_dir=local(cfg.working_dir))
+
+
 # --- driver-side checks and bookkeeping ---------------------------------------------------
 
 
-def _zeros(size: int):
+def _output_dims(net, cfg: ExplainConfig, size: int) -> tuple:
+    """(d, h, w) of the embedding and heatmap, from one probe image: a model or layer the
+    job cannot explain fails here, before any work."""
     import torch
-    return torch.zeros(1, 3, size, size)
+
+    if cfg.compile:
+        check_compilable(net, resolved_target(net, cfg.target_layer), cfg.batch_size)
+    probe = make_cam(net, cfg.target_layer, reshape=cfg.reshape)(torch.zeros(1, 3, size, size))
+    return (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
 
 
 def _scanned_manifest(cfg: ExplainConfig):
@@ -354,13 +471,14 @@ def _file_sha256(uri: str | None) -> str | None:
 
 
 def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
-    """What makes two runs the same run: resuming one with another is refused."""
+    """What makes two runs the same run: resuming one with another is refused. Where user
+    code comes from (--py-modules, --working-dir) is not part of it: the spec names the code."""
     return {
         "manifest": {"path": cfg.manifest, "rows": scan.rows, "image_ids_sha256": scan.ids_sha256},
         "model": {"spec": spec, "checkpoint_sha256": _file_sha256(cfg.checkpoint)},
         "proxy": cfg.proxy, "proxy_split": cfg.proxy_split,
         "proxy_bank_sha256": _file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
-        "strategy": cfg.strategy, "target_layer": cfg.target_layer, "image_size": image_size,
+        "strategy": cfg.strategy, "target_layer": cfg.target_layer, "reshape": cfg.reshape, "image_size": image_size,
         "top_k_channels": cfg.top_k_channels, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
         "embcam": __version__,
     }

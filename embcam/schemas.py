@@ -1,12 +1,13 @@
-"""The data contracts in ``schemas/*.json``, as dicts and as Arrow schemas.
+"""The data contracts in ``embcam/contracts/*.json``, as dicts and as Arrow schemas.
 
 Each JSON file documents one table column by column::
 
     {"name": ..., "description": ..., "columns": [
         {"name": ..., "type": ..., "nullable": ..., "description": ...}, ...]}
 
-The files live at the repository root (``schemas/``); set ``EMBCAM_SCHEMAS_DIR`` to read
-them from elsewhere (an installed package, a cluster image).
+The files are package data, read through ``importlib.resources``, so an installed wheel
+carries them; the repository's top-level ``schemas/`` is a link to the same folder. Set
+``EMBCAM_SCHEMAS_DIR`` to read them from another folder instead.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 ARROW_TYPES = {
     "string": pa.string(),
@@ -35,25 +40,30 @@ class SchemaError(ValueError):
     """Data does not fit a schema (missing column, impossible cast, null where not allowed)."""
 
 
-def schemas_dir() -> Path:
-    """Folder holding the schema files: ``$EMBCAM_SCHEMAS_DIR`` or ``<repo>/schemas``."""
-    override = os.environ.get("EMBCAM_SCHEMAS_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[1] / "schemas"
+def schemas_dir() -> Traversable:
+    """Folder holding the schema files: ``$EMBCAM_SCHEMAS_DIR``, else the package's
+    ``embcam/contracts`` (a ``Traversable``: a plain ``Path`` unless installed zipped)."""
+    return _folder(os.environ.get("EMBCAM_SCHEMAS_DIR"))
+
+
+def _folder(override: str | None) -> Traversable:
+    return Path(override) if override else resources.files("embcam").joinpath("contracts")
 
 
 def load_schema(name: str) -> dict:
-    """The parsed ``schemas/<name>.json`` (``manifest``, ``results`` or ``proxies``)."""
-    return json.loads(_read_schema_text(str(schemas_dir() / f"{name}.json")))
+    """The parsed ``<name>.json`` contract (``manifest``, ``results`` or ``proxies``)."""
+    return json.loads(_read_schema_text(os.environ.get("EMBCAM_SCHEMAS_DIR"), name))
 
 
 @lru_cache(maxsize=None)
-def _read_schema_text(path: str) -> str:
+def _read_schema_text(override: str | None, name: str) -> str:
+    path = _folder(override).joinpath(f"{name}.json")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"schema file {path} not found (set EMBCAM_SCHEMAS_DIR to the schemas/ folder)"
-        ) from None
+        where = ("unset EMBCAM_SCHEMAS_DIR to use the packaged ones, or point it at a folder holding it"
+                 if override else "reinstall embcam, or set EMBCAM_SCHEMAS_DIR to a folder holding it")
+        raise FileNotFoundError(f"schema file {path} not found ({where})") from None
 
 
 def arrow_schema(name: str) -> pa.Schema:

@@ -23,7 +23,7 @@ from .images import decode_image_oriented, decode_mask, resize_square
 from .inference import prepare_for_inference
 from .manifest import BBOX_COLUMNS, resolve_uri
 from .metrics import THRESHOLDS, _checked_bbox, heatmap_metrics
-from .models import load_model
+from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
 from .schemas import conform
 
@@ -42,6 +42,19 @@ class ModelConfig:
     target_layer: str | None = None
     image_size: int | None = None
     compile_batch_size: int | None = None  # torch.compile the backbone for this batch size
+    reshape: str | None = None             # "tokens" | "nhwc": how the target's output becomes (B, K, h, w)
+
+
+def make_cam(model, target_layer: str | None = None, strategy: str = "autograd",
+             top_k_channels: int | None = None, reshape: str | None = None) -> EmbeddingCAM:
+    """``EmbeddingCAM`` with ``reshape`` passed only when one is named (None: the model's own)."""
+    extra = {} if reshape is None else {"reshape": reshape}
+    return EmbeddingCAM(model, target_layer, strategy, top_k_channels, **extra)
+
+
+def resolved_target(model, target_layer: str | None) -> str | None:
+    """The layer explained: the one named, else the model's default (None: its split point)."""
+    return target_layer if target_layer is not None else default_target_layer(model)
 
 
 def _copy_status(batch: dict) -> dict:
@@ -146,11 +159,12 @@ class ExplainModel:
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size)
-        # BatchNorm folded, channels_last: 1.2-2x faster, same maps to ~1e-6 (BENCHMARKS.md)
-        self.model = prepare_for_inference(net, model.target_layer,
+        # BatchNorm folded, channels_last: 1.2-2x faster, same maps to ~1e-6 (BENCHMARKS.md).
+        # The target is resolved first: a BatchNorm after a default target layer must stay unfolded.
+        self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),
                                            compile_batch_size=model.compile_batch_size).to(self.device)
-        self.cam = EmbeddingCAM(self.model, model.target_layer, strategy)
-        self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels)
+        self.cam = make_cam(self.model, model.target_layer, strategy, reshape=model.reshape)
+        self.cam_topk = (make_cam(self.model, model.target_layer, "autograd", top_k_channels, model.reshape)
                          if top_k_channels else None)
         self.proxy_mode, self.output, self.split = proxy_mode, output, split
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}

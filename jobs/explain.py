@@ -1,13 +1,11 @@
-"""Entry point for `ray job submit`: the explain job with the same options as `embcam explain`.
+"""Entry point for `ray job submit`: `embcam explain`, with the same options and the same
+one-line errors for bad input.
 
     ray job submit --working-dir . -- python jobs/explain.py --manifest s3://b/m/ --out s3://b/run1
 """
-import argparse
 import sys
 
-from embcam.cli import add_explain_arguments, run_explain_command
+from embcam.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="embcam explain job (see `embcam explain --help`)")
-    add_explain_arguments(parser)
-    sys.exit(run_explain_command(parser.parse_args()))
+    sys.exit(main(["explain", *sys.argv[1:]]))

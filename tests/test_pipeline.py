@@ -1,4 +1,5 @@
 """The explain job end to end on real Ray, Parquet and images."""
+import argparse
 import subprocess
 import sys
 
@@ -14,7 +15,9 @@ from embcam.datasets import generate_dataset
 from embcam.images import decode_image, resize_square
 from embcam.manifest import ManifestError
 from embcam.models import Preprocessing, build_model
+from embcam.cli import add_explain_arguments, explain_config
 from embcam.pipeline import ExplainConfig, run_explain
+from embcam.runstate import RunMismatch
 
 SIZE = 64
 
@@ -187,3 +190,23 @@ def test_compiled_job_matches_the_core(ray_session, dataset, tmp_path):
     with pytest.raises(ValueError, match="backbone output"):
         explain(dataset, tmp_path / "layer", compile=True, target_layer="backbone.layer3")
     assert not (tmp_path / "layer").exists()
+
+
+def test_reshape_is_part_of_the_run_identity(ray_session, dataset, tmp_path):
+    """A run is resumed only with its own --reshape; a bad one fails before any work."""
+    explain(dataset, tmp_path)
+    with pytest.raises(RunMismatch, match=r"another configuration \(reshape: None -> 'nhwc'\)"):
+        explain(dataset, tmp_path, reshape="nhwc")
+    with pytest.raises(ValueError, match=r"--reshape must be one of \('tokens', 'nhwc'\), got 'nchw'"):
+        explain(dataset, tmp_path / "bad", reshape="nchw")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_explain_flags_reach_the_config():
+    parser = argparse.ArgumentParser()
+    add_explain_arguments(parser)
+    cfg = explain_config(parser.parse_args(["--manifest", "m", "--out", "o", "--reshape", "tokens",
+                                            "--py-modules", "a", "--py-modules", "b.py", "--working-dir", "w"]))
+    assert (cfg.reshape, cfg.py_modules, cfg.working_dir) == ("tokens", ["a", "b.py"], "w")
+    cfg = explain_config(parser.parse_args(["--manifest", "m", "--out", "o"]))
+    assert (cfg.reshape, cfg.py_modules, cfg.working_dir) == (None, None, None)
