@@ -1,12 +1,15 @@
-"""Embedding models from a spec string, their target layers and their preprocessing.
+"""Embedding models from a spec string: build, load weights, save, find target layers.
 
-A spec names an architecture; creation is one function, :func:`load_model`:
+A spec names a source and an architecture; creation is one function, :func:`load_model`.
+The sources and their architectures are a registry, :mod:`embcam.architectures`
+(``embcam models`` prints it):
 
-- ``torchvision:<arch>[+<head>]``: a torchvision backbone (resnet18/34/50/101,
-  mobilenet_v2) without its classifier, global average pooling, then an embedding
-  head: ``identity`` (the pooled features) or ``linear:<d>``. Example:
-  ``torchvision:resnet50+linear:128``. Weights are never downloaded: they come from
-  a checkpoint or stay random.
+- ``torchvision:<arch>[+<head>]``: a torchvision model without its classifier
+  (ResNet/ResNeXt/Wide ResNet, MobileNetV2/V3, EfficientNet/V2, RegNet, ConvNeXt,
+  DenseNet, Swin/V2, ViT) then an embedding head: ``identity`` (the pooled features) or
+  ``linear:<d>``. Example: ``torchvision:resnet50+linear:128``.
+- ``timm:<name>[+<head>]``: ``timm.create_model(name, pretrained=False, ...)``
+  (``pip install 'embcam[timm]'``).
 - ``embcam:small-resnet[+<head>]``: a small 4-stage ResNet (BasicBlocks, widths
   16-32-64-128) for CPU training and the bundled demo model.
 - ``torchscript:<path>``: a TorchScript file whose module exports
@@ -14,172 +17,81 @@ A spec names an architecture; creation is one function, :func:`load_model`:
 - ``<package.module>:<factory>``: user code, imported only because the user named
   it; ``factory()`` returns an ``nn.Module``.
 
+Weights are never downloaded: they come from a file or stay random (seeded, so every
+worker builds the same model). A file is an embcam checkpoint (:func:`save_checkpoint`,
+which records the spec and the preprocessing, so ``load_model(checkpoint=path)`` alone
+rebuilds the model) or a plain state dict. A plain state dict may also be in the
+source's own names, as torchvision and timm save them (torchvision's
+``resnet50-0676ba61.pth``): its keys are mapped onto the embcam model (``conv1.weight``
+-> ``backbone.conv1.weight``), and the source's classifier (``fc.*``, ``classifier.*``,
+``heads.*``, timm's ``pretrained_cfg["classifier"]``) is dropped, with a log line
+(logger ``embcam.models``), unless its shapes are the embedding head's, which it then
+becomes.
+
 Checkpoints are data, never code: they are read with ``torch.load(...,
 weights_only=True)`` (tensors and plain containers; anything else is refused with a
-one-line ValueError). A checkpoint written by :func:`save_checkpoint` also records the
-spec and the preprocessing, so ``load_model(checkpoint=path)`` alone rebuilds the model;
-the recorded spec may name only a built-in architecture (``torchvision:``, ``embcam:``).
-User code and TorchScript run only from a spec the caller names (``spec=``, ``--model``).
+one-line ValueError), and a recorded spec may name only a built-in source
+(``torchvision:``, ``embcam:``, ``timm:``). User code and TorchScript run only from a
+spec the caller names (``spec=``, ``--model``).
 """
 from __future__ import annotations
 
 import importlib
 import io
+import logging
 import math
 import re
 import warnings
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
-BUILTIN_SOURCES = ("torchvision", "embcam", "timm")  # timm: reserved, no timm model is built yet
+from .architectures import (BUILTIN_SOURCES, IMAGENET_MEAN, IMAGENET_STD, Architecture, BasicBlock,  # noqa: F401
+                            EmbeddingNet, GeM, GlobalAvgPool, Preprocessing, resolve, small_resnet,
+                            unknown_source_message)
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images reach the model: resize to size x size (no crop, so the heatmap
-    covers the whole image), scale to [0, 1], normalise per channel."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 RGB batch (already resized) -> (B, 3, S, S) float32."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling, ``(mean x^p)^(1/p)`` over the spatial grid."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=self.eps).pow(self.p).mean((-2, -1)).pow(1.0 / self.p)
-
-
-class GlobalAvgPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((-2, -1))
-
-
-class EmbeddingNet(nn.Module):
-    """backbone (conv features) -> pool (to a K vector) -> head (to the embedding y).
-
-    ``forward_features``/``forward_head`` split the network at the backbone's output,
-    the default target layer. With ``GlobalAvgPool`` and an affine head the split is
-    the paper's "simple network" and EmbeddingCAM needs no backward pass (eq. 17).
-    """
-
-    def __init__(self, backbone: nn.Module, pool: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.pool, self.head = backbone, pool, head
-
-    @torch.jit.export
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    @torch.jit.export
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock (same names, so the same state dict), here so that
-    the small model does not import torchvision (about a second of every worker's start)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-def small_resnet() -> nn.Sequential:
-    """A 4-stage ResNet with one BasicBlock per stage, widths 16-32-64-128 (~0.3M params)."""
-
-    def stage(cin: int, cout: int, stride: int) -> BasicBlock:
-        down = None
-        if stride != 1 or cin != cout:
-            down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        return BasicBlock(cin, cout, stride, downsample=down)
-
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 16, 3, 2, 1, bias=False), bn1=nn.BatchNorm2d(16), relu=nn.ReLU(inplace=True),
-        layer1=stage(16, 16, 1), layer2=stage(16, 32, 2), layer3=stage(32, 64, 2), layer4=stage(64, 128, 2),
-    ))
-
-
-def _torchvision_backbone(arch: str) -> tuple[nn.Sequential, int]:
-    import torchvision  # here: a second of import that the small model does not need
-
-    net = getattr(torchvision.models, arch)(weights=None)
-    if arch.startswith("resnet"):
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.fc.in_features
-    return net.features, net.last_channel  # mobilenet_v2
-
-
-def _head(spec: str, in_features: int) -> nn.Module:
-    if spec == "identity":
-        return nn.Identity()
-    if spec.startswith("linear:") and spec[7:].isdigit() and int(spec[7:]) > 0:
-        return nn.Linear(in_features, int(spec[7:]))
-    raise ValueError(f"unknown embedding head {spec!r}: use 'identity' or 'linear:<d>' (e.g. linear:128)")
-
-
-def build_model(spec: str) -> nn.Module:
-    """Create the (randomly initialised) model a spec names. See the module docstring."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or not rest:
-        raise ValueError(f"model spec {spec!r} must look like 'torchvision:resnet50+linear:128'")
-    if kind in BUILTIN_SOURCES:
-        arch, _, head = rest.partition("+")
-        if kind == "embcam" and arch == "small-resnet":
-            backbone, width = small_resnet(), 128
-        elif kind == "torchvision" and arch in TORCHVISION_ARCHS:
-            backbone, width = _torchvision_backbone(arch)
-        else:
-            known = [f"torchvision:{a}" for a in TORCHVISION_ARCHS] + ["embcam:small-resnet"]
-            raise ValueError(f"unknown architecture in {spec!r}; known: {', '.join(known)}")
-        return EmbeddingNet(backbone, GlobalAvgPool(), _head(head or "identity", width))
+def build_model(spec: str, image_size: int | None = None) -> nn.Module:
+    """Create the (randomly initialised) model a spec names; see the module docstring.
+    ``image_size`` matters to ViTs (their position embedding); None = the
+    architecture's preprocessing size."""
+    resolved = resolve(spec)
+    if resolved is not None:
+        arch, head = resolved
+        return arch.build(head, image_size)
+    kind, _, rest = spec.partition(":")
     if kind == "torchscript":
         return torch.jit.load(rest, map_location="cpu")
-    module = importlib.import_module(kind)  # user code: only because the user named it
-    model = getattr(module, rest)()
+    return _user_model(spec)
+
+
+def _user_model(spec: str) -> nn.Module:
+    kind, _, factory = spec.partition(":")
+    try:
+        module = importlib.import_module(kind)  # user code: only because the user named it
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (kind == exc.name or kind.startswith(exc.name + ".")):
+            raise  # the user's module imports something missing: its own traceback says what
+        raise ValueError(unknown_source_message(spec)) from None
+    if not callable(getattr(module, factory, None)):
+        raise ValueError(f"module {kind!r} has no factory {factory!r} (model spec {spec!r})")
+    model = getattr(module, factory)()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def default_target_layer(model: nn.Module) -> str | None:
-    """The layer to explain when none is named. ``None`` means the split point of a
-    model with ``forward_features``/``forward_head`` (the backbone output: layer4 of
-    a ResNet, the last feature block of MobileNetV2); otherwise ``layer4``/``features``."""
+    """The layer to explain when none is named: ``model.embcam_target_layer`` when the
+    model has it (every registry model does; a user's factory may set it too). Else
+    ``None``, the split point, for a model with ``forward_features``/``forward_head``
+    (the backbone output: layer4 of a ResNet); otherwise ``layer4``/``features``."""
+    if hasattr(model, "embcam_target_layer"):
+        return model.embcam_target_layer
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         return None
     for name in ("layer4", "features"):
@@ -207,25 +119,65 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: str, preprocessing
 
 def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
                image_size: int | None = None) -> tuple[nn.Module, Preprocessing, str]:
-    """Build a model from ``spec`` and/or an embcam checkpoint; returns (model in eval
-    mode, its preprocessing, the resolved spec). A plain state dict works too."""
-    preprocessing = Preprocessing()
-    state = None
+    """Build a model from ``spec`` and/or a weight file; returns (model in eval mode, its
+    preprocessing, the resolved spec). The file is an embcam checkpoint or a plain state
+    dict, in embcam's names or, for a built-in source, in the source's own (see the
+    module docstring). Preprocessing: the checkpoint's, else the architecture's;
+    ``image_size`` replaces its size (and sizes a ViT's position embedding)."""
+    state = stored_spec = stored_preprocessing = None
     if checkpoint is not None:
         state, stored_spec, stored_preprocessing = _read_checkpoint(checkpoint)
         if not spec and stored_spec is not None:
             spec = _checkpoint_spec(stored_spec, checkpoint)
-        preprocessing = stored_preprocessing or preprocessing
     if not spec:
         raise ValueError("no model: give a spec (e.g. torchvision:resnet50+linear:128) or an embcam checkpoint")
+    resolved = resolve(spec)
+    preprocessing = stored_preprocessing or (resolved[0].preprocessing if resolved else Preprocessing())
+    if image_size is not None:
+        preprocessing = replace(preprocessing, size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # without a checkpoint every worker must still build the same weights
-        model = build_model(spec)
+        model = resolved[0].build(resolved[1], preprocessing.size) if resolved else build_model(spec)
     if state is not None:
+        if resolved is not None and stored_spec is None:  # embcam checkpoints are in embcam's names
+            state = _from_source_names(state, model, resolved[0], checkpoint)
         _load_state(model, state, checkpoint)
-    if image_size is not None:
-        preprocessing = Preprocessing(image_size, preprocessing.mean, preprocessing.std)
     return model.eval(), preprocessing, spec
+
+
+def _from_source_names(state: dict, model: nn.Module, arch: Architecture, checkpoint) -> dict:
+    """A plain state dict in the source's own names (torchvision's ``conv1.weight``)
+    renamed to the model's (``backbone.conv1.weight``); one already in the model's names
+    passes unchanged. The source's classifier becomes the embedding head when all its
+    shapes are the head's, else it is dropped and the head keeps its seeded init; so do
+    missing BatchNorm step counters (files saved before PyTorch 0.4.1). Keys that fit nowhere stay as they are, for
+    :func:`_load_state` to report."""
+    if not arch.classifiers or (arch.prefixes != ("",) and any(key.startswith(arch.prefixes) for key in state)):
+        return state  # embcam's own architecture, or a file in the model's names
+    own = model.state_dict()
+    renamed, classifier_keys = {}, {}
+    for key, value in state.items():
+        key = arch.legacy_key(key) if arch.legacy_key else key
+        classifier = next((c for c in arch.classifiers if key.startswith(c + ".")), None)
+        if classifier is None:
+            renamed[next((p + key for p in arch.prefixes if p + key in own), key)] = value
+        else:
+            classifier_keys.setdefault(classifier, {})[arch.classifiers[classifier] + key[len(classifier):]] = value
+    for classifier, keys in classifier_keys.items():
+        # INFO, not WARNING: dropping the classifier is what loading a classification file as an
+        # embedding model means, and every Ray worker loads the model (a warning per worker).
+        if all(k in own and own[k].shape == v.shape for k, v in keys.items()):
+            renamed.update(keys)
+            log.info("%s: %s's classifier %s.* has the embedding head's shapes: it becomes %s.*", checkpoint,
+                     arch.source, classifier, arch.classifiers[classifier])
+        else:
+            log.info("%s: dropped %d key(s) of %s's classifier %s.* (not the embedding head's shapes); "
+                     "the embedding head keeps its seeded init", checkpoint, len(keys), arch.source, classifier)
+    heads = tuple(f"{head}." for head in arch.classifiers.values())
+    for key, value in own.items():  # what the file cannot give: the head, old files' BatchNorm step counters
+        if key not in renamed and (key.startswith(heads) or key.endswith(".num_batches_tracked")):
+            renamed[key] = value
+    return renamed
 
 
 def _read_checkpoint(checkpoint: str | Path) -> tuple[dict, str | None, Preprocessing | None]:
@@ -274,8 +226,8 @@ def _checkpoint_spec(spec: str, checkpoint: str | Path) -> str:
     """
     if spec.partition(":")[0] not in BUILTIN_SOURCES:
         raise ValueError(f"checkpoint {checkpoint} names model {spec[:100]!r}, but a checkpoint may only name "
-                         "built-in models (torchvision:, embcam:): user code and TorchScript must be named "
-                         "on the command line with --model")
+                         f"built-in models ({', '.join(s + ':' for s in BUILTIN_SOURCES)}): user code and "
+                         "TorchScript must be named on the command line with --model")
     return spec
 
 
@@ -302,9 +254,11 @@ def _load_state(model: nn.Module, state: dict, source) -> None:
     if missing or unexpected or shapes:
         def show(keys):
             return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+        hint = ("; the position embeddings differ: the file is for another image size (give that size: "
+                "image_size= / --image-size)") if any("pos_embed" in s for s in shapes) else ""
         raise ValueError(f"checkpoint {source} does not match the model: "
                          f"missing keys: {show(missing) or 'none'}; unexpected keys: {show(unexpected) or 'none'}; "
-                         f"shape mismatches (checkpoint vs model): {show(shapes) or 'none'}")
+                         f"shape mismatches (checkpoint vs model): {show(shapes) or 'none'}{hint}")
     model.load_state_dict(state)
 
 

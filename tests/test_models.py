@@ -16,7 +16,8 @@ from embcam.models import Preprocessing, build_model, export_torchscript, get_la
 
 @pytest.mark.parametrize("spec,d", [("torchvision:resnet18+linear:8", 8), ("torchvision:resnet34", 512),
                                     ("torchvision:resnet50+linear:8", 8), ("torchvision:mobilenet_v2", 1280),
-                                    ("embcam:small-resnet+linear:8", 8)])
+                                    ("embcam:small-resnet+linear:8", 8), ("torchvision:regnet_y_400mf", 440),
+                                    ("torchvision:mobilenet_v3_small+linear:8", 8)])  # a pool with a Linear
 def test_specs_build_and_explain(spec, d):
     model, prep, _ = load_model(spec, image_size=64)
     out = EmbeddingCAM(model, strategy="embedding-map")(torch.randn(1, 3, 64, 64))
@@ -24,7 +25,7 @@ def test_specs_build_and_explain(spec, d):
 
 
 def test_unknown_specs_and_layers_fail_clearly():
-    with pytest.raises(ValueError, match="known: .*resnet50"):
+    with pytest.raises(ValueError, match="unknown architecture 'vgg16' in 'torchvision:vgg16'; torchvision has: .*50"):
         build_model("torchvision:vgg16")
     with pytest.raises(ValueError, match="linear:<d>"):
         build_model("torchvision:resnet18+mlp")
@@ -141,7 +142,7 @@ def test_a_checkpoint_cannot_name_code(kind, hostile_pkg, tmp_path, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_model(checkpoint=path)
     assert str(err.value) == (f"checkpoint {path} names model {spec[:100]!r}, but a checkpoint may only name built-in "
-                              "models (torchvision:, embcam:): user code and TorchScript must be named on the "
+                              "models (torchvision:, embcam:, timm:): user code and TorchScript must be named on the "
                               "command line with --model")
     assert calls == [] and os.listdir(tmp_path / "tmp") == []
     assert not (hostile_pkg / "IMPORTED").exists() and "hostile_pkg" not in sys.modules
@@ -220,7 +221,7 @@ def test_unreadable_files_give_one_line_without_their_text(text, tmp_path):
     ({"state_dict": {"w": 1}}, "is neither a state dict"),
     ({"w": torch.zeros(1), 3: torch.zeros(1)}, "is neither a state dict"),
     ({"state_dict": {}, "spec": 3}, "'spec' must be a string, not int"),
-    ({"state_dict": {}, "spec": "timm:vit"}, "unknown architecture in 'timm:vit'"),  # allowed, not built yet
+    ({"state_dict": {}, "spec": "timm:vit"}, "unknown architecture 'vit' in 'timm:vit'"),  # allowed, not a timm name
     ({"state_dict": {}, "preprocessing": {"size": 16}}, "bad 'preprocessing' entry"),
     ({"state_dict": {}, "preprocessing": [16, (0, 0, 0), (1, 1, 1)]}, "bad 'preprocessing' entry"),
     ({"state_dict": {}, "preprocessing": {"size": "16", "mean": (0, 0, 0), "std": (1, 1, 1)}}, "bad 'preproc"),
