@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(run=make_manifest)
 
+    models = sub.add_parser("models", help="list the model specs: default target layer, input size, embedding width")
+    models.add_argument("pattern", nargs="?", default="",
+                        help="only specs containing this; timm:<name> shows that timm model's defaults")
+    models.set_defaults(run=list_models)
+
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] in DELEGATED:
@@ -200,6 +205,13 @@ def _delegate(module: str, argv: list[str]) -> int:
 
     rc = importlib.import_module(module).main(argv)
     return rc if isinstance(rc, int) else 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from .architectures import format_table
+
+    print(format_table(args.pattern))
+    return 0
 
 
 def make_manifest(args: argparse.Namespace) -> int:
