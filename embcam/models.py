@@ -48,9 +48,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import (BUILTIN_SOURCES, IMAGENET_MEAN, IMAGENET_STD, Architecture, BasicBlock,  # noqa: F401
-                            EmbeddingNet, GeM, GlobalAvgPool, Preprocessing, resolve, small_resnet,
-                            unknown_source_message)
+from .architectures import Architecture, EmbeddingNet, Preprocessing, resolve, unknown_source_message
+# the building blocks lived here before the registry: code that imports them from here keeps working
+from .architectures import (BUILTIN_SOURCES, IMAGENET_MEAN, IMAGENET_STD, BasicBlock, GeM,  # noqa: F401
+                            GlobalAvgPool, small_resnet)
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,9 @@ def _from_source_names(state: dict, model: nn.Module, arch: Architecture, checkp
     """A plain state dict in the source's own names (torchvision's ``conv1.weight``)
     renamed to the model's (``backbone.conv1.weight``); one already in the model's names
     passes unchanged. The source's classifier becomes the embedding head when all its
-    shapes are the head's, else it is dropped and the head keeps its seeded init; so do
-    missing BatchNorm step counters (files saved before PyTorch 0.4.1). Keys that fit nowhere stay as they are, for
-    :func:`_load_state` to report."""
+    shapes are the head's, else it is dropped and the head keeps its seeded init, as do
+    missing BatchNorm step counters (files saved before PyTorch 0.4.1). Keys that fit
+    nowhere stay as they are, for :func:`_load_state` to report."""
     if not arch.classifiers or (arch.prefixes != ("",) and any(key.startswith(arch.prefixes) for key in state)):
         return state  # embcam's own architecture, or a file in the model's names
     own = model.state_dict()
