@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .images import ImageDecodeError, decode_image, resize_square
 from .fetch import read_bytes
 from .manifest import default_image_root, read_manifest, resolve_uri
+from .architectures import resolve
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"
@@ -210,8 +211,9 @@ def fit(manifest: str | Path, *, model: str = DEFAULT_MODEL, image_size: int | N
     on the manifest's ``train`` rows with the Proxy-Anchor loss; evaluate Recall@1 on the
     ``eval`` rows before and after. Nothing is saved (see :func:`train`).
 
-    ``image_size`` defaults to 128 for ``embcam:small-resnet`` and to 224 (the default
-    :class:`embcam.models.Preprocessing`) otherwise. The seed drives the initialisation. The learning rate follows a cosine decay over all
+    ``image_size`` defaults to 128 for ``embcam:small-resnet`` and to the architecture's
+    own input size otherwise (``embcam models`` lists them); mean and std are the
+    architecture's. The seed drives the initialisation. The learning rate follows a cosine decay over all
     steps; the proxies use ``lr * proxy_lr_scale`` and no weight decay. ``log``
     receives one line per epoch (None: silent).
 
@@ -229,9 +231,14 @@ def fit(manifest: str | Path, *, model: str = DEFAULT_MODEL, image_size: int | N
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     # build_model, not load_model: load_model pins the random init to seed 0.
-    net, spec = build_model(model), model
-    size = image_size or (SMALL_MODEL_IMAGE_SIZE if spec.startswith("embcam:small-resnet") else Preprocessing().size)
-    preprocessing = Preprocessing(size)
+    spec = model
+    found = resolve(spec)
+    default = found[0].preprocessing if found else Preprocessing()
+    if spec.startswith("embcam:small-resnet"):
+        default = Preprocessing(SMALL_MODEL_IMAGE_SIZE, default.mean, default.std)
+    preprocessing = Preprocessing(image_size or default.size, default.mean, default.std)
+    size = preprocessing.size
+    net = build_model(spec, image_size=size)  # a ViT is built for its input size
     net.to(dev)
 
     train_images, train_labels = load_split(manifest, "train", image_root)
