@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=run_demo)
 
     # listed for --help; they parse their own options (see DELEGATED below)
-    sub.add_parser("report", help="Table 1 (+ overlays) from one or more results folders", add_help=False)
+    sub.add_parser("report", help="catalog report (per label, outliers, histograms; Table 1 where annotated) "
+                   "from one or more results folders", add_help=False)
     sub.add_parser("train", help="train an embedding model on a manifest", add_help=False)
 
     make = sub.add_parser("make-manifest", help="write a manifest: synthetic | cub | folders")
@@ -187,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("pattern", nargs="?", default="",
                         help="only specs containing this; timm:<name> shows that timm model's defaults")
     models.set_defaults(run=list_models)
+
+    show = sub.add_parser("show", help="one image of a run: write its heatmap overlay, print its numbers")
+    show.add_argument("run_dir", metavar="RUN", help="run folder (embcam explain --out)")
+    show.add_argument("image_id", metavar="IMAGE_ID")
+    show.add_argument("--out", help="image file to write (default: <image_id>.png here)")
+    show.add_argument("--image-root", help="where the images are now, if not where the run read them")
+    show.set_defaults(run=show_image)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -205,6 +213,18 @@ def _delegate(module: str, argv: list[str]) -> int:
 
     rc = importlib.import_module(module).main(argv)
     return rc if isinstance(rc, int) else 0
+
+
+def show_image(args: argparse.Namespace) -> int:
+    from .results import describe, overlay, overlay_file_name, read_row, write_image
+
+    row = read_row(args.run_dir, args.image_id, image_root=args.image_root)
+    print(describe(row))
+    if row["status"] == "ok":
+        out = args.out or overlay_file_name(args.image_id)
+        write_image(out, overlay(row))
+        print(f"overlay: {out}")
+    return 0
 
 
 def list_models(args: argparse.Namespace) -> int:

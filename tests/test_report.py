@@ -6,6 +6,7 @@ Three runs on one five-image manifest: A and B use the self proxy with top-2 cha
 C the mean proxy without top-k.
 """
 
+import html.parser
 import json
 
 import cv2
@@ -199,10 +200,11 @@ def test_markdown_layout(runs):
 
 def test_write_report_files_and_overlays(runs, tmp_path):
     out = tmp_path / "report"
-    table = write_report(runs, str(out), overlays=2)
+    report = write_report(runs, str(out), overlays=2)
     for name in ("report.md", "report.json", "report.html", "sweep.png"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(table))
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    table = report["table1"]
     ov = table["overlays"]
     assert ov["skipped"] is None and ov["failed"] == []
     # first two sorted ok ids; the mean run has only img0 ok
@@ -232,7 +234,8 @@ def test_write_report_files_and_overlays(runs, tmp_path):
 
 def test_missing_manifest_skips_overlays(tmp_path):
     run = write_run(tmp_path / "a", RUN_A, "self", manifest=tmp_path / "nope.parquet")
-    table = write_report([run], str(tmp_path / "out"))
+    report = write_report([run], str(tmp_path / "out"))
+    table = report["table1"]
     assert table["overlays"]["skipped"].startswith("manifest")
     assert "nope.parquet" in table["overlays"]["skipped"]
     assert table["overlays"]["images"] == [] and not (tmp_path / "out" / "overlays").exists()
@@ -243,8 +246,7 @@ def test_missing_manifest_skips_overlays(tmp_path):
 
 def test_missing_image_is_reported_per_image(runs, tmp_path):
     (tmp_path / "images" / "img1.png").unlink()
-    table = write_report(runs[:1], str(tmp_path / "out"), overlays=2)
-    ov = table["overlays"]
+    ov = write_report(runs[:1], str(tmp_path / "out"), overlays=2)["table1"]["overlays"]
     assert [i["image_id"] for i in ov["images"]] == ["img0"]
     assert len(ov["failed"]) == 1 and ov["failed"][0]["image_id"] == "img1"
     assert "img1.png" in ov["failed"][0]["reason"] and "not found" in ov["failed"][0]["reason"]
@@ -302,3 +304,163 @@ def test_method_from_proxy_kind_when_config_has_none(tmp_path):
     (method,) = table1([run])["methods"]
     assert (method["key"], method["name"]) == ("onehot", "Grad-CAM (onehot proxy)")
     assert method["rows"]["bbox"]["all"]["mean"] == 0.5
+
+
+# --- the catalog report (no annotations needed) -------------------------------------------------
+# A run on a real explain job is reported in test_results.py (one shared Ray run).
+
+HOSTILE_LABEL = "<script>alert(1)</script>"
+HOSTILE_ID = 'q"&id'
+ONE_HOT, UNIFORM, HALF = [1.0, 0.0, 0.0, 0.0], [0.5] * 4, [1.0, 1.0, 0.0, 0.0]  # spreads 0, 1, 1/2
+
+
+def catalog_row(image_id, label, cosine, heat, **extra):
+    row = dict(image_id=image_id, label=label, split="eval", status="ok", proxy_kind="mean",
+               cosine=cosine, width=W, height=H, heatmap=heat, heatmap_height=2, heatmap_width=2,
+               embedding=[cosine] * 4, heatmap_topk=heat, degenerate=False, pred_bbox_x0=0.0,
+               pred_bbox_y0=0.0, pred_bbox_x1=8.0, pred_bbox_y1=6.0)
+    row.update(extra)
+    return row
+
+
+CATALOG = [
+    catalog_row("a0", "a", 0.5, ONE_HOT, ratio_bbox=0.25, uniform_bbox=0.5),
+    catalog_row("a1", "a", 0.75, [0.0] * 4, degenerate=True, uniform_bbox=0.5),
+    catalog_row("a2", "a", 0.25, UNIFORM),
+    error_row("a3", label="a", error="image: FileNotFoundError: x", proxy_kind="mean"),
+    catalog_row("b0", "b", 0.875, HALF, ratio_bbox=0.75, uniform_bbox=0.25),
+    catalog_row("b1", "b", 0.625, HALF),
+    error_row("e1", label="b", error="decode: ImageDecodeError: <b>bad</b>", proxy_kind="mean"),
+    catalog_row("n0", None, 1.0, ONE_HOT),
+    catalog_row(HOSTILE_ID, HOSTILE_LABEL, 0.125, UNIFORM, ratio_bbox=0.5, uniform_bbox=0.25),
+]
+
+
+def catalog_run(root, rows=CATALOG, row_group_size=None):
+    """The rows above as one results file, with an image per row and the manifest."""
+    (root / "images").mkdir(parents=True)
+    manifest = []
+    for i, row in enumerate(rows):
+        cv2.imwrite(str(root / "images" / f"{i}.png"), np.full((H, W, 3), 20 * i, np.uint8))
+        manifest.append(dict(image_id=row["image_id"], uri=f"images/{i}.png", label=row["label"]))
+    pq.write_table(conform(manifest, "manifest"), root / "manifest.parquet")
+    (root / "run" / "results").mkdir(parents=True)
+    pq.write_table(conform(rows, "results"), root / "run" / "results" / "part-0.parquet",
+                   row_group_size=row_group_size)
+    config = {"proxy": "mean", "model": "m", "manifest": str(root / "manifest.parquet"), "image_root": None}
+    (root / "run" / "summary.json").write_text(json.dumps({"config": config}))
+    return str(root / "run")
+
+
+def test_catalog_numbers(tmp_path):
+    run = catalog_run(tmp_path)
+    (entry,) = write_report([run], str(tmp_path / "out"), per_label=2, labels=2, outside=2,
+                            overlays=0)["catalog"]
+    assert entry["counts"] == {"images": 9, "ok": 7, "error": 2, "degenerate": 1, "with_box": 4,
+                               "with_mask": 0}
+    assert entry["labels"] == [  # lowest mean cosine first; the mean is over ok rows
+        {"label": HOSTILE_LABEL, "images": 1, "ok": 1, "errors": 0, "mean_cosine": 0.125,
+         "lowest_cosine": 0.125, "lowest_image_id": HOSTILE_ID},
+        {"label": "a", "images": 4, "ok": 3, "errors": 1, "mean_cosine": 0.5,
+         "lowest_cosine": 0.25, "lowest_image_id": "a2"},
+        {"label": "b", "images": 3, "ok": 2, "errors": 1, "mean_cosine": 0.75,
+         "lowest_cosine": 0.625, "lowest_image_id": "b1"},
+        {"label": None, "images": 1, "ok": 1, "errors": 0, "mean_cosine": 1.0,
+         "lowest_cosine": 1.0, "lowest_image_id": "n0"}]
+    # the two labels with the lowest cosine, two images each
+    assert [(i["label"], i["image_id"]) for i in entry["gallery"]["images"]] == [
+        (HOSTILE_LABEL, HOSTILE_ID), ("a", "a2"), ("a", "a0")]
+    outside = entry["outside_box"]
+    assert (outside["scored"], outside["mostly_outside"]) == (3, 1)  # a1 is degenerate
+    assert [i["image_id"] for i in outside["images"]] == ["a0", HOSTILE_ID]
+    for item in entry["gallery"]["images"] + outside["images"]:
+        assert (tmp_path / "out" / item["file"]).is_file()
+    assert entry["errors"] == {"count": 2, "by_step": {"decode": 1, "image": 1}, "examples": [
+        {"image_id": "a3", "label": "a", "error": "image: FileNotFoundError: x"},
+        {"image_id": "e1", "label": "b", "error": "decode: ImageDecodeError: <b>bad</b>"}]}
+    # cosines 0.125 ... 1 in 20 bins of 0.04375: 0.25 -> bin 2, 0.5 -> 8, 0.625 -> 11, ...
+    cosine = entry["histograms"]["cosine"]
+    assert cosine["n"] == 7 and cosine["edges"][0] == 0.125 and cosine["edges"][-1] == 1.0
+    assert [k for k, c in enumerate(cosine["counts"]) for _ in range(c)] == [0, 2, 8, 11, 14, 17, 19]
+    # spreads of the six non-degenerate ok maps: 0 (a0, n0), 1/2 (b0, b1), 1 (a2, the hostile row)
+    spread = entry["histograms"]["spread"]
+    assert (spread["n"], spread["undefined"]) == (6, 0)
+    assert [k for k, c in enumerate(spread["counts"]) for _ in range(c)] == [0, 0, 10, 10, 19, 19]
+
+
+def test_catalog_gallery_caps_and_no_gallery(tmp_path):
+    run = catalog_run(tmp_path)
+    entry = write_report([run], str(tmp_path / "one"), per_label=1, labels=3, outside=0)["catalog"][0]
+    assert [i["image_id"] for i in entry["gallery"]["images"]] == [HOSTILE_ID, "a2", "b1"]
+    assert entry["outside_box"]["images"] == [] and entry["outside_box"]["mostly_outside"] == 1
+    entry = write_report([run], str(tmp_path / "none"), per_label=0)["catalog"][0]
+    assert entry["gallery"]["images"] == [] and entry["gallery"]["skipped"].startswith("not requested")
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        write_report([run], str(tmp_path / "bad"), labels=-1)
+
+
+def test_table1_only_where_annotations_exist(tmp_path):
+    bare = [{k: v for k, v in row.items() if k not in ("ratio_bbox", "uniform_bbox")} for row in CATALOG]
+    run = catalog_run(tmp_path, bare)
+    out = tmp_path / "out"
+    report = write_report([run], str(out))
+    assert report["table1"] is None and report["catalog"][0]["outside_box"] is None
+    assert not (out / "sweep.png").exists() and not (out / "overlays").exists()
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## Table 1" not in md and "Table 1 (annotated metrics): not shown" in md
+    assert "<h2>Table 1" not in page and "No row has a box" in md
+    annotated = write_report([run, catalog_run(tmp_path / "boxes")], str(tmp_path / "both"), overlays=0)
+    assert annotated["table1"]["methods"][0]["rows"]["bbox"]["all"]["n_runs"] == 1
+    assert "## Table 1" in (tmp_path / "both" / "report.md").read_text()
+
+
+def test_catalog_reads_no_vector_it_does_not_draw(tmp_path):
+    """One row per row group. The embeddings and top-k maps are garbage everywhere, the
+    heatmaps everywhere but in the rows the galleries draw: the report must not need them."""
+    drawn = {HOSTILE_ID, "a2", "a0"}
+    run = catalog_run(tmp_path, row_group_size=1)
+    path = tmp_path / "run" / "results" / "part-0.parquet"
+    keep = {i for i, row in enumerate(CATALOG) if row["image_id"] in drawn}
+    from test_results import corrupt_columns  # noqa: E402 - the helper of the results tests
+
+    corrupt_columns(path, {"embedding", "heatmap_topk"})
+    corrupt_columns(path, {"heatmap"}, keep_row_groups=keep)
+    with pytest.raises((OSError, pa.ArrowException)):  # the garbage is real
+        pq.read_table(path, columns=["heatmap"])
+    report = write_report([run], str(tmp_path / "out"), per_label=2, labels=2, outside=2,
+                          overlays=0, spread=False)
+    entry = report["catalog"][0]
+    assert {i["image_id"] for i in entry["gallery"]["images"] + entry["outside_box"]["images"]} == drawn
+    assert all(i["file"] for i in entry["gallery"]["images"])
+    assert entry["histograms"]["spread"]["skipped"].startswith("not requested")
+    assert report["table1"]["runs"][0]["counts"]["images"] == 9  # Table 1 reads no vector either
+
+
+class Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.sources, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.sources += [v for k, v in attrs if tag == "img" and k == "src"]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_escapes_every_manifest_value(tmp_path):
+    run = catalog_run(tmp_path)
+    out = tmp_path / "out"
+    write_report([run], str(out), overlays=3)
+    raw = (out / "report.html").read_text()
+    page = Page()
+    page.feed(raw)
+    page.close()
+    assert "script" not in page.tags and "b" not in page.tags
+    assert page.sources and all((out / src).is_file() for src in page.sources)
+    text = "".join(page.text)
+    for value in (HOSTILE_LABEL, HOSTILE_ID, "decode: ImageDecodeError: <b>bad</b>"):
+        assert value in text and value not in raw
+    md = (out / "report.md").read_text()
+    assert HOSTILE_LABEL not in md and "\\<script\\>alert(1)\\</script\\>" in md

@@ -1,13 +1,24 @@
-"""Evaluation report over explain runs: the paper's Table 1, a threshold sweep, overlays.
+"""The report over explain runs: a catalog report for any run, and the paper's Table 1
+where annotations exist.
 
 A run is a directory written by the explain job: ``RUN/results/*.parquet`` (one row per
 image, schema ``results``) and ``RUN/summary.json`` (its ``config`` names the proxy mode,
-the model, ``top_k_channels``, the ``manifest`` and the ``image_root``). Runs are grouped
-into *methods* by their proxy mode (config ``proxy``; the results' ``proxy_kind`` when
-the config has none); the runs of one method are independently trained models.
+the model, ``top_k_channels``, the ``manifest`` and the ``image_root``).
 
-Protocol (docs/design.md §7, paper Table 1)
------------------------------------
+Catalog (every run; ``catalog`` module)
+---------------------------------------
+Per label: images, errors, mean cosine to the proxy; a gallery of the lowest-cosine
+images of the labels whose lowest cosine is lowest (mislabelling candidates); with boxes,
+the images whose heat mass falls mostly outside the box; histograms of the cosine and of
+the heat spread. It reads only the columns it needs, streams the heatmap column once for
+the spread histogram, and draws only the gallery images.
+
+Table 1 (only when some run has a box or a mask; docs/design.md §7, paper Table 1)
+------------------------------------------------------------------------------------
+Runs are grouped into *methods* by their proxy mode (config ``proxy``; the results'
+``proxy_kind`` when the config has none); the runs of one method are independently
+trained models.
+
 * Per run, a metric is the mean over the images with status ``ok`` and a non-degenerate
   heatmap whose value is not null (no box / no mask / no top-k map: skipped and counted).
   Error rows and degenerate rows are excluded from every metric, the uniform baselines
@@ -22,13 +33,16 @@ Protocol (docs/design.md §7, paper Table 1)
   (ties to the smallest t), then mean ± std across runs. Both are for the all-channels map.
 
 ``table1`` returns a JSON-ready dict (every number with its n); ``render_markdown``
-prints it; ``write_report`` also writes ``report.json``, ``report.html``, ``sweep.png``
-(accuracy vs t, drawn with OpenCV) and ``overlays/<method>/<image>.png`` (image | heatmap
-overlay with the ground-truth box in green and the predicted box in red).
+prints it. ``write_report`` writes ``report.md``, ``report.json`` and ``report.html``,
+``gallery/<k>-<run>/<image>.png`` and ``histograms/<k>-{cosine,spread}.png`` per run, and
+with annotations ``sweep.png`` (accuracy vs t) and ``overlays/<method>/<image>.png``.
+Overlays show [image | heatmap] with the ground-truth box in green and the predicted box
+in red (``embcam.results.overlay``).
 
-Package layout: ``runs`` reads and checks a run, ``table`` computes the Table 1
-numbers, ``render`` writes Markdown/HTML, ``plot`` draws the sweep, ``overlays`` draws
-the overlay images; this module writes the report files and is the CLI.
+Package layout: ``runs`` reads and checks a run for Table 1, ``table`` computes its
+numbers, ``catalog`` the catalog's, ``render`` writes Markdown/HTML, ``plot`` draws the
+sweep and the histograms, ``overlays`` the overlay images; this module writes the report
+files and is the CLI.
 """
 
 from __future__ import annotations
@@ -39,61 +53,112 @@ from pathlib import Path
 
 import cv2
 
-from embcam.report.overlays import overlay_panel, write_overlays
-from embcam.report.plot import draw_sweep
-from embcam.report.render import render_html, render_markdown
-from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS
+from embcam.manifest import safe_name
+from embcam.report.catalog import catalog
+from embcam.report.overlays import write_catalog_images, write_overlays
+from embcam.report.plot import draw_histogram, draw_sweep
+from embcam.report.render import render_html, render_markdown, render_report_html, render_report_markdown
+from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
+from embcam.results import overlay_panel
 
-__all__ = ["table1", "render_markdown", "render_html", "draw_sweep", "overlay_panel",
-           "write_report", "main", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "RATIO_COLUMNS",
-           "REGIONS", "METHOD_NAMES", "STD_NOTE"]
+__all__ = ["table1", "catalog", "render_markdown", "render_html", "render_report_markdown",
+           "render_report_html", "draw_sweep", "overlay_panel", "write_report", "main",
+           "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "RATIO_COLUMNS", "REGIONS", "METHOD_NAMES",
+           "STD_NOTE"]
+
+HISTOGRAM_TITLES = {"cosine": "cosine to the proxy", "spread": "heat spread (normalised entropy)"}
+NO_ANNOTATIONS = "not shown: no run has a box or a mask (it measures heat against them)"
 
 
-def write_report(runs: list[str], out_dir: str, *, overlays: int = 24,
-                 split: str | None = None, allow_partial: bool = False) -> dict:
-    """Write report.md, report.json, report.html, sweep.png and overlays/ into ``out_dir``.
+def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: str | None = None,
+                 allow_partial: bool = False, per_label: int = 4, labels: int = 12,
+                 outside: int = 12, spread: bool = True) -> dict:
+    """Write report.md, report.json, report.html and their images into ``out_dir``.
 
-    Returns the ``table1`` dict with an ``overlays`` entry: ``written``, ``skipped``
-    (reason, or None), ``failed`` (per image), ``images`` (file, caption, values).
-    When the manifest or the images cannot be reached the table is still written and
-    the report says why the overlays were skipped.
+    Returns the report: ``catalog`` (one ``catalog.catalog`` entry per run, its images
+    with their ``file``), ``table1`` (the ``table1`` dict with an ``overlays`` entry, or
+    None without annotations) and ``table1_note``. When the manifest or the images cannot
+    be reached the numbers are still written and the report says why images are missing.
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
-    table, ok_ids = evaluate(runs, split, allow_partial)
+    _check_distinct(runs)
     out = Path(out_dir)
+    entries = [catalog(run, read_summary(run, allow_partial), split=split, per_label=per_label,
+                       labels=labels, outside=outside, spread=spread) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
-    table["overlays"] = write_overlays(table, ok_ids, out, overlays)
-    if not cv2.imwrite(str(out / "sweep.png"), draw_sweep(table)):
-        raise OSError(f"could not write {out / 'sweep.png'}")
-    (out / "report.md").write_text(render_markdown(table), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(table, indent=2, allow_nan=False) + "\n",
+    for k, entry in enumerate(entries):
+        folder = f"{k}-{safe_name(Path(entry['run']).name or 'run')}"
+        write_catalog_images(entry, out, f"gallery/{folder}")
+        for name, hist in entry["histograms"].items():
+            if hist and hist.get("counts"):
+                hist["file"] = f"histograms/{folder}-{name}.png"
+                _write_png(out / hist["file"], draw_histogram(hist, f"{HISTOGRAM_TITLES[name]}: {entry['run']}"))
+    annotated = any(e["counts"]["with_box"] or e["counts"]["with_mask"] for e in entries)
+    report = {"split": split, "catalog": entries, "table1": None,
+              "table1_note": None if annotated else NO_ANNOTATIONS}
+    if annotated:
+        table, ok_ids = evaluate(runs, split, allow_partial)
+        table["overlays"] = write_overlays(table, ok_ids, out, overlays)
+        _write_png(out / "sweep.png", draw_sweep(table))
+        report["table1"] = table
+    (out / "report.md").write_text(render_report_markdown(report), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
                                      encoding="utf-8")
-    (out / "report.html").write_text(render_html(table), encoding="utf-8")
-    return table
+    (out / "report.html").write_text(render_report_html(report), encoding="utf-8")
+    return report
+
+
+def _check_distinct(runs: list[str]) -> None:
+    if not runs:
+        raise ValueError("no runs given: pass at least one result directory")
+    seen: dict[Path, str] = {}
+    for run in runs:
+        key = Path(run).resolve()
+        if key in seen:
+            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
+        seen[key] = run
+
+
+def _write_png(path: Path, image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"could not write {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``embcam report DIR [DIR ...] --out OUT [--overlays N] [--split S]``."""
+    """``embcam report DIR [DIR ...] --out OUT [options]``."""
     parser = argparse.ArgumentParser(
         prog="embcam report",
-        description="Evaluation report (paper Table 1, threshold sweep, overlays) over "
-                    "result directories of embcam explain runs.")
+        description="Report over result directories of embcam explain runs: per run, a catalog "
+                    "report (per label counts and cosines, the lowest-cosine images per label, "
+                    "heat outside the box, histograms); where boxes or masks exist, the paper's "
+                    "Table 1, a threshold sweep and overlays.")
     parser.add_argument("runs", nargs="+", metavar="DIR", help="run directory (results/ + "
-                        "summary.json); runs with the same proxy mode are averaged")
-    parser.add_argument("--out", required=True, help="folder for report.md/json/html")
+                        "summary.json); runs with the same proxy mode are averaged in Table 1")
+    parser.add_argument("--out", required=True, help="folder for report.md/json/html and images")
+    parser.add_argument("--gallery", type=int, default=4, metavar="N",
+                        help="lowest-cosine images drawn per label (default 4)")
+    parser.add_argument("--gallery-labels", type=int, default=12, metavar="L",
+                        help="labels in the gallery: those whose lowest cosine is lowest (default 12)")
+    parser.add_argument("--outside", type=int, default=12, metavar="N",
+                        help="images with the lowest ratio_bbox drawn (runs with boxes; default 12)")
+    parser.add_argument("--no-spread", action="store_true",
+                        help="skip the heat-spread histogram: then no heatmap is read except "
+                             "the drawn images' (very large runs)")
     parser.add_argument("--overlays", type=int, default=24, metavar="N",
-                        help="overlay images per method (first N image_ids, sorted); 0: none")
+                        help="Table 1 overlay images per method (first N image_ids, sorted); 0: none")
     parser.add_argument("--split", help="only rows of this split (results column split)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
     args = parser.parse_args(argv)
     try:
-        table = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,
-                             allow_partial=args.allow_partial)
+        report = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,
+                              allow_partial=args.allow_partial, per_label=args.gallery,
+                              labels=args.gallery_labels, outside=args.outside,
+                              spread=not args.no_spread)
     except (ValueError, OSError) as e:
         parser.exit(2, f"embcam report: error: {e}\n")
-    print(render_markdown(table))
+    print(render_report_markdown(report))
     return 0
-

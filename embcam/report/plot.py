@@ -1,4 +1,5 @@
-"""The threshold-sweep plot (mean accuracy vs t per method), drawn with OpenCV only."""
+"""The report's plots, drawn with OpenCV only: the threshold sweep (mean accuracy vs t per
+method) and histograms."""
 
 from __future__ import annotations
 
@@ -47,4 +48,27 @@ def draw_sweep(table: dict, width: int = 760, height: int = 440) -> np.ndarray:
         y = top + 10 + 20 * i
         cv2.line(img, (right + 12, y), (right + 32, y), colour, 2, cv2.LINE_AA)
         cv2.putText(img, m["name"][:26], (right + 38, y + 4), font, 0.4, black, 1, cv2.LINE_AA)
+    return img
+
+
+def draw_histogram(hist: dict, title: str, width: int = 520, height: int = 300) -> np.ndarray:
+    """BGR bar chart of a histogram ``{"edges": [...], "counts": [...]}`` (OpenCV only)."""
+    img = np.full((height, width, 3), 255, np.uint8)
+    font, black, bar = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), _PALETTE[0]
+    left, right, top, bottom = 55, width - 15, 35, height - 45
+    edges, counts = hist["edges"], hist["counts"]
+    peak = max(max(counts), 1)
+    step = (right - left) / len(counts)
+    for i, count in enumerate(counts):
+        x0, x1 = int(round(left + i * step)), int(round(left + (i + 1) * step)) - 1
+        y = int(round(bottom - count / peak * (bottom - top)))
+        if count:
+            cv2.rectangle(img, (x0, y), (max(x0, x1), bottom), bar, -1)
+    cv2.rectangle(img, (left, top), (right, bottom), black, 1)
+    for k in (0, len(counts) // 2, len(counts)):  # edges at the ends and the middle
+        x = int(round(left + k * step))
+        cv2.putText(img, f"{edges[k]:.3g}", (x - 14, bottom + 18), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.putText(img, str(peak), (5, top + 10), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.putText(img, "0", (left - 15, bottom), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.putText(img, title[:70], (left, 22), font, 0.45, black, 1, cv2.LINE_AA)
     return img

@@ -1,11 +1,20 @@
-"""Markdown and HTML renderings of a ``table1`` dict (plus its ``overlays`` entry)."""
+"""Markdown and HTML renderings: of a ``table1`` dict (plus its ``overlays`` entry), and of a
+whole report (the catalog of each run, then Table 1 where annotations exist).
+
+Every value that comes from the data (image ids, labels, error messages, run paths) is
+escaped in the HTML (``html.escape``, quotes included) and has ``|`` escaped and line
+breaks removed in Markdown tables."""
 
 from __future__ import annotations
 
 import html
 
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
+from embcam.report.catalog import MOSTLY_OUTSIDE
 from embcam.report.table import REGIONS, STD_NOTE
+from embcam.results import SPREAD_MEASURE
+
+MAX_LABEL_ROWS = 100  # label rows shown in Markdown/HTML (all are in report.json)
 
 
 def _fmt(stat: dict, n_runs: int, suffix: str = "") -> str:
@@ -74,16 +83,41 @@ def _notes(table: dict) -> list[str]:
     return notes
 
 
+def _md_cell(text: str) -> str:
+    """One line; ``|`` kept inside the cell; ``<`` and ``>`` backslash-escaped, so a value
+    never becomes an HTML tag in a Markdown viewer."""
+    text = " ".join(text.splitlines())
+    for char in "|<>":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
-def render_markdown(table: dict) -> str:
-    """Markdown of a ``table1`` dict: Table 1, the threshold sweep, per-run counts."""
-    parts = ["# embcam evaluation report", "",
-             "## Table 1: mean heatmap ratio and localisation accuracy", "",
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figures(images: list[dict]) -> str:
+    """A grid of the images that were drawn (``file``), with their captions."""
+    esc = html.escape
+    figures = [f"<figure><img src='{esc(i['file'])}' alt='{esc(i['image_id'])}'>"
+               f"<figcaption>{esc(i['caption'])}</figcaption></figure>" for i in images if i.get("file")]
+    return "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
+
+
+# --- Table 1 ---------------------------------------------------------------------------------
+
+
+def _table1_markdown(table: dict) -> list[str]:
+    parts = ["## Table 1: mean heatmap ratio and localisation accuracy", "",
              _md_table(*_table1_rows(table)), "", *_notes(table), "",
              "## Localisation accuracy over thresholds t (all channels)", "",
              _md_table(*_sweep_rows(table)), "",
@@ -93,7 +127,12 @@ def render_markdown(table: dict) -> str:
     overlays = table.get("overlays")
     if overlays is not None:
         parts += ["## Overlays", "", _overlay_note(overlays), ""]
-    return "\n".join(parts)
+    return parts
+
+
+def render_markdown(table: dict) -> str:
+    """Markdown of a ``table1`` dict: Table 1, the threshold sweep, per-run counts."""
+    return "\n".join(["# embcam evaluation report", "", *_table1_markdown(table)])
 
 
 def _overlay_note(overlays: dict) -> str:
@@ -105,46 +144,196 @@ def _overlay_note(overlays: dict) -> str:
     return note
 
 
-def render_html(table: dict) -> str:
-    """Self-contained HTML page of a report dict (images are the PNGs next to it)."""
+_STYLE = ("<style>body{font-family:sans-serif;margin:2em;color:#222}"
+          "table{border-collapse:collapse;margin:1em 0}"
+          "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}"
+          "td:first-child,th:first-child{text-align:left}"
+          ".grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}"
+          "figure{margin:0}figure img{width:100%;image-rendering:pixelated}"
+          "figcaption{font-size:12px;overflow-wrap:anywhere}</style>")
+
+
+def _page(title: str, body: list[str]) -> str:
     esc = html.escape
+    return "\n".join([f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+                      _STYLE, f"</head><body><h1>{esc(title)}</h1>", *body, "</body></html>"])
 
-    def html_table(header, rows):
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-                       for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             "<title>embcam evaluation report</title><style>",
-             "body{font-family:sans-serif;margin:2em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}"
-             "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}"
-             ".grid{display:grid;gap:12px;"
-             "grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}"
-             "figure{margin:0}figure img{width:100%;image-rendering:pixelated}"
-             "figcaption{font-size:12px}",
-             "</style></head><body><h1>embcam evaluation report</h1>",
-             "<h2>Table 1: mean heatmap ratio and localisation accuracy</h2>",
-             html_table(*_table1_rows(table)),
-             *(f"<p>{esc(n)}</p>" for n in _notes(table)),
-             "<h2>Localisation accuracy over thresholds t (all channels)</h2>",
-             "<img src='sweep.png' alt='accuracy versus threshold'>",
-             html_table(*_sweep_rows(table)),
-             f"<p>Best over t: {esc(table['protocol']['best_over_t'])}.</p>",
-             "<h2>Runs</h2>", html_table(*_runs_rows(table)),
-             "<h2>Overlays</h2>"]
+def _table1_html(table: dict) -> list[str]:
+    esc = html.escape
     overlays = table.get("overlays") or {"skipped": "not requested", "images": [],
                                          "failed": [], "written": 0}
-    parts.append(f"<p>{esc(_overlay_note(overlays))} Left: image; right: heatmap (min-max, "
-                 "JET) with the ground-truth box (green) and the predicted box at "
-                 f"t = {DEFAULT_THRESHOLD:g} (red).</p>")
-    if overlays["images"]:
-        parts.append("<div class='grid'>")
-        for item in overlays["images"]:
-            parts.append(f"<figure><img src='{esc(item['file'])}' alt='{esc(item['image_id'])}'>"
-                         f"<figcaption>{esc(item['caption'])}</figcaption></figure>")
-        parts.append("</div>")
-    parts.append("</body></html>")
+    return ["<h2>Table 1: mean heatmap ratio and localisation accuracy</h2>",
+            _html_table(*_table1_rows(table)),
+            *(f"<p>{esc(n)}</p>" for n in _notes(table)),
+            "<h2>Localisation accuracy over thresholds t (all channels)</h2>",
+            "<img src='sweep.png' alt='accuracy versus threshold'>",
+            _html_table(*_sweep_rows(table)),
+            f"<p>Best over t: {esc(table['protocol']['best_over_t'])}.</p>",
+            "<h2>Runs</h2>", _html_table(*_runs_rows(table)),
+            "<h2>Overlays</h2>",
+            f"<p>{esc(_overlay_note(overlays))} Left: image; right: heatmap (min-max, "
+            "JET) with the ground-truth box (green) and the predicted box at "
+            f"t = {DEFAULT_THRESHOLD:g} (red).</p>",
+            _figures(overlays["images"])]
+
+
+def render_html(table: dict) -> str:
+    """Self-contained HTML page of a ``table1`` dict (images are the PNGs next to it)."""
+    return _page("embcam evaluation report", _table1_html(table))
+
+
+# --- the catalog of one run ---------------------------------------------------------------
+
+
+def _num(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _label_text(label) -> str:
+    return "(no label)" if label is None else label
+
+
+def _run_title(entry: dict) -> str:
+    title = f"Run {entry['run']} (proxy {entry['proxy'] or '?'}, model {entry['model'] or '?'})"
+    return title + (f" UNFINISHED: {entry['unfinished']}" if entry.get("unfinished") else "")
+
+
+def _counts_text(entry: dict) -> str:
+    c = entry["counts"]
+    text = (f"{c['images']} images: {c['ok']} ok, {c['error']} error, {c['degenerate']} "
+            f"degenerate; {c['with_box']} with a box, {c['with_mask']} with a mask.")
+    return text + (f" Only rows of split {entry['split']!r}." if entry["split"] is not None else "")
+
+
+def _label_rows(entry: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["Label", "Images", "Errors", "Mean cosine", "Lowest cosine", "Lowest image"]
+    rows = [[_label_text(e["label"]), str(e["images"]), str(e["errors"]), _num(e["mean_cosine"]),
+             _num(e["lowest_cosine"]), e["lowest_image_id"] or "—"]
+            for e in entry["labels"][:MAX_LABEL_ROWS]]
+    return header, rows
+
+
+def _labels_note(entry: dict) -> str:
+    note = ("Cosine: of the image's normalised embedding with the proxy it was explained "
+            "against (its label's, for mean and bank proxies; 1 under the self proxy); "
+            "the mean is over the ok rows. Lowest mean cosine first.")
+    more = len(entry["labels"]) - MAX_LABEL_ROWS
+    return note + (f" {more} more label(s) in report.json." if more > 0 else "")
+
+
+def _pick_rows(images: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["Image", "Label", "Cosine", "Ratio bbox", "Overlay"]
+    rows = [[i["image_id"], _label_text(i["label"]), _num(i["cosine"]), _num(i["ratio_bbox"]),
+             i.get("file") or "—"] for i in images]
+    return header, rows
+
+
+def _gallery_note(gallery: dict) -> str:
+    if gallery.get("skipped"):
+        return f"Gallery: {gallery['skipped']}."
+    note = f"Shown: {gallery['choice']}."
+    if gallery.get("failed"):
+        note += (f" {len(gallery['failed'])} could not be drawn (first: "
+                 f"{gallery['failed'][0]['reason']}).")
+    return note
+
+
+def _outside_note(outside: dict | None) -> str:
+    if outside is None:
+        return "No row has a box: nothing to measure against."
+    return (f"{outside['mostly_outside']} of {outside['scored']} scored images with a box have "
+            f"less than {MOSTLY_OUTSIDE:g} of their heat mass inside it (ratio_bbox). "
+            + _gallery_note(outside))
+
+
+def _histogram_line(name: str, hist: dict | None) -> str:
+    if hist is None:
+        return f"{name}: no values."
+    if hist.get("skipped"):
+        return f"{name}: skipped ({hist['skipped']})."
+    if not hist.get("n"):
+        return f"{name}: no values."
+    return (f"{name} (n = {hist['n']}, {len(hist['counts'])} bins from {hist['edges'][0]:.4g} "
+            f"to {hist['edges'][-1]:.4g}): " + " ".join(map(str, hist["counts"])))
+
+
+def _error_rows(entry: dict) -> tuple[list[str], list[list[str]]]:
+    return (["Image", "Label", "Error"],
+            [[e["image_id"], _label_text(e["label"]), e["error"]] for e in entry["errors"]["examples"]])
+
+
+def _errors_note(entry: dict) -> str:
+    errors = entry["errors"]
+    steps = ", ".join(f"{k}: {v}" for k, v in errors["by_step"].items())
+    return f"{errors['count']} error row(s) ({steps or 'none'}); the first by image_id:"
+
+
+def _catalog_markdown(entry: dict) -> list[str]:
+    hists = entry["histograms"]
+    parts = [f"## {_run_title(entry)}", "", _counts_text(entry), "",
+             "### Labels", "", _md_table(*_label_rows(entry)), "", _labels_note(entry), "",
+             "### Lowest cosine per label (mislabelling candidates)", "",
+             _gallery_note(entry["gallery"]), ""]
+    if entry["gallery"]["images"]:
+        parts += [_md_table(*_pick_rows(entry["gallery"]["images"])), ""]
+    parts += ["### Heat mostly outside the box", "", _outside_note(entry["outside_box"]), ""]
+    if entry["outside_box"] and entry["outside_box"]["images"]:
+        parts += [_md_table(*_pick_rows(entry["outside_box"]["images"])), ""]
+    parts += ["### Histograms", "", _histogram_line("Cosine", hists["cosine"]), "",
+              _histogram_line("Heat spread", hists["spread"]), "", f"Heat spread: {SPREAD_MEASURE}.", ""]
+    if entry["errors"]["count"]:
+        parts += ["### Errors", "", _errors_note(entry), "", _md_table(*_error_rows(entry)), ""]
+    return parts
+
+
+def _histogram_html(name: str, hist: dict | None) -> str:
+    esc = html.escape
+    image = (f"<img src='{esc(hist['file'])}' alt='{esc(name)} histogram'>"
+             if hist and hist.get("file") else "")
+    return f"{image}<p>{esc(_histogram_line(name, hist))}</p>"
+
+
+def _catalog_html(entry: dict) -> list[str]:
+    esc = html.escape
+    hists, outside = entry["histograms"], entry["outside_box"]
+    parts = [f"<h2>{esc(_run_title(entry))}</h2>", f"<p>{esc(_counts_text(entry))}</p>",
+             "<h3>Labels</h3>", _html_table(*_label_rows(entry)), f"<p>{esc(_labels_note(entry))}</p>",
+             "<h3>Lowest cosine per label (mislabelling candidates)</h3>",
+             f"<p>{esc(_gallery_note(entry['gallery']))} Left: image; right: heatmap (min-max, "
+             "JET) with the predicted box (red) and the ground-truth box (green) when there is one.</p>",
+             _figures(entry["gallery"]["images"]),
+             "<h3>Heat mostly outside the box</h3>", f"<p>{esc(_outside_note(outside))}</p>",
+             _figures(outside["images"]) if outside else "",
+             "<h3>Histograms</h3>", _histogram_html("Cosine", hists["cosine"]),
+             _histogram_html("Heat spread", hists["spread"]), f"<p>Heat spread: {esc(SPREAD_MEASURE)}.</p>"]
+    if entry["errors"]["count"]:
+        parts += ["<h3>Errors</h3>", f"<p>{esc(_errors_note(entry))}</p>", _html_table(*_error_rows(entry))]
+    return parts
+
+
+# --- a whole report -----------------------------------------------------------------------------
+
+
+def render_report_markdown(report: dict) -> str:
+    """Markdown of a ``write_report`` dict: each run's catalog, then Table 1 if annotated."""
+    parts = ["# embcam report", ""]
+    for entry in report["catalog"]:
+        parts += _catalog_markdown(entry)
+    if report["table1"] is not None:
+        parts += _table1_markdown(report["table1"])
+    else:
+        parts += [f"Table 1 (annotated metrics): {report['table1_note']}", ""]
     return "\n".join(parts)
+
+
+def render_report_html(report: dict) -> str:
+    """Self-contained HTML page of a ``write_report`` dict (images are the files next to it)."""
+    body = []
+    for entry in report["catalog"]:
+        body += _catalog_html(entry)
+    if report["table1"] is not None:
+        body += _table1_html(report["table1"])
+    else:
+        body.append(f"<p>Table 1 (annotated metrics): {html.escape(report['table1_note'])}</p>")
+    return _page("embcam report", body)
