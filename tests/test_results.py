@@ -174,6 +174,22 @@ def test_old_runs_without_a_manifest_copy_use_the_configured_manifest(tmp_path):
     assert read_rows(gone, ["img0"], manifest=False)["img0"]["cosine"] == 0.5
 
 
+def test_relative_paths_in_the_config_are_the_jobs(tmp_path, monkeypatch):
+    """`embcam explain --manifest data/m.parquet --out runs/r` run in tmp_path keeps both paths
+    relative in its config; they resolve against the folder the job ran in, from anywhere."""
+    write_images(tmp_path / "data", 1)
+    pq.write_table(conform([manifest_row(0)], "manifest"), tmp_path / "data" / "m.parquet")
+    config = {"manifest": "data/m.parquet", "out": "runs/r", "image_root": None}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name, copy in (("r", True), ("old", False)):
+        make_run(tmp_path / "runs" / name, [result_row(0)], [manifest_row(0)], copy=copy,
+                 config=dict(config, out=f"runs/{name}"))
+        row = read_row(f"../runs/{name}", "img0")
+        assert row["uri"] == str(tmp_path / "data" / "images" / "img0.png")
+        assert overlay(row).shape == (6, 16, 3)
+
+
 def test_heatmap_from_any_kind_of_row(run):
     expected = 24 + np.arange(12, dtype=np.float32).reshape(3, 4)  # row-major: (r, c) -> 4 r + c
     table = pq.read_table(run / "results")

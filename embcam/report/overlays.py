@@ -9,6 +9,7 @@ with its reason; the report is written either way.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,8 +67,8 @@ def _caption(image_id: str, method: str, row: dict) -> str:
 def _overlay_ids(ok_ids: dict, methods: list[dict], count: int) -> list[str]:
     union = set()
     for m in methods:
-        union.update(str(i) for i in ok_ids[m["runs"][0]])
-    return sorted(union)[:count]
+        union.update(map(str, ok_ids[m["runs"][0]]))
+    return heapq.nsmallest(count, union)
 
 
 def write_overlays(table: dict, ok_ids: dict, out_dir: Path, count: int) -> dict:
@@ -82,8 +83,8 @@ def write_overlays(table: dict, ok_ids: dict, out_dir: Path, count: int) -> dict
     ids = _overlay_ids(ok_ids, table["methods"], count)
     for m in table["methods"]:
         run = m["runs"][0]
-        ok = [i for i in ids if i in set(map(str, ok_ids[run]))]  # absent or failed: not drawn
-        drawn = draw_rows(run, ok, out_dir, f"overlays/{safe_name(m['key'])}")
+        ok = set(map(str, ok_ids[run]))  # absent or failed in this run: not drawn
+        drawn = draw_rows(run, [i for i in ids if i in ok], out_dir, f"overlays/{safe_name(m['key'])}")
         if drawn["skipped"]:
             info["skipped"] = info["skipped"] or drawn["skipped"]
         info["failed"] += drawn["failed"]
