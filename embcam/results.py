@@ -50,8 +50,10 @@ GT_COLOUR, PRED_COLOUR = (0, 200, 0), (255, 0, 0)  # RGB: ground truth green, pr
 SPREAD_MEASURE = ("normalised entropy of the raw heatmap: q = H / sum(H), "
                   "-sum(q ln q) / ln(h w); 0 = all heat in one cell, 1 = spread evenly")
 
-__all__ = ["open_results", "read_rows", "read_row", "heatmap", "upsample", "heat_spread",
-           "overlay", "overlay_panel", "write_image", "describe", "HEAVY_COLUMNS"]
+__all__ = ["open_results", "results_schema", "read_rows", "read_row", "run_config", "manifest_rows",
+           "image_root_of", "join_manifest", "heatmap", "upsample", "heat_spread", "spreads",
+           "overlay", "overlay_panel", "overlay_file_name", "write_image", "describe",
+           "HEAVY_COLUMNS", "PRED_BOX_COLUMNS", "SPREAD_MEASURE"]
 
 
 # --- opening -------------------------------------------------------------------------------
@@ -322,7 +324,7 @@ def upsample(row, size: tuple[int, int] | None = None) -> np.ndarray:
 def heat_spread(row) -> float | None:
     """How spread out the heat is: :data:`SPREAD_MEASURE`. None for a map without heat (all
     zero or not finite) or of a single cell. ``row``: a row or a 2-D heatmap array."""
-    values = np.asarray(row, np.float64) if isinstance(row, np.ndarray) else \
+    values = np.asarray(row, np.float64) if isinstance(row, (np.ndarray, list)) else \
         heatmap(row).astype(np.float64)
     value = spreads(values.reshape(-1), np.array([values.size]))[0]
     return None if np.isnan(value) else float(value)
