@@ -18,6 +18,12 @@ its ratio to (a), plain inference, measured in the same run.
     mean-proxy workflow   embed all images, reduce to class proxies, explain each image
                           against its class proxy: embcam = one embedding-map pass;
                           each peer = an embedding pass + its explain pass.
+    (g0) user_plain       the same weights in the model a user builds: torchvision's
+                          ResNet with fc = nn.Linear(K, d), a plain nn.Module (not an
+                          EmbeddingNet, not prepared); plain inference
+    (g) user_embcam_map   EmbeddingCAM(that model, target_layer="layer4",
+                          strategy="embedding-map")(x, "self"): the closed form, found by
+                          tracing the model (embcam.tail)
 
 embcam runs the model as its explain job does: ``prepare_for_inference`` (BatchNorm
 folded into the convs, channels_last weights; on CPU at batch 1 channels_last is left
@@ -31,10 +37,12 @@ device, pytorch-grad-cam min-max scaled NumPy maps upsampled to the input size.
     python bench/cam_throughput.py                      # ResNet-50, 224 px, batch 1/16/64
     python bench/cam_throughput.py --quick              # ResNet-18, 112 px, batch 1/8
     python bench/cam_throughput.py --device cuda --bf16 --json out.json
+    python bench/cam_throughput.py --batch-sizes 16 --methods user_plain,user_embcam_map --no-compile
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -65,6 +73,8 @@ METHODS = {
     "mean_proxy_embcam": "mean-proxy workflow: embcam",
     "mean_proxy_gradcam": "mean-proxy workflow: grad-cam",
     "mean_proxy_captum": "mean-proxy workflow: Captum",
+    "user_plain": "(g0) plain inference, user's model",
+    "user_embcam_map": "(g) embcam embedding-map, user's model",
 }
 BANK_SIZE, PROXIES_PER_IMAGE, IMAGES_PER_CLASS = 20, 5, 4
 
@@ -86,10 +96,26 @@ def class_mean_proxies(y: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return normalise(sums.index_add_(0, labels, normalise(y.float())))
 
 
-def build_methods(model, prepared, compiled, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -> dict:
+def user_model(model, spec: str) -> torch.nn.Module:
+    """The same weights in the model a user builds: torchvision's ResNet (the spec's
+    architecture) with ``fc = nn.Linear(K, d)``, a plain nn.Module. Its modules are copies
+    of the EmbeddingNet's (embcam:small-resnet, which has no max pool, in ResNet-18's class)."""
+    import torchvision
+
+    arch = spec.partition(":")[2].partition("+")[0] if spec.startswith("torchvision:") else "resnet18"
+    net = getattr(torchvision.models, arch)(weights=None)
+    parts = dict(model.backbone.named_children())
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        setattr(net, name, copy.deepcopy(parts.get(name, torch.nn.Identity())))
+    net.fc = copy.deepcopy(model.head)
+    return net.eval()
+
+
+def build_methods(model, prepared, compiled, user, images: torch.Tensor, bank: torch.Tensor, bf16: bool) -> dict:
     """name -> a callable running that method once on ``images`` and returning its maps
     (``model`` as the user built it, ``prepared`` as embcam runs it, ``compiled`` the
-    same with a compiled backbone, or None)."""
+    same with a compiled backbone, or None; ``user`` the same weights as a plain torchvision
+    ResNet, see ``user_model``)."""
     from captum.attr import LayerGradCam
     from pytorch_grad_cam import GradCAM
 
@@ -99,6 +125,9 @@ def build_methods(model, prepared, compiled, images: torch.Tensor, bank: torch.T
     cam_map = EmbeddingCAM(prepared, strategy="embedding-map")
     cam_grad = EmbeddingCAM(prepared, strategy="autograd")
     cam_compiled = EmbeddingCAM(compiled, strategy="embedding-map") if compiled is not None else None
+    cam_user = EmbeddingCAM(user, target_layer="layer4", strategy="embedding-map")
+    if cam_user.path != "closed-form":
+        raise RuntimeError(f"the user's model took the {cam_user.path} path, not the closed form")
     with torch.no_grad():  # not inference_mode: the peers' autograd must be able to use these
         self_proxies = normalise(model(images).float())  # peers' (e)/(f) proxies, untimed
     labels = torch.arange(batch, device=device) // IMAGES_PER_CLASS
@@ -156,6 +185,8 @@ def build_methods(model, prepared, compiled, images: torch.Tensor, bank: torch.T
         "mean_proxy_embcam": mean_proxy_embcam,
         "mean_proxy_gradcam": lambda: gradcam(mean_proxies_by_embedding_pass()),
         "mean_proxy_captum": lambda: captum(mean_proxies_by_embedding_pass()),
+        "user_plain": lambda: embed(user),
+        "user_embcam_map": lambda: run_cam(cam_user),
     }
     if compiled is None:
         del methods["embcam_compiled"]
@@ -188,6 +219,8 @@ def agreement(outputs: dict, image_size: int) -> dict:
         out["embcam_autograd_vs_map_rel"] = rel(outputs["embcam_autograd"])
     if "captum" in outputs:
         out["captum_vs_embcam_rel"] = rel(outputs["captum"][:, 0])
+    if "user_embcam_map" in outputs:
+        out["user_model_vs_embcam_rel"] = rel(outputs["user_embcam_map"])
     if "gradcam" in outputs:
         out["gradcam_vs_embcam_abs"] = float(np.abs(outputs["gradcam"] - gradcam_scaling(ref, image_size)).max())
     return out
@@ -217,7 +250,9 @@ def bench_batch(model, batch: int, args, device: torch.device, log) -> dict:
     prepared = prepare_for_inference(model, channels_last=channels_last)
     compiled = (prepare_for_inference(model, channels_last=channels_last, compile_batch_size=batch)
                 if args.compile else None)
-    methods = build_methods(model, prepared, compiled, images, bank, args.bf16)
+    user = user_model(model, args.model).to(device)
+    methods = build_methods(model, prepared, compiled, user, images, bank, args.bf16)
+    methods = {name: fn for name, fn in methods.items() if name in args.methods}
     errors, outputs, first_call = {}, {}, {}
     for name, fn in list(methods.items()):  # first call: the check run, and any failure
         try:
@@ -275,6 +310,8 @@ def check_targets(per_batch: dict) -> list[dict]:
         methods = res["methods"]
 
         def add(name, a, b, threshold):
+            if not {a, b} <= set(methods) | set(res["errors"]):
+                return  # a method left out with --methods: no target (a failed one is a miss)
             ratio = {key: methods[a][key] / methods[b][key] if a in methods and b in methods else None
                      for key in ("images_per_s", "best_images_per_s", "images_per_cpu_s")}
             value = ratio["images_per_s"]
@@ -292,6 +329,8 @@ def check_targets(per_batch: dict) -> list[dict]:
         add("(d)/(b) >= 1/1.1", "embcam_map_5", "embcam_map", 1 / 1.1)
         add("mean-proxy embcam/grad-cam >= 1.8", "mean_proxy_embcam", "mean_proxy_gradcam", 1.8)
         add("mean-proxy embcam/Captum >= 1.8", "mean_proxy_embcam", "mean_proxy_captum", 1.8)
+        if batch >= 16:
+            add("(g)/(g0) >= 0.95 (user's model)", "user_embcam_map", "user_plain", 0.95)
     return targets
 
 
@@ -301,15 +340,17 @@ def format_table(report: dict) -> str:
     batches = list(report["results"])
     head = f"{'method':38s}" + "".join(f" | b={b:<3d}  img/s  x(a) best  cpu" for b in batches)
     lines = [head, "-" * len(head)]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, label in METHODS.items():
+        if not any(name in r["methods"] or name in r["errors"] for r in report["results"].values()):
+            continue  # left out with --methods
         row = f"{label:38s}"
         for b in batches:
             m = report["results"][b]["methods"].get(name)
-            row += (f" | {m['images_per_s']:10.2f} {m['ratio_to_plain']:5.2f} {m['best_ratio_to_plain']:5.2f}"
-                    f" {m['cpu_ratio_to_plain']:4.2f}" if m else f" | {'failed':>27s}")
+            row += (f" | {m['images_per_s']:10.2f} {fmt(m['ratio_to_plain']):>5s} {fmt(m['best_ratio_to_plain']):>5s}"
+                    f" {fmt(m['cpu_ratio_to_plain']):>4s}" if m else f" | {'failed':>27s}")
         lines.append(row)
     lines.append("")
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for t in report["targets"]:
         lines.append(f"{'MET ' if t['met'] else 'MISS'} b={t['batch_size']:<3d} {t['target']:34s} median "
                      f"{fmt(t['value']):>5s}  best {fmt(t['value_best']):>5s}  cpu {fmt(t['value_cpu']):>5s}")
@@ -348,6 +389,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: resnet18+linear:128, 112 px, batch 1,8 (explicit flags still win)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of the methods to run (default all): " + ", ".join(METHODS))
     parser.add_argument("--json", default=None, help="write the full report here")
     args = parser.parse_args(argv)
     quick = ("torchvision:resnet18+linear:128", 112, "1,8")
@@ -358,6 +401,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_sizes = [int(b) for b in (args.batch_sizes or batches).split(",")]
     if args.bf16 and args.device != "cuda":
         parser.error("--bf16 autocast is for --device cuda only")
+    args.methods = args.methods.split(",")
+    if set(args.methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; known: {', '.join(METHODS)}")
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         parser.error("need --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     return args

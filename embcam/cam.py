@@ -15,22 +15,45 @@ H_ij = ReLU(p . E_ij) with the *embedding map* E_ij = M^T A_.ij. Two strategies:
   ``torch.autograd.grad(L, A)`` per proxy column; parameters are frozen for the call,
   so the graph starts at A and no parameter gradient is ever formed.
 - ``embedding-map``: compute E once per image, then any number of heatmaps as
-  ReLU(E . p) with no further network pass. When the target layer feeds global
-  average pooling and an affine head, M = W^T / Z (paper eq. 17) and no backward
-  pass runs at all; otherwise M comes from batched vector-Jacobian products, d of
-  them per image, chunked so memory stays bounded.
+  ReLU(E . p) with no further network pass. M comes from one of three paths
+  (``EmbeddingCAM.path``), chosen once from the model's structure (``embcam.tail``):
+
+  - ``closed-form``: A reaches y only through its global average pool and an affine
+    map (Linear, BatchNorm1d, Dropout, flatten...): M = W^T / Z (paper eq. 17), read off
+    the model once. One plain forward, no backward at all.
+  - ``pooled-jacobian``: A reaches y only through its global average pool v and some
+    function g of v (a LayerNorm, an MLP): M = J_g(v)^T / Z, from d vector-Jacobian
+    products through g alone (a graph on a K-vector), after one plain forward.
+  - ``vjp``: anything else (GeM, a skip connection around the target, a layer inside
+    the last block, a vision transformer): d batched vector-Jacobian products from y
+    back to A per image, chunked so memory stays bounded.
+
+Vision transformers: the target output is turned into a (B, K, h, w) map by
+``reshape`` ("tokens", "nhwc" or a callable; see ``EmbeddingCAM``), applied alike to
+the activation and to its gradient. For a ViT the last block's token output has zero
+gradient except at the class token (only the class token reaches the head after it),
+so explain a layer before the last attention: ``blocks[-1].norm1`` in timm (as
+pytorch-grad-cam does), ``encoder.layers.encoder_layer_11.ln_1`` in torchvision's
+ViT-B/16.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
 
 from .models import default_target_layer, get_layer
+from .tail import Tail, analyse_tail
 
 STRATEGIES = ("autograd", "embedding-map")
+RESHAPES = ("tokens", "nhwc", "nchw")
+MAX_PREFIX_TOKENS = 16  # class and register tokens a "tokens" reshape may drop
+Reshape = Union[str, Callable[[Tensor], Tensor]]
 _AFFINE_HEAD_TYPES = {"Identity", "Linear", "BatchNorm1d", "Dropout", "Flatten", "Sequential"}
 
 
@@ -57,6 +80,22 @@ def normalise(y: Tensor, eps: float = 1e-12) -> Tensor:
     return y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+def token_grid(tokens: int, height: int, width: int) -> tuple[int, int, int]:
+    """(p, gh, gw) for ``tokens`` transformer tokens of an ``height`` x ``width`` image:
+    the fewest leading tokens p (0..16: class, register tokens) such that the rest form
+    a gh x gw grid with exactly the image's aspect ratio (gh * width == gw * height)."""
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+        rest = tokens - prefix
+        if (rest * height) % width:
+            continue
+        gh = math.isqrt(rest * height // width)
+        if gh and gh * gh * width == rest * height and rest % gh == 0:
+            return prefix, gh, rest // gh
+    raise ValueError(f"{tokens} tokens do not form a grid with the {height}x{width} input's aspect ratio "
+                     f"after dropping 0-{MAX_PREFIX_TOKENS} leading tokens; pass reshape= a callable "
+                     "that returns (B, K, h, w)")
+
+
 class EmbeddingCAM:
     """Heatmaps for an embedding network with respect to proxy vectors.
 
@@ -65,12 +104,24 @@ class EmbeddingCAM:
     ``forward_head``, e.g. embcam's ``EmbeddingNet`` and its TorchScript export).
     ``top_k_channels``: keep only the k channels with the largest alpha (autograd).
     ``chunk_elements``: memory bound for the batched VJPs of the embedding-map path.
-    The model is put in eval mode: batch statistics would make one image's map
-    depend on the rest of the batch.
+    ``reshape``: how the target output becomes a (B, K, h, w) map:
+    "tokens" for (B, N, C) transformer tokens (leading class / register tokens are
+    dropped, see ``token_grid``, and their gradient ignored), "nhwc" for (B, H, W, C)
+    (Swin), "nchw" for none, or a callable ``f(activation) -> (B, K, h, w)`` that only
+    re-indexes its input (it is applied to the activation and, the same way, to its
+    gradient, as pytorch-grad-cam's ``reshape_transform`` is). None: the model's
+    ``embcam_reshape`` attribute if it has one, else "nchw".
+
+    The model is put in eval mode: batch statistics would make one image's map depend
+    on the rest of the batch. The embedding-map path is chosen here, from the model as
+    it is now (``path``: "closed-form", "pooled-jacobian" or "vjp"; "autograd" for the
+    autograd strategy); build a new EmbeddingCAM after replacing modules or moving the
+    model. The closed form's W^T is cached and read again when the weights change.
     """
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, strategy: str = "autograd",
-                 top_k_channels: int | None = None, chunk_elements: int = 1 << 25):
+                 top_k_channels: int | None = None, chunk_elements: int = 1 << 25,
+                 reshape: Reshape | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if top_k_channels is not None and strategy != "autograd":
@@ -82,6 +133,7 @@ class EmbeddingCAM:
         self.strategy = strategy
         self.top_k_channels = top_k_channels
         self.chunk_elements = chunk_elements
+        self.reshape = _resolve_reshape(model, reshape)
         name = default_target_layer(model) if target_layer is None else target_layer
         # Split mode: the target is the forward_features output; no hooks needed
         # (this is also how TorchScript models, which ignore Python hooks, are explained).
@@ -90,7 +142,11 @@ class EmbeddingCAM:
         if isinstance(model, torch.jit.ScriptModule) and not self._split:
             raise ValueError("TorchScript models are explained at their forward_features output; "
                              "leave target_layer unset")
-        self._head_matrix: dict[tuple, Tensor] = {}
+        self._tail = self._find_tail(None if self._split else name) if strategy == "embedding-map" else None
+        self.path = "autograd" if strategy == "autograd" else (
+            "vjp" if self._tail is None else "closed-form" if self._tail.affine else "pooled-jacobian")
+        self._head_matrix: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._target_shapes: dict[tuple, torch.Size] = {}
 
     # -- public API -------------------------------------------------------------------
 
@@ -103,10 +159,11 @@ class EmbeddingCAM:
             p, squeeze = _proxy_batch(proxies, y)
             heat = heatmaps_from_maps(maps, p)
             return CAMResult(y, heat[:, 0] if squeeze else heat, None, maps)
+        size = images.shape[-2:]
         with self._graph_from_target(images) as (activation, y):
             p, squeeze = _proxy_batch(proxies, y.detach())
-            alpha = self._channel_weights(activation, y, p)
-        activation = activation.detach()
+            alpha = self._channel_weights(activation, y, p, size)
+        activation = self._as_map(activation.detach(), size)
         if self.top_k_channels is not None and self.top_k_channels < alpha.shape[-1]:
             keep = alpha.topk(self.top_k_channels, dim=-1).indices
             alpha = torch.zeros_like(alpha).scatter_(-1, keep, alpha.gather(-1, keep))
@@ -118,23 +175,134 @@ class EmbeddingCAM:
 
     def embedding_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(y (B, d), E (B, d, h, w)): everything needed for heatmaps against any proxy."""
-        if self._closed_form():
-            with torch.inference_mode():
-                activation = self.model.forward_features(images)
-                y = self.model.forward_head(activation)
-                w_t = self._affine_head_matrix(activation)  # (K, d)
-                z = activation.shape[-2] * activation.shape[-1]
-                act = activation.to(_heat_dtype(activation))
-                with _full_precision(act):
-                    maps = torch.einsum("bkhw,kd->bdhw", act, w_t.to(act.dtype)) / z
-            return y.clone(), maps.clone()  # clones: plain tensors, usable outside inference mode
-        with self._graph_from_target(images) as (activation, y):
-            m = self._jacobian_means(activation, y)  # (B, K, d)
-        act = activation.detach().to(m.dtype)
+        if self._tail is not None:
+            return self._maps_from_tail(images)
+        size = images.shape[-2:]
+        with _frozen(self.model):
+            activation, y, vjp = self._vjp_from_target(images)
+            act = self._as_map(activation, size)  # checked before any VJP
+            m = self._jacobian_means(vjp, y, activation.numel(), lambda g: self._as_map(g, size).mean((-2, -1)))
+        act = act.to(m.dtype)
         with _full_precision(act):
             return y.detach(), torch.einsum("bkhw,bkd->bdhw", act, m)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _find_tail(self, name: str | None) -> Tail | None:
+        """The model after the target when it factors through the target's global
+        average pool (see embcam.tail); TorchScript models keep their own rule."""
+        if isinstance(self.model, torch.jit.ScriptModule):
+            return _script_tail(self.model)
+        if self.reshape not in ("nchw", "nhwc"):
+            return None
+        return analyse_tail(self.model, name, self.reshape)
+
+    def _maps_from_tail(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """E from one plain forward and M = W^T / Z (affine tail) or J_g(v)^T / Z."""
+        with torch.inference_mode():
+            activation, y = self._forward(images)
+        act = self._as_map(activation, images.shape[-2:])
+        act = act.to(_heat_dtype(act))
+        z = act.shape[-2] * act.shape[-1]
+        with torch.no_grad(), _full_precision(act):
+            if self._tail.affine:
+                maps = torch.einsum("bkhw,kd->bdhw", act, self._affine_matrix(act) / z)
+            else:
+                m = self._pooled_jacobian(act.mean((-2, -1))) / z
+                maps = torch.einsum("bkhw,bkd->bdhw", act, m)
+        return y.clone(), maps  # y cloned: a plain tensor, usable outside inference mode
+
+    def _forward(self, images: Tensor, leaf: bool = False) -> tuple[Tensor, Tensor]:
+        """(target activation, y). ``leaf``: the activation is a leaf that requires
+        grad and y is recorded from it (nothing before it is recorded)."""
+        x = images.detach()
+        if self._split:
+            with torch.no_grad() if leaf else nullcontext():
+                features = self.model.forward_features(x)
+            if leaf:
+                features = features.detach().requires_grad_(True)
+            return features, _checked_embeddings(self.model.forward_head(features))
+        captured: list[Tensor] = []
+
+        def hook(module, inputs, output):
+            if not isinstance(output, Tensor):
+                raise ValueError(f"target layer output is {type(output).__name__}, not a tensor; "
+                                 "pick a layer that returns one tensor")
+            if not leaf:
+                captured.append(output)
+                return None
+            captured.append(output.detach().requires_grad_(True))
+            return captured[-1].clone()  # a non-leaf, so later in-place ops stay legal
+
+        handle = self._layer.register_forward_hook(hook)
+        try:
+            y = self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(f"target layer ran {len(captured)} times in one forward; pick a layer that runs once")
+        return captured[0], _checked_embeddings(y)
+
+    def _vjp_from_target(self, images: Tensor) -> tuple[Tensor, Tensor, Callable]:
+        """(A, y, vjp) from one forward, with vjp(v) = (v^T dy/dA,) for v shaped like y.
+
+        torch.func rather than autograd's is_grads_batched: vmapped over a chunk of
+        cotangents, its backward runs each layer once for the whole chunk, where
+        is_grads_batched ran the convolution backward once per cotangent (3-4x slower,
+        BENCHMARKS.md §3). Without a split, y is a function of a zero delta added to
+        the target's output, so the one forward records the graph from the target on."""
+        x = images.detach()
+        if self._split:
+            with torch.no_grad():
+                activation = self.model.forward_features(x)
+            y, vjp = torch.func.vjp(self.model.forward_head, activation)
+            return activation, _checked_embeddings(y), vjp
+        key = (tuple(x.shape), x.device)
+        if key not in self._target_shapes:
+            self._target_shapes[key] = self._target_shape(x)
+        captured: list[Tensor] = []
+
+        def through_target(delta: Tensor) -> Tensor:
+            def hook(module, inputs, output):
+                if not isinstance(output, Tensor) or output.shape != delta.shape:
+                    raise ValueError("target layer output is not one tensor of a fixed shape for this input shape")
+                captured.append(output)
+                return output + delta.to(output.dtype)
+
+            handle = self._layer.register_forward_hook(hook)
+            try:
+                return self.model(x)
+            finally:
+                handle.remove()
+
+        delta = torch.zeros(self._target_shapes[key], dtype=_heat_dtype(x), device=x.device)
+        y, vjp = torch.func.vjp(through_target, delta)
+        if len(captured) != 1:
+            raise ValueError(f"target layer ran {len(captured)} times in one forward; pick a layer that runs once")
+        return captured[0], _checked_embeddings(y), vjp
+
+    def _target_shape(self, x: Tensor) -> torch.Size:
+        """The target output's shape for input ``x``, from a forward stopped at the target."""
+        shapes: list[torch.Size] = []
+
+        def hook(module, inputs, output):
+            if not isinstance(output, Tensor):
+                raise ValueError(f"target layer output is {type(output).__name__}, not a tensor; "
+                                 "pick a layer that returns one tensor")
+            shapes.append(output.shape)
+            raise _TargetReached
+
+        handle = self._layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except _TargetReached:
+            pass
+        finally:
+            handle.remove()
+        if not shapes:
+            raise ValueError("target layer ran 0 times in one forward; pick a layer that runs once")
+        return shapes[0]
 
     @contextmanager
     def _graph_from_target(self, images: Tensor):
@@ -143,88 +311,112 @@ class EmbeddingCAM:
         Nothing before the target layer is recorded (no input or parameter needs a
         gradient), hooks live only for the call, and parameter flags are restored even
         when the body raises."""
-        params = list(self.model.parameters())
-        flags = [q.requires_grad for q in params]
-        captured: list[Tensor] = []
-        handle = None
-        try:
-            for q in params:
-                q.requires_grad_(False)
-            with torch.enable_grad():
-                x = images.detach()
-                if self._split:
-                    with torch.no_grad():
-                        features = self.model.forward_features(x)
-                    activation = features.detach().requires_grad_(True)
-                    y = self.model.forward_head(activation)
-                else:
-                    def hook(module, inputs, output):
-                        if not isinstance(output, Tensor):
-                            raise TypeError(f"target layer output is {type(output).__name__}, not a tensor")
-                        leaf = output.detach().requires_grad_(True)
-                        captured.append(leaf)
-                        return leaf.clone()  # a non-leaf, so later in-place ops stay legal
-                    handle = self._layer.register_forward_hook(hook)
-                    y = self.model(x)
-                    handle.remove()
-                    handle = None
-                    if len(captured) != 1:
-                        raise RuntimeError(f"target layer ran {len(captured)} times in one forward; "
-                                           "pick a layer that runs once")
-                    activation = captured[0]
-                if y.dim() != 2:
-                    raise ValueError(f"model output must be (B, d) embeddings, got shape {tuple(y.shape)}")
-                if activation.dim() != 4:
-                    raise ValueError(f"target activation must be (B, K, h, w), got {tuple(activation.shape)}")
-                yield activation, y
-        finally:
-            if handle is not None:
-                handle.remove()
-            for q, flag in zip(params, flags):
-                q.requires_grad_(flag)
+        with _frozen(self.model), torch.enable_grad():
+            yield self._forward(images, leaf=True)
 
-    def _channel_weights(self, activation: Tensor, y: Tensor, proxies: Tensor) -> Tensor:
+    def _as_map(self, activation: Tensor, image_size) -> Tensor:
+        """The target output (or its gradient) as a (B, K, h, w) map (see ``reshape``)."""
+        shape = tuple(activation.shape)
+        if callable(self.reshape):
+            out = self.reshape(activation)
+            if not isinstance(out, Tensor) or out.dim() != 4:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"reshape must return a (B, K, h, w) tensor, got {got} from {shape}")
+            return out
+        if self.reshape == "tokens":
+            if activation.dim() != 3:
+                raise ValueError(f"reshape='tokens' needs (B, N, C) tokens, got {shape}")
+            prefix, gh, gw = token_grid(shape[1], *image_size)
+            return activation[:, prefix:].unflatten(1, (gh, gw)).permute(0, 3, 1, 2)
+        if self.reshape == "nhwc":
+            if activation.dim() != 4:
+                raise ValueError(f"reshape='nhwc' needs a (B, H, W, C) activation, got {shape}")
+            return activation.permute(0, 3, 1, 2)
+        if activation.dim() == 3:
+            raise ValueError(f"target activation is {shape}, not (B, K, h, w): for (B, N, C) transformer "
+                             "tokens pass reshape='tokens' (or a callable returning (B, K, h, w))")
+        if activation.dim() != 4:
+            raise ValueError(f"target activation must be (B, K, h, w), got {shape}")
+        return activation
+
+    def _channel_weights(self, activation: Tensor, y: Tensor, proxies: Tensor, image_size) -> Tensor:
         """alpha (B, P, K): one backward from L = sum_b y_b . p_b per proxy column."""
         columns = []
         for j in range(proxies.shape[1]):
             score = (y * proxies[:, j].to(y.dtype)).sum()
             (grad,) = torch.autograd.grad(score, activation, retain_graph=j + 1 < proxies.shape[1])
-            columns.append(grad.mean((-2, -1)))
+            columns.append(self._as_map(grad, image_size).mean((-2, -1)))
         return torch.stack(columns, 1).to(_heat_dtype(activation))
 
-    def _jacobian_means(self, activation: Tensor, y: Tensor) -> Tensor:
-        """M (B, K, d): spatial means of dy_m/dA for every embedding unit m, by batched
-        VJPs in chunks of units so that chunk x B x K x h x w stays under chunk_elements."""
+    def _jacobian_means(self, vjp: Callable, y: Tensor, numel: int, pool: Callable[[Tensor], Tensor]) -> Tensor:
+        """(B, K, d): ``pool(dy_m/dA)`` for every embedding unit m, from ``vjp`` vmapped
+        over chunks of units so that chunk x numel (A's elements) stays under chunk_elements."""
         batch, d = y.shape
-        chunk = max(1, min(d, self.chunk_elements // max(1, activation.numel())))
+        chunk = max(1, min(d, self.chunk_elements // max(1, numel)))
         eye = torch.eye(d, dtype=y.dtype, device=y.device)
+        batched = torch.func.vmap(vjp)
         parts = []
-        for start in range(0, d, chunk):
-            units = eye[start:start + chunk]  # (c, d)
-            grad_outputs = units[:, None, :].expand(-1, batch, -1)
-            (grads,) = torch.autograd.grad(y, activation, grad_outputs, retain_graph=True,
-                                           is_grads_batched=True)  # (c, B, K, h, w)
-            parts.append(grads.mean((-2, -1)))
-        return torch.cat(parts, 0).permute(1, 2, 0).to(_heat_dtype(activation))
+        with warnings.catch_warnings():
+            # Ops without a batching rule (CPU flash attention's backward) run once per
+            # cotangent: slower, still exact, and nothing a user can act on.
+            warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
+            for start in range(0, d, chunk):
+                units = eye[start:start + chunk]  # (c, d)
+                (grads,) = batched(units[:, None, :].expand(-1, batch, -1))  # (c, B, ...)
+                parts.append(pool(grads.flatten(0, 1)).unflatten(0, (len(units), batch)))
+        return torch.cat(parts, 0).permute(1, 2, 0).to(_heat_dtype(y))
 
-    def _closed_form(self) -> bool:
-        """True when y = affine(global-average-pool(A)): M = W^T / Z, no backward."""
-        if not self._split:
-            return False
-        pool, head = getattr(self.model, "pool", None), getattr(self.model, "head", None)
-        return _type_name(pool) == "GlobalAvgPool" and head is not None and _is_affine(head)
+    def _pooled_jacobian(self, pooled: Tensor) -> Tensor:
+        """J_g(v_b)^T (B, K, d) of the tail g at each image's pooled vector v_b."""
+        head = self._tail.head
+        dtype = next(head.parameters(), pooled).dtype  # the head's own dtype
+        with _frozen(self.model):  # torch.func.vjp records even under no_grad
+            y, vjp = torch.func.vjp(head, pooled.detach().to(dtype))
+            return self._jacobian_means(vjp, _checked_embeddings(y), pooled.numel(), lambda g: g).to(pooled.dtype)
 
-    def _affine_head_matrix(self, activation: Tensor) -> Tensor:
-        """W^T (K, d) of the affine head, read off as head(I) - head(0); cached."""
-        key = (activation.device, activation.dtype, activation.shape[1])
-        if key not in self._head_matrix:
-            k = activation.shape[1]
-            weight = next(self.model.head.parameters(), activation)  # the head's own dtype
-            probe = torch.cat([torch.eye(k), torch.zeros(1, k)]).to(activation.device, weight.dtype)
-            with _full_precision(activation):
-                out = self.model.head(probe)
-            self._head_matrix[key] = (out[:k] - out[k:]).to(_heat_dtype(activation)).clone()
-        return self._head_matrix[key]
+    def _affine_matrix(self, act: Tensor) -> Tensor:
+        """W^T (K, d) of the affine tail, read off as g(I) - g(0); cached, and read
+        again when a parameter of g changes in place (an optimiser step, load_state_dict)."""
+        head, k = self._tail.head, act.shape[1]
+        key = (act.device, act.dtype, k)
+        versions = tuple(t._version for t in (*head.parameters(), *head.buffers()))
+        cached = self._head_matrix.get(key)
+        if cached is None or cached[0] != versions:
+            dtype = next(head.parameters(), act).dtype  # the head's own dtype
+            probe = torch.cat([torch.eye(k), torch.zeros(1, k)]).to(act.device, dtype)
+            out = head(probe)
+            cached = (versions, (out[:k] - out[k:]).to(act.dtype))
+            self._head_matrix[key] = cached
+        return cached[1]
+
+
+class _TargetReached(Exception):
+    """Stops a forward at the target layer (only its output's shape is wanted)."""
+
+
+def _resolve_reshape(model: nn.Module, reshape: Reshape | None) -> Reshape:
+    if reshape is None:
+        reshape = getattr(model, "embcam_reshape", None) or "nchw"
+    if not callable(reshape) and reshape not in RESHAPES:
+        raise ValueError(f"unknown reshape {reshape!r}: use 'tokens' ((B, N, C) transformer tokens), 'nhwc' "
+                         "((B, H, W, C), Swin), 'nchw' (none) or a callable returning (B, K, h, w)")
+    return reshape
+
+
+def _script_tail(model: nn.Module) -> Tail | None:
+    """A TorchScript EmbeddingNet (fx cannot trace it): closed form when its pool is
+    embcam's GlobalAvgPool and its head an affine stack of modules."""
+    pool, head = getattr(model, "pool", None), getattr(model, "head", None)
+    if _type_name(pool) == "GlobalAvgPool" and head is not None and _is_affine(head):
+        return Tail(head, affine=True)
+    return None
+
+
+def _checked_embeddings(y) -> Tensor:
+    if not isinstance(y, Tensor) or y.dim() != 2:
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"model output must be (B, d) embeddings, got {got}")
+    return y
 
 
 def _proxy_batch(proxies: Tensor | str, y: Tensor) -> tuple[Tensor, bool]:
@@ -242,6 +434,21 @@ def _proxy_batch(proxies: Tensor | str, y: Tensor) -> tuple[Tensor, bool]:
     if p.dim() in (2, 3) and p.shape[0] == batch:
         return (p[:, None, :], True) if p.dim() == 2 else (p, False)
     raise ValueError(f"proxies must be (d,), (B, d) or (B, P, d) with B={batch}, d={d}; got {tuple(p.shape)}")
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Parameters without requires_grad for the body (no parameter gradient is ever
+    formed); their flags restored afterwards, even when the body raises."""
+    params = list(model.parameters())
+    flags = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(False)
+        yield
+    finally:
+        for q, flag in zip(params, flags):
+            q.requires_grad_(flag)
 
 
 def _full_precision(t: Tensor):

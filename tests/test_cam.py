@@ -34,7 +34,14 @@ def heads():
         "gap-linear": EmbeddingNet(features(), GlobalAvgPool(), nn.Linear(12, 6)),
         "gap-mlp-bn": randomise_bn(EmbeddingNet(features(), GlobalAvgPool(), mlp)),
         "gem-linear": EmbeddingNet(features(), GeM(3.0), nn.Linear(12, 6)),
+        "gap-layernorm-linear": EmbeddingNet(features(), nn.Sequential(GlobalAvgPool(), nn.LayerNorm(12)),
+                                             nn.Linear(12, 6)),
     }
+
+
+# the embedding-map path each model takes at its default target (the split)
+PATHS = {"gap-linear": "closed-form", "gap-mlp-bn": "pooled-jacobian", "gem-linear": "vjp",
+         "gap-layernorm-linear": "pooled-jacobian"}
 
 
 def reference_gradcam(model, x, proxies):
@@ -54,7 +61,7 @@ def images():
     return torch.randn(4, 3, 32, 40)
 
 
-@pytest.mark.parametrize("name", ["gap-linear", "gap-mlp-bn", "gem-linear"])
+@pytest.mark.parametrize("name", PATHS)
 def test_autograd_equals_hand_written_gradcam(name, images):
     model = heads()[name].eval()
     p = torch.randn(4, 6)
@@ -65,12 +72,14 @@ def test_autograd_equals_hand_written_gradcam(name, images):
     assert h_ref.max() > 0
 
 
-@pytest.mark.parametrize("name", ["gap-linear", "gap-mlp-bn", "gem-linear"])
+@pytest.mark.parametrize("name", PATHS)
 def test_embedding_map_equals_autograd_with_several_proxies(name, images):
     model = heads()[name].eval()
     p = torch.randn(4, 5, 6)
     ref = EmbeddingCAM(model)(images, p)
-    fast = EmbeddingCAM(model, strategy="embedding-map", chunk_elements=500)(images, p)  # forces chunking
+    cam = EmbeddingCAM(model, strategy="embedding-map", chunk_elements=100)  # forces chunking of the VJPs
+    assert cam.path == PATHS[name]
+    fast = cam(images, p)
     assert fast.heatmaps.shape == (4, 5, 8, 10)
     assert close(fast.heatmaps, ref.heatmaps) and close(fast.embeddings, ref.embeddings)
     # heatmaps for proxies known only later come from the kept maps alone
@@ -78,16 +87,23 @@ def test_embedding_map_equals_autograd_with_several_proxies(name, images):
     assert close(heatmaps_from_maps(fast.maps, later), EmbeddingCAM(model)(images, later).heatmaps)
 
 
-def test_embedding_map_on_resnet_named_layer_and_closed_form():
+def test_embedding_map_on_resnet_named_layers():
     torch.manual_seed(2)
     model = randomise_bn(build_model("torchvision:resnet18+linear:16")).eval()
     x = torch.randn(2, 3, 64, 64)
     p = torch.randn(2, 3, 16)
     ref = EmbeddingCAM(model, target_layer="backbone.layer4")(x, p).heatmaps
-    for target in (None, "backbone.layer4"):  # closed form (split) and batched VJPs (hook)
-        out = EmbeddingCAM(model, target_layer=target, strategy="embedding-map")(x, p)
-        assert close(out.heatmaps, ref)
+    # the split and the named layer (hooked) both feed the pool and the linear head
+    for target in (None, "backbone.layer4"):
+        cam = EmbeddingCAM(model, target_layer=target, strategy="embedding-map")
+        assert cam.path == "closed-form"
+        assert close(cam(x, p).heatmaps, ref)
     assert ref.shape == (2, 3, 2, 2) and ref.max() > 0
+    # inside the last stage: batched VJPs, through BasicBlock's in-place residual add
+    for target in ("backbone.layer4.0", "backbone.layer4.1.bn2"):
+        cam = EmbeddingCAM(model, target_layer=target, strategy="embedding-map", chunk_elements=200)
+        assert cam.path == "vjp"
+        assert close(cam(x, p).heatmaps, EmbeddingCAM(model, target_layer=target)(x, p).heatmaps)
 
 
 def test_closed_form_alpha_is_w_transpose_p_over_z(images):
@@ -208,11 +224,81 @@ def test_bad_inputs_give_clear_errors(images):
 
 
 def test_bf16_autocast_forward_keeps_cam_arithmetic_in_float32(images):
-    model = heads()["gap-mlp-bn"].float().eval()
     x = images.float()
-    ref = EmbeddingCAM(model)(x).heatmaps
+    for name, target in (("gap-mlp-bn", None), ("gap-mlp-bn", "backbone.3"), ("gap-linear", "backbone.3"),
+                         ("gem-linear", "backbone.3")):
+        model = heads()[name].float().eval()
+        ref = EmbeddingCAM(model, target)(x).heatmaps
+        for strategy in ("autograd", "embedding-map"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = EmbeddingCAM(model, target, strategy=strategy)(x)
+            assert out.heatmaps.dtype == torch.float32
+            assert close(out.heatmaps, ref, 0.05), (name, target)  # bf16 forward: a few per cent, not garbage
+
+
+def test_closed_form_reads_the_weights_again_after_they_change(images):
+    """W^T is cached, and read again after an in-place change (an optimiser step,
+    load_state_dict); the closed form runs no backward, so it works under inference_mode."""
+    model = heads()["gap-linear"].eval()
+    for target in (None, "backbone.3"):
+        cam = EmbeddingCAM(model, target, strategy="embedding-map")
+        assert cam.path == "closed-form"
+        p = torch.randn(4, 6)
+        before = cam(images, p).heatmaps
+        with torch.no_grad():
+            model.head.weight.mul_(-2.0)
+        with torch.inference_mode():
+            after = cam(images, p).heatmaps
+        assert close(after, EmbeddingCAM(model, target)(images, p).heatmaps)
+        assert not close(after, before, 0.5)
+
+
+def test_token_grid_hand_computed():
+    from embcam.cam import token_grid
+
+    assert token_grid(197, 224, 224) == (1, 14, 14)   # ViT-B/16: a class token
+    assert token_grid(196, 224, 224) == (0, 14, 14)   # no class token (global-pool ViTs)
+    assert token_grid(201, 224, 224) == (5, 14, 14)   # class + 4 register tokens
+    assert token_grid(29, 32, 48) == (5, 4, 6)        # non-square: 4 x 6 patches after 5 tokens
+    assert token_grid(5, 32, 32) == (1, 2, 2)         # the fewest leading tokens: not (4, 1, 1)
+    assert token_grid(50, 224, 112) == (0, 10, 5)
+    with pytest.raises(ValueError, match="do not form a grid"):
+        token_grid(2, 16, 48)   # 1:3 needs 3 t^2 tokens after the prefix
+    with pytest.raises(ValueError, match="do not form a grid"):
+        token_grid(98, 224, 224)  # 81 = 9 x 9 after 17 leading tokens: more than 16 (no square in 82..98)
+
+
+def test_reshapes_and_their_errors(images):
+    class Tokens(nn.Module):
+        """4-px patches as (B, N, C) tokens (no class token), a norm, a token-mean head."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm, self.head = nn.Conv2d(3, 6, 4, 4), nn.LayerNorm(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+    model = Tokens().eval()
+    p = torch.randn(4, 3)
+    ref = EmbeddingCAM(model, "embed")(images, p).heatmaps  # the same tokens as a (B, C, 8, 10) conv map
     for strategy in ("autograd", "embedding-map"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = EmbeddingCAM(model, strategy=strategy)(x)
-        assert out.heatmaps.dtype == torch.float32
-        assert close(out.heatmaps, ref, 0.05)  # bf16 forward: a few per cent, not garbage
+        # the norm's output, seen as tokens: a grid by hand equals the conv layer's map
+        by_hand = EmbeddingCAM(model, "norm", strategy, reshape=lambda t: t.transpose(1, 2).unflatten(2, (8, 10)))
+        tokens = EmbeddingCAM(model, "norm", strategy, reshape="tokens")
+        assert close(tokens(images, p).heatmaps, by_hand(images, p).heatmaps, 1e-12)
+        assert tokens(images, p).heatmaps.shape == (4, 8, 10) and ref.shape == (4, 8, 10)
+        with pytest.raises(ValueError, match="pass reshape='tokens'"):
+            EmbeddingCAM(model, "norm", strategy)(images)
+    with pytest.raises(ValueError, match=r"must be \(B, K, h, w\), got \(4, 3\)"):
+        EmbeddingCAM(model, "head")(images)
+    with pytest.raises(ValueError, match="unknown reshape 'nlc'"):
+        EmbeddingCAM(model, "norm", reshape="nlc")
+    with pytest.raises(ValueError, match=r"reshape must return a \(B, K, h, w\) tensor"):
+        EmbeddingCAM(model, "embed", reshape=lambda t: t.flatten(2))(images)
+    with pytest.raises(ValueError, match=r"reshape='tokens' needs \(B, N, C\) tokens"):
+        EmbeddingCAM(model, "embed", reshape="tokens")(images)
+    with pytest.raises(ValueError, match="72 tokens do not form a grid with the 32x38"):
+        EmbeddingCAM(model, "norm", reshape="tokens")(images[..., :38])
+    model.embcam_reshape = "tokens"  # the model's default, as the model registry sets it
+    assert close(EmbeddingCAM(model, "norm")(images, p).heatmaps, by_hand(images, p).heatmaps, 1e-12)
