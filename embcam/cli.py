@@ -10,6 +10,37 @@ from pathlib import Path
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
 DELEGATED = {"report": "embcam.report", "train": "embcam.training"}  # commands with their own parsers
+BAD_INPUT = 2  # exit status of every expected error (bad arguments, specs, files), as argparse's
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: ``<prog>: error: <message> (see <prog> --help)``."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def package_version() -> str:
+    """The installed distribution's version; ``embcam.__version__`` when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("embcam")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def error_line(exc: BaseException) -> str:
+    """An expected error as one line: an OSError names its file, newlines are folded."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and not str(exc).split()[1:]:
+        text = f"{exc}: no such file or directory"  # pyarrow's: only the path
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +99,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete what embcam wrote in --out before (results, proxies, summary, run state) "
                         "and start afresh; without it a re-run resumes the same run")
-    p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (Ray Data's bars on a terminal, else a line every few seconds)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own console output too (its INFO lines, "
+                   "every warning)")
 
 
 def explain_config(args: argparse.Namespace):
@@ -92,7 +126,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
 
     cfg = explain_config(args)
     try:
-        summary = run_explain(cfg, progress=not args.no_progress)
+        summary = run_explain(cfg, progress=not args.no_progress, verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"embcam explain: interrupted; {_progress_note(cfg.out)} "
               "Re-run the same command to resume.", file=sys.stderr)
@@ -151,14 +185,18 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(out / "run"), checkpoint=str(DEMO_MODEL),
                                         proxy="mean", batch_size=32, overwrite=True,
                                         address=os.environ.get("RAY_ADDRESS")),
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, verbose=args.verbose)
     print(format_summary(summary))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embcam", description="EmbeddingCAM heatmaps for embedding networks, at catalog scale")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``embcam`` command. Expected errors (bad arguments, specs, files: ValueError and
+    OSError, embcam's own error classes among them) end in one line on stderr and exit
+    status 2; anything else is a bug and keeps its traceback."""
+    parser = OneLineParser(prog="embcam", description="EmbeddingCAM heatmaps for embedding networks, at catalog scale")
+    parser.add_argument("--version", action="version", version=f"embcam {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands: OneLineParser too
 
     explain = sub.add_parser("explain", help="run the explain job on a manifest")
     add_explain_arguments(explain)
@@ -167,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="generate a small annotated dataset and explain it with the bundled model")
     demo.add_argument("--out", default="demo_out", help="where the demo data and results go (default demo_out)")
     demo.add_argument("--per-class", type=int, default=30, help="images per class (10 classes; default 30)")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-progress", action="store_true", help="no progress display")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's own console output too")
     demo.set_defaults(run=run_demo)
 
     # listed for --help; they parse their own options (see DELEGATED below)
@@ -198,14 +237,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] in DELEGATED:
-        return _delegate(DELEGATED[argv[0]], argv[1:])
-    args = parser.parse_args(argv)
+    prog = f"embcam {argv[0]}" if argv and argv[0] in sub.choices else "embcam"
     try:
+        if argv and argv[0] in DELEGATED:
+            return _delegate(DELEGATED[argv[0]], argv[1:])
+        args = parser.parse_args(argv)
         return args.run(args)
     except (ValueError, OSError) as exc:  # bad input: a clear message, not a traceback
-        print(f"embcam {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -243,7 +286,7 @@ def make_manifest(args: argparse.Namespace) -> int:
         print(json.dumps({"manifest": str(path), **datasets.summary(path)}, indent=2, default=str))
         return 0
     if not args.out:
-        raise SystemExit("--out MANIFEST.parquet is required for cub and folders")
+        raise ValueError("--out MANIFEST.parquet is required for cub and folders")
     maker = datasets.cub_manifest if args.kind == "cub" else datasets.folder_manifest
     print(maker(args.source, args.out))
     return 0

@@ -23,6 +23,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -119,9 +120,19 @@ class ExplainConfig:
                           read_timeout=self.read_timeout, allowed_prefixes=prefixes)
 
 
-def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
+def run_explain(cfg: ExplainConfig, progress: bool = True, log=None, verbose: bool = False) -> dict:
     """Run the job to completion, resuming what ``cfg.out`` already holds; returns the
-    summary written to ``OUT/summary.json``. ``log`` gets one-line notes (default: stderr)."""
+    summary written to ``OUT/summary.json``. ``log`` gets one-line notes (default: stderr).
+
+    ``progress``: Ray Data's progress bars where stdout and stderr are terminals, else a line
+    every few seconds through ``log`` (rows done / total, images/s). Unless ``verbose``, Ray's
+    INFO lines and the known-false warnings of ``_RayNoise`` stay off the console for the
+    call (Ray's log files keep them); ``verbose`` leaves Ray's console output as Ray makes it."""
+    with _quiet_ray(not verbose):
+        return _run_explain(cfg, progress, log, verbose)
+
+
+def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict:
     import ray
 
     started = time.time()
@@ -148,10 +159,12 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, runtime_env=runtime_env or None, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+                 log_to_driver=False, ignore_reinit_error=True,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
+    bars = progress and (verbose or _on_terminal())   # verbose: Ray's own choice, as before
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    ctx.print_on_execution_start = progress
+    ctx.enable_progress_bars = bars
+    ctx.print_on_execution_start = progress and verbose
     gpus = _gpus(cfg.num_gpus)
     if note:
         log(f"embcam explain: {note}")
@@ -174,13 +187,15 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
                            cfg.batch_size if cfg.compile else None, cfg.reshape),
-               preprocessing.size, cfg.limits(image_root), image_root, gpus)
+               preprocessing.size, cfg.limits(image_root), image_root, gpus,
+               _Progress(log if progress and not bars else None))
     proxies = bank
     if plan != "one-pass":
         proxies = load_proxy_bank(run.join(PROXIES), filesystem=run.fs) if run.exists(PROXIES) else None
     if proxies is None and plan in ("streaming", "two-pass"):
         proxies = job.mean_proxies_pass()
-        job.explain_pass("mean", proxies, "embedding-map" if plan == "streaming" else "autograd")
+        job.explain_pass("mean", proxies, "embedding-map" if plan == "streaming" else "autograd",
+                         what="pass 2 of 2, heatmaps")
     elif proxies is None and plan == "embedding-map":
         job.kept_maps_pass()
     elif plan == "one-pass":
@@ -200,9 +215,9 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None) -> dict:
 class _Job:
     """The Ray Data passes of one run, over the row ranges not yet committed."""
 
-    def __init__(self, cfg, run, copy, rows, model_cfg, size, limits, image_root, gpus):
+    def __init__(self, cfg, run, copy, rows, model_cfg, size, limits, image_root, gpus, progress):
         self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
-        self.size, self.limits, self.image_root = size, limits, image_root
+        self.size, self.limits, self.image_root, self.progress = size, limits, image_root, progress
         self.actor = _actor_options(gpus, cfg.batch_size)
         # the model stage's worker-death markers: on each node's own disk (see embcam.attempts)
         self.markers = run if run.local else RunFolder(os.path.join(
@@ -227,24 +242,26 @@ class _Job:
         fn = _commit_results if kind == RESULTS else _commit_partials
         done = ds.map_batches(fn, fn_args=(self.run,), batch_format="numpy", num_cpus=1,
                               batch_size=self.copy.block_rows)  # about one piece per block
-        for _ in done.iter_batches(batch_size=None, batch_format="numpy"):
-            pass
+        for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+            self.progress.add(int(np.sum(batch["rows"])))
 
     def pending(self, *folder: str) -> list[tuple[int, int]]:
         return pending_blocks(self.run.pieces(*folder), self.rows, self.copy.block_rows)
 
-    def explain_pass(self, proxy_mode, proxies, strategy) -> None:
+    def explain_pass(self, proxy_mode, proxies, strategy, what="heatmaps") -> None:
         todo = self.pending(RESULTS)
         if todo:
-            self.commit(self.model(self.loaded(todo), proxy_mode, proxies, "heatmaps", strategy,
-                                   self.cfg.top_k_channels), RESULTS)
+            with self.progress.step(what, _rows_in(todo)):
+                self.commit(self.model(self.loaded(todo), proxy_mode, proxies, "heatmaps", strategy,
+                                       self.cfg.top_k_channels), RESULTS)
 
     def mean_proxies_pass(self) -> dict:
         """Pass 1: embeddings only, per-class partial sums committed per piece, then the
         reduce; ``proxies.parquet`` is written before any heatmap."""
         todo = self.pending(STATE, PARTIALS)
         if todo:
-            self.commit(self.model(self.loaded(todo), "mean", None, "partials"), PARTIALS)
+            with self.progress.step("pass 1 of 2, embeddings for the class proxies", _rows_in(todo)):
+                self.commit(self.model(self.loaded(todo), "mean", None, "partials"), PARTIALS)
         table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
                               schema=PARTIALS_SCHEMA)
         acc = _add_partials(MeanProxyAccumulator(), *(table.column(c).to_pylist() for c in ("label", "sum", "count")))
@@ -252,15 +269,19 @@ class _Job:
 
     def kept_maps_pass(self) -> None:
         """One model pass keeping every image's E map until the reduce (small runs only)."""
-        kept = self.model(self.loaded(self.pending(RESULTS)), "mean", None, "maps").materialize()
+        todo = self.pending(RESULTS)
+        with self.progress.step("embeddings and maps, kept for the class proxies", _rows_in(todo)):
+            kept = self.model(self.loaded(todo), "mean", None, "maps").materialize()
+            self.progress.add(_rows_in(todo))  # materialize() tells nothing on the way: all rows at once
         acc = MeanProxyAccumulator()
         partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
                                     batch_format="numpy")
         for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
             _add_partials(acc, batch["label"], batch["sum"], batch["count"])
         proxies = self._persist(acc)
-        self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
-                    RESULTS)
+        with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
+            self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
+                        RESULTS)
 
     def _persist(self, acc: MeanProxyAccumulator) -> dict:
         if not acc.sums:
@@ -556,12 +577,16 @@ def _gpus(requested: int | None) -> int:
 
 def _actor_options(gpus: int, batch_size: int) -> dict:
     """One model per GPU; on a CPU-only machine one actor (its torch uses every core of
-    its node, see ExplainModel) while decode and metrics tasks take the other CPU slots."""
+    its node, see ExplainModel) while decode and metrics tasks take the other CPU slots.
+    An actor holds a CPU slot only where the cluster still has one left for those tasks:
+    on a 1-CPU machine the actor took the only slot, and the job waited forever at 0 rows."""
     import ray
 
+    actors = max(gpus, 1)
+    cpus = 1 if ray.cluster_resources().get("CPU", 0) >= actors + 1 else 0
     if gpus > 0:
-        return dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=1, batch_size=batch_size)
-    return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=batch_size)
+        return dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=cpus, batch_size=batch_size)
+    return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, batch_size=batch_size)
 
 
 def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
@@ -602,3 +627,97 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
 def _mean(series) -> float | None:
     values = series.dropna().astype(float)
     return float(values.mean()) if len(values) else None
+
+
+# --- what a run shows on the console ---------------------------------------------------------
+
+
+def _rows_in(ranges: list[tuple[int, int]]) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def _on_terminal() -> bool:
+    """Ray Data draws its bars on stderr, and only where stdout is a terminal."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class _Progress:
+    """Rows done / total and images/s of each step, as a plain line through ``log`` every
+    ``interval`` seconds and at the end of the step; silent without ``log``."""
+
+    def __init__(self, log=None, interval: float = 5.0):
+        self.log, self.interval = log, interval
+        self.what, self.total, self.done, self.started, self.shown = "", 0, 0, 0.0, 0.0
+
+    @contextlib.contextmanager
+    def step(self, what: str, total: int):
+        self.what, self.total, self.done = what, total, 0
+        self.started = self.shown = time.monotonic()
+        self._show(f"{total} rows to do")
+        yield
+        self._show(f"{self.done}/{self.total} rows in {time.monotonic() - self.started:.1f} s, "
+                   f"{self._rate():.1f} images/s")
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        if self.done < self.total and time.monotonic() - self.shown >= self.interval:  # the end has its own line
+            self._show(f"{self.done}/{self.total} rows, {self._rate():.1f} images/s")
+
+    def _rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def _show(self, text: str) -> None:
+        self.shown = time.monotonic()
+        if self.log is not None:
+            self.log(f"embcam explain: {self.what}: {text}")
+
+
+class _RayNoise(logging.Filter):
+    """Ray's console lines that are false or moot for an embcam run (the log files keep them)."""
+
+    MESSAGES = (
+        # Ray Data checks one snapshot of ray.available_resources() as Dataset.materialize()
+        # starts. Right after an earlier dataset finishes, the CPUs of its actors and tasks
+        # still count as taken while Ray releases them, so the warning fires and the dataset
+        # then runs (seen in this project's runs 0.1-0.5 s after a pass ended). The requests
+        # themselves fit the cluster: see _actor_options.
+        "The Dataset job will hang unless more CPUs are freed up",
+        # embcam turned the bars off itself (no terminal, or --no-progress) and shows its own line
+        "Progress bars disabled",
+        # Ray >= 2.59 says so on every local start: token authentication is its default
+        "Token authentication is enabled for this Ray cluster",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.MESSAGES)
+
+
+RAY_DATA_LOGGER = "ray.data"
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_ray(quiet: bool):
+    """While the block runs: Ray Data's console handlers show warnings and errors only, and
+    none of ``_RayNoise``. Ray Data's log file (in the Ray session folder) keeps every line."""
+    if not quiet:
+        yield
+        return
+    import ray.data  # noqa: F401  (configures the ray.data logger and its handlers)
+
+    noise = _RayNoise()
+    consoles = [h for h in logging.getLogger(RAY_DATA_LOGGER).handlers if isinstance(h, logging.StreamHandler)]
+    levels = [h.level for h in consoles]
+    auth = logging.getLogger(RAY_AUTH_LOGGER)
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+        handler.addFilter(noise)
+    auth.addFilter(noise)
+    try:
+        yield
+    finally:
+        auth.removeFilter(noise)
+        for handler, level in zip(consoles, levels):
+            handler.removeFilter(noise)
+            handler.setLevel(level)

@@ -36,6 +36,7 @@ from .images import ImageDecodeError, decode_image, resize_square
 from .fetch import read_bytes
 from .manifest import default_image_root, read_manifest, resolve_uri
 from .architectures import resolve
+from .cli import OneLineParser
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"
@@ -312,7 +313,7 @@ def train(manifest: str | Path, out: str | Path, *, command: str = "", **options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="embcam train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="embcam train", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="Parquet manifest with label and split columns")
     parser.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")

@@ -1,10 +1,35 @@
-"""The embcam command line, in-process (the explain job itself is tested in test_pipeline)."""
+"""The embcam command line: in-process, and as a user runs it (the console script in a
+subprocess, for what only a real process shows: Ray's console output). The explain job
+itself is tested in test_pipeline."""
+import importlib.metadata
 import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from embcam.cli import main
+import embcam
+from embcam import cli
+from embcam.cli import DEMO_MODEL, error_line, main
+from embcam.datasets.synthetic import generate_dataset
+
+EMBCAM = str(Path(sys.executable).with_name("embcam"))
+# Ray's one console line left in a quiet run (an ERROR from its C++ core worker, outside
+# Python logging): see "Ray's console" in the report of issue #13 and ray-project/ray#57733
+RAY_ACTOR_ARGS_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return generate_dataset(root, num_classes=2, images_per_class=2, min_side=40, max_side=56, seed=5)
 
 
 def test_make_manifest_synthetic_and_folders(tmp_path, capsys):
@@ -33,3 +58,192 @@ def test_train_and_report_are_reachable(capsys):
     with pytest.raises(SystemExit) as exit_report:
         main(["report", "--help"])
     assert exit_report.value.code == 0 and "--overlays" in capsys.readouterr().out
+
+
+# --- --version -------------------------------------------------------------------------------
+
+
+def test_version_is_the_package_metadata(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"embcam {importlib.metadata.version('embcam')}\n"
+    assert importlib.metadata.version("embcam") == embcam.__version__  # one version, said in two places
+
+
+# --- bad input: one line, exit status 2 ----------------------------------------------------
+
+
+def _exit_status(argv: list[str]) -> int:
+    """main's status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
+BAD_INPUTS = {
+    "unknown model source": (["explain", "--out", "{tmp}/o", "--model", "nope:x"],
+                             "embcam explain: error: --model nope:x: no module named 'nope' here"),
+    "missing manifest": (["explain", "--manifest", "{tmp}/none.parquet", "--out", "{tmp}/o"],
+                         "embcam explain: error: manifest source '{tmp}/none.parquet': no such file or directory"),
+    "checkpoint that is not one": (["explain", "--out", "{tmp}/o", "--checkpoint", "{tmp}/garbage.pt"],
+                                   "embcam explain: error: checkpoint {tmp}/garbage.pt is not a weights-only"),
+    "missing checkpoint": (["explain", "--out", "{tmp}/o", "--checkpoint", "{tmp}/none.pt"],
+                           "embcam explain: error: {tmp}/none.pt: No such file or directory"),
+    "missing proxy bank": (["explain", "--out", "{tmp}/o", "--proxies", "{tmp}/none.parquet",
+                            "--checkpoint", str(DEMO_MODEL)],
+                           "embcam explain: error: {tmp}/none.parquet: no such file or directory"),
+    "missing required option": (["explain", "--manifest", "m.parquet"],
+                                ("embcam explain: error: the following arguments are required: --out "
+                                 "(see embcam explain --help)")),
+    "not a number": (["explain", "--out", "{tmp}/o", "--batch-size", "x"],
+                     "embcam explain: error: argument --batch-size: invalid int value: 'x' (see embcam"),
+    "unknown command": (["nosuch"], "embcam: error: argument command: invalid choice: 'nosuch'"),
+    "train, missing manifest": (["train", "--manifest", "{tmp}/none.parquet", "--out", "{tmp}/m.pt"],
+                                "embcam train: error: manifest source '{tmp}/none.parquet': no such file"),
+    "report, missing option": (["report", "{tmp}"],
+                               ("embcam report: error: the following arguments are required: --out "
+                                "(see embcam report --help)")),
+    "make-manifest, missing option": (["make-manifest", "cub", "{tmp}"],
+                                      "embcam make-manifest: error: --out MANIFEST.parquet is required"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(case, manifest, tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint\n")
+    argv, expected = BAD_INPUTS[case]
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    if argv[0] == "explain" and "--manifest" not in argv:
+        argv += ["--manifest", str(manifest)]
+    assert _exit_status(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.endswith("\n") and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(expected.replace("{tmp}", str(tmp_path))), captured.err
+    assert captured.out == ""
+
+
+def test_the_console_script_says_it_in_one_line(tmp_path):
+    done = subprocess.run([EMBCAM, "explain", "--manifest", str(tmp_path / "none.parquet"), "--out", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == f"embcam explain: error: manifest source '{tmp_path / 'none.parquet'}': " \
+                          "no such file or directory\n"
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "list_models", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["models"])
+
+
+def test_error_line():
+    assert error_line(FileNotFoundError(2, "No such file or directory", "/x/m.pt")) == \
+        "/x/m.pt: No such file or directory"
+    assert error_line(FileNotFoundError("/x/m.parquet")) == "/x/m.parquet: no such file or directory"
+    assert error_line(FileNotFoundError("run r: no summary.json")) == "run r: no summary.json"
+    assert error_line(ValueError("column 'uri':\n  rows 3, 4\n")) == "column 'uri': rows 3, 4"
+    assert error_line(ValueError()) == "ValueError"
+
+
+# --- what a real run shows --------------------------------------------------------------------
+
+
+def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only(capsys):
+    from embcam.pipeline import _quiet_ray
+
+    data = logging.getLogger("ray.data.dataset")  # one of Ray Data's loggers
+    with _quiet_ray(True):
+        data.info("an INFO line")
+        data.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
+                     "will hang unless more CPUs are freed up.")
+        data.warning("a warning that matters")
+    quiet = capsys.readouterr().err
+    data.info("an INFO line, after")
+    after = capsys.readouterr().err
+    assert "a warning that matters" in quiet and "INFO" not in quiet and "will hang" not in quiet, quiet
+    assert "an INFO line, after" in after
+
+
+def test_progress_lines_say_rows_done_of_total_and_images_per_second():
+    from embcam.pipeline import _Progress
+
+    lines = []
+    progress = _Progress(lines.append, interval=0.0)  # a line at every batch
+    with progress.step("heatmaps", 10):
+        progress.add(4)
+        progress.add(6)  # the last batch: the step's end line says it
+    assert lines[0] == "embcam explain: heatmaps: 10 rows to do"
+    assert re.fullmatch(r"embcam explain: heatmaps: 4/10 rows, \d+\.\d images/s", lines[1]), lines
+    assert re.fullmatch(r"embcam explain: heatmaps: 10/10 rows in \d+\.\d s, \d+\.\d images/s", lines[2]), lines
+    assert len(lines) == 3
+    silent = _Progress(None, interval=0.0)
+    with silent.step("heatmaps", 1):
+        silent.add(1)  # nothing to show it to, and no error
+
+
+def _session_processes(session: int) -> list[int]:
+    """Live processes of a session (the embcam process and every Ray process it started)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            found.append(int(entry))
+    return found
+
+
+def _run_embcam(args: list[str], home: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``embcam ARGS`` as a user runs it: stdout and stderr are pipes, Ray's defaults (token
+    authentication on, bars on). Every process it leaves behind is stopped."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_AUTH_MODE", "RAY_DATA_DISABLE_PROGRESS_BARS")} | {"HOME": str(home)} | (env or {})
+    process = subprocess.Popen([EMBCAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:
+        deadline = time.monotonic() + 15  # Ray's processes end with their driver; wait, then stop them
+        while _session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in _session_processes(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def test_demo_is_quiet_and_finishes_on_one_cpu(tmp_path):
+    """A 1-CPU machine (Ray told so through RAY_OVERRIDE_RESOURCES): the model actor once took
+    its only CPU slot and the job waited forever. The console shows embcam's lines only."""
+    done = _run_embcam(["demo", "--out", str(tmp_path / "demo"), "--per-class", "2"], tmp_path,
+                       env={"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 1})})
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert not [line for line in lines if "INFO" in line], done.stderr
+    assert "will hang" not in done.stderr and "Token authentication" not in done.stderr
+    assert not [line for line in lines if not line.startswith("embcam explain: ")
+                and RAY_ACTOR_ARGS_NOTICE not in line], done.stderr
+    # the progress lines, plain: no terminal here
+    ends = [line for line in lines if re.fullmatch(r"embcam explain: .+: 20/20 rows in \d+\.\d s, \d+\.\d images/s",
+                                                   line)]
+    assert len(ends) == 2, done.stderr  # the model pass keeping the maps, then the heatmaps
+    # embcam's summary, of a complete run
+    assert "embcam explain: 20 rows (20 ok, 0 error, 0 degenerate)" in done.stdout, done.stdout
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 20 and (tmp_path / "demo" / "run" / "_SUCCESS").exists()
+
+
+def test_explain_verbose_shows_rays_lines(manifest, tmp_path):
+    done = _run_embcam(["explain", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+                        "--checkpoint", str(DEMO_MODEL), "--verbose"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "INFO worker.py" in done.stderr and "Started a local Ray instance" in done.stderr, done.stderr
+    assert "Execution plan of Dataset" in done.stderr, done.stderr
+    assert "embcam explain: 4 rows (4 ok, 0 error, 0 degenerate)" in done.stdout, done.stdout

@@ -47,12 +47,12 @@ files and is the CLI.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import cv2
 
+from embcam.cli import OneLineParser
 from embcam.manifest import safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
@@ -129,7 +129,7 @@ def _write_png(path: Path, image) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``embcam report DIR [DIR ...] --out OUT [options]``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="embcam report",
         description="Report over result directories of embcam explain runs: per run, a catalog "
                     "report (per label counts and cosines, the lowest-cosine images per label, "
