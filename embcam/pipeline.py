@@ -286,7 +286,8 @@ class _Job:
     def _persist(self, acc: MeanProxyAccumulator) -> dict:
         if not acc.sums:
             where = f" in split {self.cfg.proxy_split!r}" if self.cfg.proxy_split else ""
-            raise RuntimeError(f"no labelled image{where} could be embedded: no mean proxy to explain against")
+            raise ValueError(f"no labelled image{where} could be embedded, so there is no mean proxy to explain "
+                             "against: are the images where the manifest's uris and --image-root say?")
         proxies = acc.finalize()
         self.run.write_table(proxy_table(proxies, dict(acc.counts)), PROXIES)
         return proxies

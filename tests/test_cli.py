@@ -124,6 +124,21 @@ def test_bad_input_is_one_line_and_status_2(case, manifest, tmp_path, capsys):
     assert captured.out == ""
 
 
+def test_no_mean_proxy_is_one_line_too(ray_session, tmp_path, capsys):
+    """Found only once the job ran: every labelled image unreadable leaves no mean proxy."""
+    manifest = generate_dataset(tmp_path / "data", num_classes=2, images_per_class=2, min_side=40, max_side=56, seed=5)
+    images = [path for path in (tmp_path / "data" / "images").rglob("*") if path.is_file()]
+    assert len(images) == 4
+    for image in images:
+        image.unlink()
+    argv = ["explain", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--checkpoint", str(DEMO_MODEL),
+            "--proxy", "mean", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("embcam explain: error: no labelled image could be embedded, so there is no mean proxy to "
+                   "explain against: are the images where the manifest's uris and --image-root say?\n")
+
+
 def test_the_console_script_says_it_in_one_line(tmp_path):
     done = subprocess.run([EMBCAM, "explain", "--manifest", str(tmp_path / "none.parquet"), "--out", str(tmp_path)],
                           check=False, capture_output=True, text=True, timeout=120)
