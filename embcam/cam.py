@@ -25,8 +25,9 @@ H_ij = ReLU(p . E_ij) with the *embedding map* E_ij = M^T A_.ij. Two strategies:
     function g of v (a LayerNorm, an MLP): M = J_g(v)^T / Z, from d vector-Jacobian
     products through g alone (a graph on a K-vector), after one plain forward.
   - ``vjp``: anything else (GeM, a skip connection around the target, a layer inside
-    the last block, a vision transformer): d batched vector-Jacobian products from y
-    back to A per image, chunked so memory stays bounded.
+    the last block, a vision transformer, a model torch.fx cannot trace): d
+    vector-Jacobian products from y back to A per image (torch.func.vjp, vmapped over
+    chunks of unit vectors so memory stays bounded).
 
 Vision transformers: the target output is turned into a (B, K, h, w) map by
 ``reshape`` ("tokens", "nhwc" or a callable; see ``EmbeddingCAM``), applied alike to
@@ -264,8 +265,10 @@ class EmbeddingCAM:
 
         def through_target(delta: Tensor) -> Tensor:
             def hook(module, inputs, output):
+                if captured:
+                    raise ValueError("target layer ran more than once in one forward; pick a layer that runs once")
                 if not isinstance(output, Tensor) or output.shape != delta.shape:
-                    raise ValueError("target layer output is not one tensor of a fixed shape for this input shape")
+                    raise ValueError("target layer output changed shape between two forwards of the same input shape")
                 captured.append(output)
                 return output + delta.to(output.dtype)
 
@@ -277,8 +280,8 @@ class EmbeddingCAM:
 
         delta = torch.zeros(self._target_shapes[key], dtype=_heat_dtype(x), device=x.device)
         y, vjp = torch.func.vjp(through_target, delta)
-        if len(captured) != 1:
-            raise ValueError(f"target layer ran {len(captured)} times in one forward; pick a layer that runs once")
+        if not captured:
+            raise ValueError("target layer ran 0 times in one forward; pick a layer that runs once")
         return captured[0], _checked_embeddings(y), vjp
 
     def _target_shape(self, x: Tensor) -> torch.Size:

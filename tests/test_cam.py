@@ -181,6 +181,22 @@ def test_error_inside_forward_removes_hook():
     assert _no_hooks(model) and all(q.requires_grad for q in model.parameters())
 
 
+def test_target_that_runs_twice_is_refused(images):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(self.conv(x)).mean((2, 3)))
+
+    for strategy in ("autograd", "embedding-map"):
+        cam = EmbeddingCAM(Twice(), "conv", strategy)
+        assert cam.path in ("autograd", "vjp")
+        with pytest.raises(ValueError, match="ran (2 times|more than once) in one forward; pick a layer that runs once"):
+            cam(images)
+
+
 def test_self_proxy_gives_non_empty_map_and_equals_explicit(images):
     """The cosine trap: L = y . y_hat (unnormalised y) has a gradient; cos(y, y_hat) has none."""
     model = heads()["gap-mlp-bn"].eval()
