@@ -5,20 +5,28 @@ PY     := $(VENV)/bin/python
 # torch/torchvision are pinned here (not in pyproject) to the builds this project's
 # machines install from local disk; pyproject keeps open ranges for clusters.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# the linter is pinned too: a new ruff release may add findings to the same rules.
+RUFF   ?= ruff==0.17.6
 
-.PHONY: setup test wheel-check demo bench bench-scale clean
+.PHONY: setup lint test test-fast wheel-check demo bench bench-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' $(RUFF)
 	touch $@
 
 setup: $(VENV)/.installed
 
-test: setup
+lint: setup  # ruff, configured in pyproject.toml
+	$(VENV)/bin/ruff check .
+
+test: lint  # everything, lint first (CI runs this)
 	$(PY) -m pytest -q
+
+test-fast: setup  # the edit loop: the tests not marked slow (no Ray, no jobs, no subprocesses)
+	$(PY) -m pytest -q -m "not slow"
 
 wheel-check: setup  # build the wheel, install it in a fresh venv, explain 20 images with it (CI runs this)
 	bash .ci/wheel_check.sh

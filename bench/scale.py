@@ -210,8 +210,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     extra = ["--strategy", args.strategy, "--image-size", args.image_size]
     manifests = dataset(work, args.images)
-    figures = {"machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-               "runs": {}}
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    figures = {"machine": f"{os.cpu_count()} CPUs, {memory_gib:.0f} GiB", "runs": {}}
     for n in sorted(args.images):
         figures["runs"][n] = run(manifests[n], work / f"run-{n}", extra)
         print(n, json.dumps(figures["runs"][n]), flush=True)

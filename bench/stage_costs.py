@@ -13,6 +13,7 @@ and the bytes of one results row as Parquet. Medians of `--repeats` rounds.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -39,6 +40,18 @@ def timed(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def explain_all(stage: ExplainModel, images: dict, n: int, batch_size: int) -> dict:
+    """The model stage over ``n`` loaded rows, ``batch_size`` at a time, concatenated."""
+    outs = []
+    for i in range(0, n, batch_size):
+        outs.append(stage({k: v[i:i + batch_size] for k, v in images.items()}))
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def metrics_rows(explained: dict):
+    return to_results(compute_metrics(explained))
 
 
 def main(argv=None) -> int:
@@ -72,15 +85,9 @@ def main(argv=None) -> int:
         images = load_images(batch, root, int(size)) if int(size) != 64 else loaded
         images["row"] = np.arange(n)
 
-        def model():
-            outs = []
-            for i in range(0, n, args.batch_size):
-                outs.append(stage({k: v[i:i + args.batch_size] for k, v in images.items()}))
-            return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-        model_s, explained = timed(model, args.repeats)
+        model_s, explained = timed(functools.partial(explain_all, stage, images, n, args.batch_size), args.repeats)
         torch.set_num_threads(1)
-        metrics_s, rows = timed(lambda: to_results(compute_metrics(explained)), args.repeats)
+        metrics_s, rows = timed(functools.partial(metrics_rows, explained), args.repeats)
         sink = io.BytesIO()
         pq.write_table(rows, sink)
         figures["models"][entry] = {"model_ms_per_image": 1000 * model_s / n,

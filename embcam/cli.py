@@ -49,8 +49,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="Parquet manifest: a file, a directory of files or a glob; local or s3://, gs://")
     p.add_argument("--out", required=True, help="output folder (local or URI): results/, proxies.parquet, summary.json")
     p.add_argument("--model", help="model spec, e.g. torchvision:resnet50+linear:128 (default: the checkpoint's)")
-    p.add_argument("--checkpoint", help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
-    p.add_argument("--target-layer", help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
+    p.add_argument("--checkpoint",
+                   help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
+    p.add_argument("--target-layer",
+                   help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
     p.add_argument("--reshape", choices=["tokens", "nhwc"],
                    help="how the target layer's output becomes a (K, h, w) map: tokens = a transformer's "
                         "token sequence laid out on its patch grid, nhwc = channels last (default: the model's own)")
@@ -86,9 +88,11 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per attempt at reading a remote image; 3 retries with backoff (default 30)")
     p.add_argument("--block-rows", type=int, help="manifest rows per unit of work and of resume (default: "
                    "from the manifest size, 1-8 batches)")
-    p.add_argument("--image-size", type=int, help="model input size S (images resized to SxS, no crop); default: the model's")
+    p.add_argument("--image-size", type=int,
+                   help="model input size S (images resized to SxS, no crop); default: the model's")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--num-gpus", type=int, help="GPU actors, one model each (default: every GPU in the cluster; 0 = CPU)")
+    p.add_argument("--num-gpus", type=int,
+                   help="GPU actors, one model each (default: every GPU in the cluster; 0 = CPU)")
     p.add_argument("--top-k-channels", type=int, metavar="K",
                    help="also compute heatmaps from the K channels with the largest weights (paper: 50)")
     p.add_argument("--compile", action="store_true",

@@ -48,10 +48,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import Architecture, EmbeddingNet, Preprocessing, resolve, unknown_source_message
-# the building blocks lived here before the registry: code that imports them from here keeps working
-from .architectures import (BUILTIN_SOURCES, IMAGENET_MEAN, IMAGENET_STD, BasicBlock, GeM,  # noqa: F401
-                            GlobalAvgPool, small_resnet)
+# BUILTIN_SOURCES, IMAGENET_*, BasicBlock, GeM, GlobalAvgPool and small_resnet are re-exported: the
+# building blocks lived here before the registry, and code that imports them from here keeps working
+from .architectures import (  # noqa: F401
+    BUILTIN_SOURCES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Architecture,
+    BasicBlock,
+    EmbeddingNet,
+    GeM,
+    GlobalAvgPool,
+    Preprocessing,
+    resolve,
+    small_resnet,
+    unknown_source_message,
+)
 
 log = logging.getLogger(__name__)
 

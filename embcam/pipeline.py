@@ -44,10 +44,37 @@ from .manifest import ManifestError, default_image_root, has_scheme, scan_manife
 from .metrics import THRESHOLDS
 from .models import BUILTIN_SOURCES, load_model
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
-from .runstate import (ATTEMPTS, DONE, IDENTITY, PARTIALS, PROXIES, RESULTS, STATE, SUMMARY, ManifestCopy,
-                       RunFolder, RunMismatch, covered, filesystem_path, identity_differences, pending_blocks, piece_name)
-from .stages import (ExplainModel, ModelConfig, compute_metrics, flag_nan_boxes, heatmaps_from_kept_maps, load_images,
-                     make_cam, partial_sums, resolved_target, row_runs, to_results)
+from .runstate import (
+    ATTEMPTS,
+    DONE,
+    IDENTITY,
+    PARTIALS,
+    PROXIES,
+    RESULTS,
+    STATE,
+    SUMMARY,
+    ManifestCopy,
+    RunFolder,
+    RunMismatch,
+    covered,
+    filesystem_path,
+    identity_differences,
+    pending_blocks,
+    piece_name,
+)
+from .stages import (
+    ExplainModel,
+    ModelConfig,
+    compute_metrics,
+    flag_nan_boxes,
+    heatmaps_from_kept_maps,
+    load_images,
+    make_cam,
+    partial_sums,
+    resolved_target,
+    row_runs,
+    to_results,
+)
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
@@ -174,8 +201,8 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
         plan, reason = _choose_plan(cfg, scan.rows, dims)
         _copy_manifest(cfg, run, block_rows)
-        run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason, "rows": scan.rows,
-                        "block_rows": block_rows, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason,
+                        "rows": scan.rows, "block_rows": block_rows, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
                        STATE, IDENTITY)               # written last: the run exists from here on
     saved = run.read_json(STATE, IDENTITY)
     plan, block_rows = saved["plan"], saved["block_rows"]
@@ -571,8 +598,8 @@ def _gpus(requested: int | None) -> int:
     if requested is None:
         return found
     if requested < 0 or requested > found:
-        raise ValueError(f"--num-gpus {requested}: the cluster has {found} GPU(s) "
-                         f"({', '.join(f'{k}={v:g}' for k, v in sorted(resources.items()) if k in ('CPU', 'GPU', 'memory'))})")
+        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory"))
+        raise ValueError(f"--num-gpus {requested}: the cluster has {found} GPU(s) ({shown})")
     return requested
 
 

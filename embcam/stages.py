@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .attempts import Attempts, fault_point
+from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .fetch import ReadLimits, read_bytes
 from .images import decode_image_oriented, decode_mask, resize_square
 from .inference import prepare_for_inference

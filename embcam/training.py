@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .images import ImageDecodeError, decode_image, resize_square
-from .fetch import read_bytes
-from .manifest import default_image_root, read_manifest, resolve_uri
 from .architectures import resolve
 from .cli import OneLineParser
+from .fetch import read_bytes
+from .images import ImageDecodeError, decode_image, resize_square
+from .manifest import default_image_root, read_manifest, resolve_uri
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"

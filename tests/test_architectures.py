@@ -15,8 +15,16 @@ import torchvision
 from torch import nn
 
 from embcam import EmbeddingCAM, load_model
-from embcam.architectures import (BUILTIN_SOURCES, MetaParameters, Preprocessing, _torchvision_architectures,
-                                  architecture, build_on_meta, describe, format_table)
+from embcam.architectures import (
+    BUILTIN_SOURCES,
+    MetaParameters,
+    Preprocessing,
+    _torchvision_architectures,
+    architecture,
+    build_on_meta,
+    describe,
+    format_table,
+)
 from embcam.cli import main
 from embcam.models import _from_source_names, build_model, default_target_layer, get_layer, save_checkpoint
 

@@ -84,7 +84,7 @@ def test_rows_dying_every_time_fail_whole_after_the_bound(tmp_path, rows):
             raise Death
         return b
 
-    for tries in range(ISOLATE_AFTER + 2 * len(rows) + 3):
+    for tries in range(ISOLATE_AFTER + 2 * len(rows) + 3):  # noqa: B007 - the count is read after the loop
         try:
             out = attempts(batch(rows), always)
             break

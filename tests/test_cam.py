@@ -116,10 +116,10 @@ def test_closed_form_alpha_is_w_transpose_p_over_z(images):
 
 
 def test_onehot_on_classifier_equals_gradcam_and_captum():
+    import torchvision
     from captum.attr import LayerGradCam
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    import torchvision
 
     torch.manual_seed(3)
     clf = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
@@ -193,7 +193,8 @@ def test_target_that_runs_twice_is_refused(images):
     for strategy in ("autograd", "embedding-map"):
         cam = EmbeddingCAM(Twice(), "conv", strategy)
         assert cam.path in ("autograd", "vjp")
-        with pytest.raises(ValueError, match="ran (2 times|more than once) in one forward; pick a layer that runs once"):
+        twice = "ran (2 times|more than once) in one forward; pick a layer that runs once"
+        with pytest.raises(ValueError, match=twice):
             cam(images)
 
 

@@ -8,7 +8,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import EncoderBlock
 
-from embcam import EmbeddingCAM, normalise
+from embcam import EmbeddingCAM
 
 from conftest import randomise_bn
 

@@ -37,14 +37,16 @@ def test_make_manifest_synthetic_and_folders(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     df = pd.read_parquet(info["manifest"])
     assert len(df) == 6 and info["images"] == 6 and set(df.split) == {"train", "eval"}
-    assert main(["make-manifest", "folders", str(tmp_path / "synth" / "images"), "--out", str(tmp_path / "f.parquet")]) == 0
+    images = str(tmp_path / "synth" / "images")
+    assert main(["make-manifest", "folders", images, "--out", str(tmp_path / "f.parquet")]) == 0
     folders = pd.read_parquet(tmp_path / "f.parquet")
     assert sorted(folders.label.unique()) == sorted(df.label.unique()) and len(folders) == 6
 
 
 def test_explain_rejects_bad_input_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --proxy and --proxies are exclusive
-        main(["explain", "--manifest", "m.parquet", "--out", str(tmp_path), "--proxy", "mean", "--proxies", "b.parquet"])
+        main(["explain", "--manifest", "m.parquet", "--out", str(tmp_path), "--proxy", "mean",
+              "--proxies", "b.parquet"])
     assert main(["explain", "--manifest", "m.parquet", "--out", str(tmp_path), "--proxy-split", "train"]) == 2
     assert "error: --proxy-split only applies to --proxy mean" in capsys.readouterr().err
     assert main(["explain", "--manifest", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "o")]) == 2

@@ -1,5 +1,6 @@
 """embcam.fetch: reading one file safely: special files, size caps, timeouts, confinement."""
 
+import functools
 import os
 import socket
 import threading
@@ -10,8 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 
 import embcam.fetch as fetch
-from embcam.fetch import (FetchError, OutsideAllowedPrefixes, ReadLimits, check_allowed,
-                          read_bytes)
+from embcam.fetch import FetchError, OutsideAllowedPrefixes, ReadLimits, check_allowed, read_bytes
 from embcam.manifest import resolve_uri
 
 SECRET = b"secret-user:x:0:0:TOPSECRET-d41d8cd9:/home/secret-user:/bin/sh\n"
@@ -87,7 +87,7 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)  # nobody ever writes: a blocking open or read would wait forever
     for uri in (str(fifo), f"file://{fifo}"):
-        outcome = run_with_deadline(lambda: read_bytes(uri), 5)
+        outcome = run_with_deadline(functools.partial(read_bytes, uri), 5)
         assert isinstance(outcome.get("error"), FetchError), outcome
         assert "not a regular file (FIFO)" in str(outcome["error"])
 

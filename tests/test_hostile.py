@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from test_images import png_by_hand
 
 from embcam import save_checkpoint
 from embcam.images import decode_image
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
+
+from test_images import png_by_hand
 
 SECRET = "root:x:0:0:do-not-leak"
 

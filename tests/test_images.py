@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from embcam.images import (ImageDecodeError, decode_image, decode_image_oriented, decode_mask,
-                           exif_orientation, image_size_from_header, resize_square)
+from embcam.images import (
+    ImageDecodeError,
+    decode_image,
+    decode_image_oriented,
+    decode_mask,
+    exif_orientation,
+    image_size_from_header,
+    resize_square,
+)
 from embcam.metrics import _checked_bbox
 
 

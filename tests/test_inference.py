@@ -12,7 +12,6 @@ from embcam.models import build_model
 
 from conftest import randomise_bn
 
-
 pytestmark = pytest.mark.usefixtures("float64")  # float64 models and tensors in this module
 
 

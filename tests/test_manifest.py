@@ -8,8 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.manifest import (ManifestError, read_manifest, resolve_source,
-                             resolve_uri, safe_name, validate_manifest)
+from embcam.manifest import ManifestError, read_manifest, resolve_source, resolve_uri, safe_name, validate_manifest
 from embcam.schemas import arrow_schema
 
 

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from embcam.metrics import (DEFAULT_THRESHOLD, MAX_GRID_SIDE, THRESHOLDS, box_iou,
-                            grid_shape, heatmap_metrics, uniform_fractions)
+from embcam.metrics import (
+    DEFAULT_THRESHOLD,
+    MAX_GRID_SIDE,
+    THRESHOLDS,
+    box_iou,
+    grid_shape,
+    heatmap_metrics,
+    uniform_fractions,
+)
 
 KEYS = {"degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
         "pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou",

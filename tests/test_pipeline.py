@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
+from embcam.cli import add_explain_arguments, explain_config
 from embcam.datasets import generate_dataset
 from embcam.images import decode_image, resize_square
 from embcam.manifest import ManifestError
 from embcam.models import Preprocessing, build_model
-from embcam.cli import add_explain_arguments, explain_config
 from embcam.pipeline import ExplainConfig, run_explain
 from embcam.runstate import RunMismatch
 

@@ -7,8 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embcam.manifest import ManifestError, scan_manifest
-from embcam.runstate import (ManifestCopy, RunFolder, covered, identity_differences, pending_blocks,
-                             piece_name)
+from embcam.runstate import ManifestCopy, RunFolder, covered, identity_differences, pending_blocks, piece_name
 
 
 def test_pending_blocks_are_the_uncovered_rows_cut_at_block_boundaries():

@@ -8,8 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.schemas import (ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table,
-                            load_schema, schemas_dir)
+from embcam.schemas import ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table, load_schema, schemas_dir
 
 NAMES = ["manifest", "results", "proxies"]
 

@@ -49,7 +49,7 @@ def test_manifest_schema_and_rows(dataset):
     expected_ids = [f"c{c:03d}_{i:04d}" for c in range(NUM_CLASSES) for i in range(PER_CLASS)]
     assert [r["image_id"] for r in rows] == expected_ids
     for row in rows:
-        c, i = int(row["image_id"][1:4]), int(row["image_id"][5:])
+        c = int(row["image_id"][1:4])
         assert row["label"] == names[c]
         assert row["uri"] == f"images/{names[c]}/{row['image_id']}.jpg"
         assert row["mask_uri"] == f"masks/{names[c]}/{row['image_id']}.png"

@@ -9,11 +9,18 @@ import pytest
 import torch
 
 from embcam.datasets.synthetic import generate_dataset
+from embcam.images import resize_square
 from embcam.models import load_model
 from embcam.training import (
-    augment, class_balanced_batches, embed, fit, load_split, proxy_anchor_loss, recall_at_1, train,
+    augment,
+    class_balanced_batches,
+    embed,
+    fit,
+    load_split,
+    proxy_anchor_loss,
+    recall_at_1,
+    train,
 )
-from embcam.images import resize_square
 
 TINY = dict(image_size=64, epochs=2, batch_classes=3, per_class=2, seed=0, device="cpu", log=None)
 

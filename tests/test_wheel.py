@@ -40,8 +40,8 @@ def test_schemas_folder_is_the_packaged_contracts():
 
 def test_wheel_holds_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"embcam/contracts/{c}" for c in CONTRACTS} | {"embcam/py.typed", "embcam/assets/demo_model.pt",
-                                                              "embcam/datasets/__init__.py", "embcam/report/__init__.py"}
+    expected = {f"embcam/contracts/{c}" for c in CONTRACTS} | {
+        "embcam/py.typed", "embcam/assets/demo_model.pt", "embcam/datasets/__init__.py", "embcam/report/__init__.py"}
     assert expected <= names
     assert not any(n.startswith(("tests/", "schemas/", "bench/")) for n in names)
 
@@ -50,7 +50,8 @@ def test_package_from_the_wheel_works_outside_the_repository(wheel, tmp_path):
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     for name in CONTRACTS:
-        assert filecmp.cmp(unpacked / "embcam" / "contracts" / name, REPO / "embcam" / "contracts" / name, shallow=False)
+        built, source = unpacked / "embcam" / "contracts" / name, REPO / "embcam" / "contracts" / name
+        assert filecmp.cmp(built, source, shallow=False)
     code = ("import sys, embcam, embcam.datasets\n"
             "from embcam.cli import DEMO_MODEL\n"
             "from embcam.schemas import arrow_schema, schemas_dir\n"

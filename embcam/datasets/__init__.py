@@ -20,9 +20,8 @@ import pathlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..manifest import BBOX_COLUMNS  # re-exported
 from ..schemas import arrow_schema
-
-from ..manifest import BBOX_COLUMNS  # noqa: E402 (re-exported)
 
 # The manifest contract (schemas/manifest.json), every field nullable (Parquet
 # "optional") so the tables unify with readers' schemas.

@@ -236,8 +236,9 @@ def summary(manifest_path: os.PathLike | str) -> dict:
 
     Returns ``{"images", "classes", "splits": {split: {"images", "classes"}},
     "images_with_box", "images_with_mask", "mean_box_fraction",
-    "mean_mask_fraction"}``; rows without a split count under ``"unsplit"``. The fractions are the uniform baselines of docs/design.md §7
-    (box area / image area, mask area / image area, masks binarised at 0.5), or
+    "mean_mask_fraction"}``; rows without a split count under ``"unsplit"``. The fractions
+    are the uniform baselines of docs/design.md §7 (box area / image area, mask area /
+    image area, masks binarised at 0.5), or
     ``None`` when no row has the annotation. Image sizes come from the mask when
     there is one, else from the image.
     """
