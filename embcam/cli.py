@@ -53,9 +53,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
     p.add_argument("--target-layer",
                    help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
-    p.add_argument("--reshape", choices=["tokens", "nhwc"],
+    p.add_argument("--reshape", choices=["tokens", "nhwc", "nchw"],
                    help="how the target layer's output becomes a (K, h, w) map: tokens = a transformer's "
-                        "token sequence laid out on its patch grid, nhwc = channels last (default: the model's own)")
+                        "token sequence laid out on its patch grid, nhwc = channels last, nchw = as it is "
+                        "(default: the model's own, see `embcam models`)")
     p.add_argument("--py-modules", action="append", metavar="PATH",
                    help="your model code for every Ray worker: a package folder or a .py file, imported by "
                         "its name (repeatable; sent through Ray's runtime_env, like the folder below)")

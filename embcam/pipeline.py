@@ -78,7 +78,7 @@ from .stages import (
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
-RESHAPES = ("tokens", "nhwc")
+RESHAPES = ("tokens", "nhwc", "nchw")
 KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 

@@ -197,8 +197,8 @@ def test_reshape_is_part_of_the_run_identity(ray_session, dataset, tmp_path):
     explain(dataset, tmp_path)
     with pytest.raises(RunMismatch, match=r"another configuration \(reshape: None -> 'nhwc'\)"):
         explain(dataset, tmp_path, reshape="nhwc")
-    with pytest.raises(ValueError, match=r"--reshape must be one of \('tokens', 'nhwc'\), got 'nchw'"):
-        explain(dataset, tmp_path / "bad", reshape="nchw")
+    with pytest.raises(ValueError, match=r"--reshape must be one of \('tokens', 'nhwc', 'nchw'\), got 'NHWC'"):
+        explain(dataset, tmp_path / "bad", reshape="NHWC")
     assert not (tmp_path / "bad").exists()
 
 
