@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from embcam.datasets import generate_dataset  # noqa: E402
-from embcam.manifest import default_image_root, read_manifest  # noqa: E402
+from embcam.locations import default_image_root  # noqa: E402
+from embcam.manifest import read_manifest  # noqa: E402
 from embcam.pipeline import ExplainConfig, run_explain  # noqa: E402
 from embcam.stages import INTERNAL_COLUMNS, ExplainModel, ModelConfig, compute_metrics, load_images, to_results  # noqa: E402
 

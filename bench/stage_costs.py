@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from embcam.manifest import default_image_root, read_manifest
+from embcam.locations import default_image_root
+from embcam.manifest import read_manifest
 from embcam.stages import ExplainModel, ModelConfig, compute_metrics, load_images, to_results
 
 ROOT = Path(__file__).resolve().parents[1]

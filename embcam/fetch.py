@@ -25,7 +25,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+from embcam.locations import has_scheme
+
 _CHUNK = 16 << 20
 _BACKOFF_S, _MAX_BACKOFF_S = 0.5, 4.0
 # pyarrow reports every remote failure as a plain OSError; these words mark the ones worth
@@ -97,7 +98,7 @@ def check_allowed(resolved_uri: str, prefixes: tuple[str, ...]) -> None:
 
 def _local_path(uri: str) -> str | None:
     """The local path of a plain path or a file:// URI on this host; None for other URIs."""
-    if not _SCHEME.match(uri):
+    if not has_scheme(uri):
         return uri
     parts = urlsplit(uri)
     if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):

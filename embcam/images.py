@@ -1,4 +1,5 @@
-"""Decoding images and masks from bytes with OpenCV, and resizing for the network.
+"""Decoding images and masks from bytes with OpenCV, resizing for the network, and writing
+image files.
 
 Decoders return pixels in display orientation: the EXIF orientation tag (JPEG APP1, PNG
 eXIf, WebP EXIF, TIFF) is applied as browsers show the image, so widths, heights, boxes and
@@ -16,6 +17,7 @@ OpenCV runs its own thread pool; callers that run one decode per CPU (Ray tasks)
 
 from __future__ import annotations
 
+import os
 import struct
 
 import cv2
@@ -318,3 +320,16 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] < size or image.shape[1] < size:
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(image)
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, params: tuple | list = ()) -> None:
+    """Write an RGB (or grey) uint8 array as an image file, the format from the name (.png,
+    .jpg); ``params`` as for ``cv2.imwrite``, e.g. ``[cv2.IMWRITE_JPEG_QUALITY, 90]``.
+    Raises OSError when the file cannot be written."""
+    pixels = rgb[..., ::-1] if rgb.ndim == 3 else rgb  # OpenCV writes BGR
+    try:
+        written = cv2.imwrite(os.fspath(path), np.ascontiguousarray(pixels), list(params))
+    except cv2.error:
+        written = False
+    if not written:
+        raise OSError(f"could not write {os.fspath(path)} (a .png or .jpg name in a folder that exists?)")

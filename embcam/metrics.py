@@ -42,12 +42,12 @@ import math
 import cv2
 import numpy as np
 
+from embcam.boxes import Box, checked_bbox
+
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 9))
 DEFAULT_THRESHOLD = 0.2
 MAX_GRID_SIDE = 512
 LOC_IOU = 0.5  # IoU at which a localisation counts as correct
-
-Box = tuple[float, float, float, float]
 
 
 def grid_shape(width: int, height: int, max_side: int = MAX_GRID_SIDE) -> tuple[int, int]:
@@ -78,7 +78,7 @@ def uniform_fractions(width: int, height: int, bbox: Box | None = None, mask=Non
     gw, gh = grid_shape(width, height, max_side)
     ub = um = None
     if bbox is not None:
-        ub = _box_fraction(_box_slices(_checked_bbox(bbox, width, height), width, height,
+        ub = _box_fraction(_box_slices(checked_bbox(bbox, width, height), width, height,
                                        gw, gh), gw, gh)
     if mask is not None:
         um = float(_grid_mask(mask, width, height, gw, gh).mean())
@@ -104,7 +104,7 @@ def heatmap_metrics(heatmap, width: int, height: int, bbox: Box | None = None, m
             raise ValueError(f"thresholds must lie in [0, 1], got {t}")
     width, height = _image_size(width, height)
     gw, gh = grid_shape(width, height, max_side)
-    gt = None if bbox is None else _checked_bbox(bbox, width, height)
+    gt = None if bbox is None else checked_bbox(bbox, width, height)
     box_px = None if gt is None else _box_slices(gt, width, height, gw, gh)
     grid_m = None if mask is None else _grid_mask(mask, width, height, gw, gh)
 
@@ -149,32 +149,6 @@ def _image_size(width, height) -> tuple[int, int]:
         raise ValueError(f"image size must be positive integers, got width={width}, "
                          f"height={height}")
     return int(width), int(height)
-
-
-def _checked_bbox(bbox, width: int, height: int) -> Box:
-    """Validate a ground-truth box (x0, y0, x1, y1); clip overshoots of less than one pixel.
-
-    A missing (None or NaN) coordinate is an error like an infinite one, never "no box".
-    """
-    values = tuple(bbox)
-    box = f"({', '.join(map(str, values))})"  # str, not repr: nan, not np.float64(nan)
-    if len(values) != 4:
-        raise ValueError(f"bbox {box} must have 4 coordinates (x0, y0, x1, y1)")
-    missing = [name for name, v in zip(("x0", "y0", "x1", "y1"), values)
-               if v is None or math.isnan(float(v))]
-    if missing:
-        raise ValueError(f"bbox {box} has a non-finite coordinate: {', '.join(missing)} "
-                         f"missing (None or NaN)")
-    x0, y0, x1, y1 = (float(v) for v in values)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ValueError(f"bbox {box} has a non-finite coordinate")
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"bbox {box} is empty or inverted (need x0 < x1, y0 < y1)")
-    overshoot = max(-x0, -y0, x1 - width, y1 - height)
-    if overshoot >= 1.0:
-        raise ValueError(f"bbox {box} lies (partly) outside the {width}x{height} "
-                         f"image by {overshoot:g} px (at most <1 px is clipped)")
-    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
 
 
 def _box_slices(box: Box, width: int, height: int, gw: int, gh: int) -> tuple[slice, slice]:

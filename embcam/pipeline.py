@@ -40,7 +40,8 @@ from . import __version__
 from .attempts import Attempts, fault_point
 from .fetch import ReadLimits
 from .inference import check_compilable
-from .manifest import ManifestError, default_image_root, has_scheme, scan_manifest
+from .locations import default_image_root, has_scheme
+from .manifest import ManifestError, scan_manifest
 from .metrics import THRESHOLDS
 from .models import BUILTIN_SOURCES, load_model
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table

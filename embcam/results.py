@@ -37,9 +37,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embcam.boxes import BBOX_COLUMNS, is_null, row_box
 from embcam.fetch import ReadLimits, read_bytes
-from embcam.images import decode_image
-from embcam.manifest import BBOX_COLUMNS, default_image_root, has_scheme, resolve_source, resolve_uri, safe_name
+from embcam.images import decode_image, write_image  # write_image: re-exported, part of this module's API
+from embcam.locations import default_image_root, has_scheme, resolve_uri, safe_name
+from embcam.manifest import resolve_source
 from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
 
 HEAVY_COLUMNS = ("embedding", "heatmap", "heatmap_topk")
@@ -269,16 +271,11 @@ def _as_row(row) -> Mapping:
     return row
 
 
-def _null(value) -> bool:
-    """None, or NaN (how pandas shows a null number)."""
-    return value is None or (isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
-
-
 def _value(row: Mapping, name: str, hint: str = ""):
     """``row[name]``, None for null / NaN; ValueError when the row has no such column."""
     if name not in row:
         raise ValueError(f"the row has no column {name!r}{hint}")
-    return None if _null(row[name]) else row[name]
+    return None if is_null(row[name]) else row[name]
 
 
 def _image_id(row: Mapping) -> str:
@@ -345,13 +342,6 @@ def spreads(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return np.where(good, entropy / np.log(np.maximum(lengths, 2)), np.nan)
 
 
-def _box(row: Mapping, columns: tuple[str, ...]):
-    values = [row.get(c) for c in columns]
-    if any(_null(v) for v in values):
-        return None
-    return tuple(float(v) for v in values)
-
-
 # --- pictures --------------------------------------------------------------------------------
 
 
@@ -406,7 +396,7 @@ def overlay(row, image_root: str | None = None, max_side: int = OVERLAY_MAX_SIDE
     if size != (image.shape[1], image.shape[0]):
         raise ValueError(f"image_id {_image_id(row)!r}: image {uri} is {image.shape[1]}x"
                          f"{image.shape[0]} but the results say {size[0]}x{size[1]} (another file?)")
-    return overlay_panel(image, heat, _box(row, BBOX_COLUMNS), _box(row, PRED_BOX_COLUMNS), max_side)
+    return overlay_panel(image, heat, row_box(row, BBOX_COLUMNS), row_box(row, PRED_BOX_COLUMNS), max_side)
 
 
 def _read_image(uri: str) -> np.ndarray:
@@ -416,16 +406,6 @@ def _read_image(uri: str) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {uri} not found (images moved? pass image_root / "
                                 "--image-root)") from None
-
-
-def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 array as an image file (the format from the name: .png, .jpg)."""
-    try:
-        written = cv2.imwrite(os.fspath(path), np.ascontiguousarray(rgb[..., ::-1]))
-    except cv2.error:
-        written = False
-    if not written:
-        raise OSError(f"could not write {os.fspath(path)} (a .png or .jpg name in a folder that exists?)")
 
 
 def overlay_file_name(image_id: str) -> str:
@@ -444,15 +424,16 @@ def describe(row) -> str:
     row = _as_row(row)
 
     def text(v):
-        if _null(v):
+        if is_null(v):
             return "—"
         return f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)
 
     lines = [(name, text(row[name])) for name in _SHOWN if name in row]
     for name, columns in (("bbox", BBOX_COLUMNS), ("pred_bbox", PRED_BOX_COLUMNS)):
         if all(c in row for c in columns):
-            box = _box(row, columns)
-            lines.append((name, "—" if box is None else ", ".join(f"{v:g}" for v in box)))
+            values = [row[c] for c in columns]
+            shown = "—" if any(is_null(v) for v in values) else ", ".join(f"{float(v):g}" for v in values)
+            lines.append((name, shown))
     if "heatmap" in row and row.get("heatmap") is not None:
         lines.append(("heat_spread", text(heat_spread(row))))
     return "\n".join(f"{name:<16}{value}" for name, value in lines)

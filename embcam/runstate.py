@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .manifest import has_scheme
+from .locations import has_scheme
 
 RESULTS, PROXIES, SUMMARY, DONE, STATE = "results", "proxies.parquet", "summary.json", "_SUCCESS", "_embcam"
 PARTIALS, ATTEMPTS, MANIFEST, IDENTITY = "partials", "attempts", "manifest", "run.json"

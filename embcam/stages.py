@@ -17,12 +17,13 @@ import pyarrow.compute as pc
 import torch
 
 from .attempts import Attempts, fault_point
+from .boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
 from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .fetch import ReadLimits, read_bytes
 from .images import decode_image_oriented, decode_mask, resize_square
 from .inference import prepare_for_inference
-from .manifest import BBOX_COLUMNS, resolve_uri
-from .metrics import THRESHOLDS, _checked_bbox, heatmap_metrics
+from .locations import resolve_uri
+from .metrics import THRESHOLDS, heatmap_metrics
 from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
 from .schemas import conform
@@ -76,16 +77,7 @@ def _fail(batch: dict, rows, reason: str) -> None:
 def _box(batch: dict, i: int):
     """The row's box, or None when it has none (all four null). Nulls arrive as NaN here;
     a NaN the manifest really held was failed when the rows were read (``flag_nan_boxes``)."""
-    if not all(c in batch for c in BBOX_COLUMNS):
-        return None
-    values = [batch[c][i] for c in BBOX_COLUMNS]
-    missing = [v is None or (isinstance(v, float) and np.isnan(v)) for v in values]
-    if all(missing):
-        return None
-    if any(missing):
-        absent = ", ".join(c for c, m in zip(BBOX_COLUMNS, missing) if m)
-        raise ValueError(f"box given only partially ({absent} missing)")
-    return tuple(float(v) for v in values)
+    return row_box({c: batch[c][i] for c in BBOX_COLUMNS if c in batch})
 
 
 def flag_nan_boxes(rows: pa.Table) -> np.ndarray:
@@ -100,7 +92,7 @@ def flag_nan_boxes(rows: pa.Table) -> np.ndarray:
 
 def _present(batch: dict, column: str, i: int):
     value = batch[column][i] if column in batch else None
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+    return None if is_null(value) else value
 
 
 def load_images(batch: dict, image_root: str | None, image_size: int, limits: ReadLimits = ReadLimits()) -> dict:
@@ -126,7 +118,7 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
             box = _box(batch, i)
             if box is not None:
                 step = "bbox"
-                _checked_bbox(box, width, height)
+                checked_bbox(box, width, height)
             mask_uri = _present(batch, "mask_uri", i)
             if mask_uri is not None:
                 step = "mask"

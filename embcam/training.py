@@ -36,7 +36,8 @@ from .architectures import resolve
 from .cli import OneLineParser
 from .fetch import read_bytes
 from .images import ImageDecodeError, decode_image, resize_square
-from .manifest import default_image_root, read_manifest, resolve_uri
+from .locations import default_image_root, resolve_uri
+from .manifest import read_manifest
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"

@@ -1,3 +1,4 @@
+import html.parser
 import os
 
 import pytest
@@ -28,6 +29,21 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+class HtmlPage(html.parser.HTMLParser):
+    """What a browser would see of a page: its tags, image sources and text."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.sources, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.sources += [value for name, value in attrs if tag == "img" and name == "src"]
+
+    def handle_data(self, data):
+        self.text.append(data)
 
 
 def randomise_bn(model: nn.Module) -> nn.Module:

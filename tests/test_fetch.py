@@ -12,7 +12,7 @@ import pytest
 
 import embcam.fetch as fetch
 from embcam.fetch import FetchError, OutsideAllowedPrefixes, ReadLimits, check_allowed, read_bytes
-from embcam.manifest import resolve_uri
+from embcam.locations import resolve_uri
 
 SECRET = b"secret-user:x:0:0:TOPSECRET-d41d8cd9:/home/secret-user:/bin/sh\n"
 

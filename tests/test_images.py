@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from embcam.boxes import checked_bbox
 from embcam.images import (
     ImageDecodeError,
     decode_image,
@@ -20,7 +21,6 @@ from embcam.images import (
     image_size_from_header,
     resize_square,
 )
-from embcam.metrics import _checked_bbox
 
 
 def pil_bytes(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -356,16 +356,16 @@ def test_missing_or_invalid_orientation_is_one():
 
 def test_nan_or_missing_box_coordinate_is_an_error():
     # Boxes are checked in display coordinates; a NaN is never read as "no box".
-    assert _checked_bbox((0, 0, 4, 2), 4, 2) == (0.0, 0.0, 4.0, 2.0)
+    assert checked_bbox((0, 0, 4, 2), 4, 2) == (0.0, 0.0, 4.0, 2.0)
     with pytest.raises(ValueError, match=r"bbox \(1.0, nan, 3.0, 2.0\) has a non-finite "
                                          r"coordinate: y0 missing"):
-        _checked_bbox((1.0, np.float64("nan"), 3.0, 2.0), 4, 2)
+        checked_bbox((1.0, np.float64("nan"), 3.0, 2.0), 4, 2)
     with pytest.raises(ValueError, match=r"x0, x1 missing \(None or NaN\)"):
-        _checked_bbox((None, 0, float("nan"), 2), 4, 2)
+        checked_bbox((None, 0, float("nan"), 2), 4, 2)
     with pytest.raises(ValueError, match="non-finite"):
-        _checked_bbox((0, 0, float("inf"), 2), 4, 2)
+        checked_bbox((0, 0, float("inf"), 2), 4, 2)
     with pytest.raises(ValueError, match="4 coordinates"):
-        _checked_bbox((0, 0, 4), 4, 2)
+        checked_bbox((0, 0, 4), 4, 2)
 
 
 # --- resize_square --------------------------------------------------------------------------

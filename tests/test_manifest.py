@@ -1,4 +1,5 @@
-"""embcam.manifest: finding files, validation errors, uri resolution, bytes, safe names."""
+"""embcam.manifest and embcam.locations: finding files, validation errors, uri resolution, bytes,
+safe names."""
 
 import re
 from pathlib import Path
@@ -8,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.manifest import ManifestError, read_manifest, resolve_source, resolve_uri, safe_name, validate_manifest
+from embcam.locations import default_image_root, resolve_uri, safe_name
+from embcam.manifest import ManifestError, read_manifest, resolve_source, validate_manifest
 from embcam.schemas import arrow_schema
 
 
@@ -254,11 +256,13 @@ def test_data_modules_import_neither_torch_nor_ray():
     # The package __init__ imports torch for EmbeddingCAM; the data layer itself must not.
     import ast
 
+    import embcam.boxes
     import embcam.images
+    import embcam.locations
     import embcam.manifest
     import embcam.schemas
 
-    for module in (embcam.images, embcam.manifest, embcam.schemas):
+    for module in (embcam.boxes, embcam.images, embcam.locations, embcam.manifest, embcam.schemas):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.Import) for alias in node.names}
@@ -268,8 +272,6 @@ def test_data_modules_import_neither_torch_nor_ray():
 
 
 def test_default_image_root(tmp_path, monkeypatch):
-    from embcam.manifest import default_image_root
-
     monkeypatch.chdir(tmp_path)
     assert default_image_root("manifest.parquet") == str(tmp_path)  # a manifest in the working folder
     assert default_image_root("data/m.parquet") == str(tmp_path / "data")

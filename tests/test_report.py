@@ -6,7 +6,6 @@ Three runs on one five-image manifest: A and B use the self proxy with top-2 cha
 C the mean proxy without top-k.
 """
 
-import html.parser
 import json
 
 import cv2
@@ -17,6 +16,8 @@ import pytest
 
 from embcam.report import main, overlay_panel, render_markdown, table1, write_report
 from embcam.schemas import conform
+
+from conftest import HtmlPage
 
 W, H = 16, 12  # every test image
 GT = {"img0": (4.0, 2.0, 12.0, 10.0), "img1": (0.0, 0.0, 8.0, 6.0)}
@@ -436,25 +437,12 @@ def test_catalog_reads_no_vector_it_does_not_draw(tmp_path):
     assert report["table1"]["runs"][0]["counts"]["images"] == 9  # Table 1 reads no vector either
 
 
-class Page(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.sources, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.sources += [v for k, v in attrs if tag == "img" and k == "src"]
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
 def test_html_escapes_every_manifest_value(tmp_path):
     run = catalog_run(tmp_path)
     out = tmp_path / "out"
     write_report([run], str(out), overlays=3)
     raw = (out / "report.html").read_text()
-    page = Page()
+    page = HtmlPage()
     page.feed(raw)
     page.close()
     assert "script" not in page.tags and "b" not in page.tags

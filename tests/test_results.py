@@ -3,7 +3,6 @@ independent references (torch's bilinear interpolate, scipy's entropy, the EXIF 
 proof that heavy columns are never decoded, and one real explain run shared by the
 end-to-end tests of `embcam show` and of the catalog report on a run without boxes."""
 
-import html.parser
 import io
 import json
 from pathlib import Path
@@ -22,7 +21,7 @@ from scipy.stats import entropy
 from embcam.cli import DEMO_MODEL
 from embcam.cli import main as cli_main
 from embcam.datasets import generate_dataset
-from embcam.manifest import safe_name
+from embcam.locations import safe_name
 from embcam.results import (
     HEAVY_COLUMNS,
     describe,
@@ -37,6 +36,8 @@ from embcam.results import (
 )
 from embcam.runstate import ManifestCopy, RunFolder
 from embcam.schemas import conform
+
+from conftest import HtmlPage
 
 HOSTILE_LABEL = "<script>alert(1)</script>"
 HOSTILE_ID = 'we"ird&id'
@@ -361,21 +362,6 @@ def test_show_refuses_unknown_runs_and_ids_in_one_line(real_run, tmp_path, capsy
     assert ("'nobody' is not in the results" in err) if where == "run" else ("no results here" in err)
 
 
-class Page(html.parser.HTMLParser):
-    """What a browser would see: tags, image sources, text."""
-
-    def __init__(self):
-        super().__init__()
-        self.tags, self.sources, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.sources += [value for name, value in attrs if tag == "img" and name == "src"]
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
 def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys):
     out, root, manifest = real_run
     report_dir = tmp_path / "report"
@@ -418,7 +404,7 @@ def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys):
 
     # the page: parses, every image it shows exists, hostile values stay text
     raw = (report_dir / "report.html").read_text()
-    page = Page()
+    page = HtmlPage()
     page.feed(raw)
     page.close()
     assert "script" not in page.tags and page.sources

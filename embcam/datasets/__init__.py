@@ -20,7 +20,7 @@ import pathlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..manifest import BBOX_COLUMNS  # re-exported
+from ..boxes import BBOX_COLUMNS  # re-exported
 from ..schemas import arrow_schema
 
 # The manifest contract (schemas/manifest.json), every field nullable (Parquet

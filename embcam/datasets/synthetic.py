@@ -33,7 +33,11 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from embcam.datasets import ANNOTATED_MANIFEST_SCHEMA, BBOX_COLUMNS, write_manifest
+from embcam.boxes import BBOX_COLUMNS
+from embcam.datasets import ANNOTATED_MANIFEST_SCHEMA, write_manifest
+from embcam.fetch import read_bytes
+from embcam.images import decode_image, decode_mask, write_image
+from embcam.locations import resolve_uri
 
 SHAPES = ("ellipse", "rectangle", "rounded", "triangle", "star", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")
@@ -219,8 +223,8 @@ def generate_dataset(
             image_id = f"c{c:03d}_{i:04d}"
             uri = f"images/{spec.name}/{image_id}.jpg"
             mask_uri = f"masks/{spec.name}/{image_id}.png"
-            _imwrite(out_dir / uri, sample.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            _imwrite(out_dir / mask_uri, sample.mask.astype(np.uint8) * 255, [])
+            write_image(out_dir / uri, sample.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])  # BGR -> RGB
+            write_image(out_dir / mask_uri, sample.mask.astype(np.uint8) * 255)
             columns["image_id"].append(image_id)
             columns["uri"].append(uri)
             columns["label"].append(spec.name)
@@ -258,11 +262,11 @@ def summary(manifest_path: os.PathLike | str) -> dict:
         if not has_box and mask_uri is None:
             continue
         if mask_uri is not None:
-            mask = _imread(_resolve(root, mask_uri), cv2.IMREAD_GRAYSCALE)
+            mask = decode_mask(read_bytes(resolve_uri(mask_uri, str(root))))
             height, width = mask.shape
-            mask_fractions.append(float(np.mean(mask >= 128)))
+            mask_fractions.append(float(np.mean(mask >= 0.5)))
         else:
-            height, width = _imread(_resolve(root, row["uri"]), cv2.IMREAD_COLOR).shape[:2]
+            height, width = decode_image(read_bytes(resolve_uri(row["uri"], str(root)))).shape[:2]
         if has_box:
             box_area = (row["bbox_x1"] - row["bbox_x0"]) * (row["bbox_y1"] - row["bbox_y0"])
             box_fractions.append(box_area / (width * height))
@@ -286,23 +290,6 @@ def summary(manifest_path: os.PathLike | str) -> dict:
 def _check_num_classes(num_classes: int) -> None:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
-
-
-def _imwrite(path: pathlib.Path, array: np.ndarray, params: list) -> None:
-    if not cv2.imwrite(str(path), array, params):
-        raise OSError(f"could not write image {path}")
-
-
-def _imread(path: pathlib.Path, flags: int) -> np.ndarray:
-    array = cv2.imread(str(path), flags)
-    if array is None:
-        raise OSError(f"could not read image {path}")
-    return array
-
-
-def _resolve(root: pathlib.Path, uri: str) -> pathlib.Path:
-    path = pathlib.Path(uri)
-    return path if path.is_absolute() else root / path
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -53,12 +53,13 @@ from pathlib import Path
 import cv2
 
 from embcam.cli import OneLineParser
-from embcam.manifest import safe_name
+from embcam.images import write_image
+from embcam.locations import safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
 from embcam.report.plot import draw_histogram, draw_sweep
 from embcam.report.render import render_html, render_markdown, render_report_html, render_report_markdown
-from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, read_summary
+from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
 from embcam.results import overlay_panel
 
@@ -83,7 +84,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
-    _check_distinct(runs)
+    check_distinct(runs)
     out = Path(out_dir)
     entries = [catalog(run, read_summary(run, allow_partial), split=split, per_label=per_label,
                        labels=labels, outside=outside, spread=spread) for run in runs]
@@ -110,21 +111,10 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     return report
 
 
-def _check_distinct(runs: list[str]) -> None:
-    if not runs:
-        raise ValueError("no runs given: pass at least one result directory")
-    seen: dict[Path, str] = {}
-    for run in runs:
-        key = Path(run).resolve()
-        if key in seen:
-            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
-        seen[key] = run
-
-
-def _write_png(path: Path, image) -> None:
+def _write_png(path: Path, bgr) -> None:
+    """A plot (BGR, as OpenCV draws it) as a PNG, its folder made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"could not write {path}")
+    write_image(path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 def main(argv: list[str] | None = None) -> int:

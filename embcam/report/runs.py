@@ -36,6 +36,18 @@ RATIO_COLUMNS = {
 }
 
 
+def check_distinct(runs: list[str]) -> None:
+    """ValueError when no run is given, or one run twice (under any spelling of its path)."""
+    if not runs:
+        raise ValueError("no runs given: pass at least one result directory")
+    seen: dict[Path, str] = {}
+    for run in runs:
+        key = Path(run).resolve()
+        if key in seen:
+            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
+        seen[key] = run
+
+
 def read_summary(run: str, allow_partial: bool = False) -> dict:
     """``RUN/summary.json``; for a run the job has not finished, an error, or with
     ``allow_partial`` a stand-in from its run state that says ``unfinished``."""

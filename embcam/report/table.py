@@ -5,12 +5,10 @@ See the protocol in the ``embcam.report`` package docstring.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
-from embcam.report.runs import RATIO_COLUMNS, method_key, read_results, read_summary
+from embcam.report.runs import RATIO_COLUMNS, check_distinct, method_key, read_results, read_summary
 
 REGIONS = {"bbox": "BBox", "mask": "Mask"}
 METHOD_NAMES = {
@@ -35,14 +33,7 @@ def table1(runs: list[str], *, split: str | None = None) -> dict:
 
 def evaluate(runs: list[str], split: str | None, allow_partial: bool = False) -> tuple[dict, dict]:
     """(table dict, {run: ok image ids}) for ``table1`` and ``write_report``."""
-    if not runs:
-        raise ValueError("no runs given: pass at least one result directory")
-    seen: dict[Path, str] = {}
-    for run in runs:
-        key = Path(run).resolve()
-        if key in seen:
-            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
-        seen[key] = run
+    check_distinct(runs)
     per_run, ok_ids = [], {}
     for run in runs:
         summary = read_summary(run, allow_partial)
