@@ -1,6 +1,9 @@
 """Training of the reference embedding model: loss, metric, batches, checkpoint."""
 import json
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -135,20 +138,37 @@ def test_training_lowers_loss_and_checkpoint_round_trips(tiny_manifest, tmp_path
     assert all(v.dtype != torch.float64 for v in blob["state_dict"].values())
 
 
-def test_cli_prints_final_json_line(tiny_manifest, tmp_path, capsys, monkeypatch):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "jobs" / "train_embedding.py"
-    spec = importlib.util.spec_from_file_location("train_embedding", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+def run_train_job(argv: list[str], monkeypatch) -> int:
+    """jobs/train_embedding.py run as `python jobs/train_embedding.py ARGV` runs it; its exit status."""
+    job = Path(__file__).parents[1] / "jobs" / "train_embedding.py"
+    monkeypatch.setattr(sys, "argv", [str(job), *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(job), run_name="__main__")
+    return exited.value.code
+
+
+def test_train_job_prints_final_json_line(tiny_manifest, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli.pt"
-    job.main(["--manifest", str(tiny_manifest), "--out", str(out), "--image-size", "48", "--epochs", "1",
-              "--batch-classes", "3", "--per-class", "2", "--device", "cpu"])
+    status = run_train_job(["--manifest", str(tiny_manifest), "--out", str(out), "--image-size", "48",
+                            "--epochs", "1", "--batch-classes", "3", "--per-class", "2", "--device", "cpu"],
+                           monkeypatch)
+    assert status == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["out"] == str(out) and last["epochs"] == 1 and last["image_size"] == 48
     assert {"recall_at_1_before", "recall_at_1_after", "seconds"} <= set(last)
-    assert out.exists()
+    assert torch.load(out, weights_only=True)["metadata"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--manifest", "{tmp}/none.parquet", "--out", "{tmp}/m.pt"],
+     "embcam train: error: manifest source '{tmp}/none.parquet': no such file or directory\n"),
+    (["--manifest", "{tmp}/none.parquet", "--out", "{tmp}/m.pt", "--epochs", "x"],
+     "embcam train: error: argument --epochs: invalid int value: 'x' (see embcam train --help)\n"),
+])
+def test_train_job_says_bad_input_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
+    assert run_train_job([a.replace("{tmp}", str(tmp_path)) for a in argv], monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert captured.err == expected.replace("{tmp}", str(tmp_path)) and captured.out == ""
 
 
 def test_seed_changes_the_initialisation(tiny_manifest):
