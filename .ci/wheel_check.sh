@@ -28,7 +28,7 @@ cd "$WORK/run"
 env -u RAY_ADDRESS -u PYTHONPATH RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled \
     "$WORK/venv/bin/embcam" demo --out demo --per-class 2 --no-progress
 env -u PYTHONPATH "$VPY" - "$REPO" <<'PY'
-import json, os, sys
+import importlib.metadata, json, os, subprocess, sys
 import embcam
 from embcam.cli import DEMO_MODEL
 from embcam.schemas import load_schema
@@ -38,9 +38,13 @@ for path in (embcam.__file__, str(DEMO_MODEL)):
     assert os.path.realpath(path).startswith(os.path.realpath(sys.prefix) + os.sep), f"{path} is not in the new venv"
     assert not os.path.realpath(path).startswith(repo + os.sep), f"{path} comes from the repository"
 assert {c["name"] for c in load_schema("results")["columns"]} >= {"image_id", "heatmap"}
+said = subprocess.run([os.path.join(sys.prefix, "bin", "embcam"), "--version"], capture_output=True, text=True,
+                      check=True).stdout
+assert said == f"embcam {embcam.__version__}\n" == f"embcam {importlib.metadata.version('embcam')}\n", said
 summary = json.load(open("demo/run/summary.json"))
 counts = summary["counts"]
 assert counts["results"] == counts["ok"] == 20 and counts["error"] == 0, counts
 assert os.path.exists("demo/run/_SUCCESS") and summary["plan"] in ("embedding-map", "streaming"), summary["plan"]
-print(f"wheel check: ok ({embcam.__file__}; {counts['ok']} rows explained, {summary['plan']} plan)")
+print(f"wheel check: ok (embcam {embcam.__version__}, {embcam.__file__}; {counts['ok']} rows explained, "
+      f"{summary['plan']} plan)")
 PY

@@ -7,6 +7,8 @@
 
 The core (this package minus ``embcam.pipeline``) never imports Ray.
 """
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), embcam --version says it
+
 from .cam import CAMResult, EmbeddingCAM, heatmaps_from_maps, normalise
 from .inference import prepare_for_inference
 from .models import Preprocessing, build_model, load_model, save_checkpoint
@@ -17,4 +19,3 @@ __all__ = [
     "Preprocessing", "build_model", "load_model", "save_checkpoint",
     "MeanProxyAccumulator", "load_proxy_bank", "onehot", "save_proxy_bank",
 ]
-__version__ = "0.1.0"

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
+
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
 DELEGATED = {"report": "embcam.report", "train": "embcam.training"}  # commands with their own parsers
@@ -18,18 +20,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def package_version() -> str:
-    """The installed distribution's version; ``embcam.__version__`` when run from a source tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("embcam")
-    except PackageNotFoundError:
-        from . import __version__
-
-        return __version__
 
 
 def error_line(exc: BaseException) -> str:
@@ -200,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     OSError, embcam's own error classes among them) end in one line on stderr and exit
     status 2; anything else is a bug and keeps its traceback."""
     parser = OneLineParser(prog="embcam", description="EmbeddingCAM heatmaps for embedding networks, at catalog scale")
-    parser.add_argument("--version", action="version", version=f"embcam {package_version()}")
+    parser.add_argument("--version", action="version", version=f"embcam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands: OneLineParser too
 
     explain = sub.add_parser("explain", help="run the explain job on a manifest")

@@ -1,7 +1,6 @@
 """The embcam command line: in-process, and as a user runs it (the console script in a
 subprocess, for what only a real process shows: Ray's console output). The explain job
 itself is tested in test_pipeline."""
-import importlib.metadata
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 
 import embcam
 from embcam import cli
@@ -65,12 +65,17 @@ def test_train_and_report_are_reachable(capsys):
 # --- --version -------------------------------------------------------------------------------
 
 
-def test_version_is_the_package_metadata(capsys):
+def test_version_has_one_source(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
-    assert capsys.readouterr().out == f"embcam {importlib.metadata.version('embcam')}\n"
-    assert importlib.metadata.version("embcam") == embcam.__version__  # one version, said in two places
+    assert capsys.readouterr().out == f"embcam {embcam.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", embcam.__version__)
+    # pyproject.toml says no version of its own: it reads embcam.__version__ (the built wheel's
+    # metadata is checked in test_wheel)
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "embcam.__version__"}
 
 
 # --- bad input: one line, exit status 2 ----------------------------------------------------

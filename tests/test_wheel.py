@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import embcam
 from embcam.schemas import arrow_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,14 @@ def test_schemas_folder_is_the_packaged_contracts():
     assert (REPO / "schemas").is_symlink()
     assert (REPO / "schemas").resolve() == (REPO / "embcam" / "contracts").resolve()
     assert sorted(p.name for p in (REPO / "embcam" / "contracts").iterdir()) == list(CONTRACTS)
+
+
+def test_wheel_version_is_embcams(wheel):
+    """pyproject's dynamic version: the wheel is named and labelled with embcam.__version__."""
+    assert wheel.name.startswith(f"embcam-{embcam.__version__}-")
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(f"embcam-{embcam.__version__}.dist-info/METADATA").decode()
+    assert f"\nVersion: {embcam.__version__}\n" in metadata
 
 
 def test_wheel_holds_the_package_data(wheel):
