@@ -91,16 +91,19 @@ def _failed(batch: dict, rows, reason: str) -> dict:
 def fault_point(stage: str, image_ids) -> None:
     """Test hook: ``EMBCAM_FAULT=<stage>:<image_id>`` SIGKILLs the worker that reaches that
     row in that stage; ``...:once:<marker file>`` only the first time (the marker records
-    it). Set by whoever starts the cluster, never read from data."""
-    spec = os.environ.get("EMBCAM_FAULT")
-    if not spec:
+    it); several faults are separated by ``;``. Set by whoever starts the cluster, never
+    read from data."""
+    specs = os.environ.get("EMBCAM_FAULT")
+    if not specs:
         return
-    fault_stage, image_id, *once = spec.split(":", 3)
-    if fault_stage != stage or image_id not in {str(i) for i in image_ids}:
-        return
-    if once:
-        try:
-            os.close(os.open(once[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-    os.kill(os.getpid(), signal.SIGKILL)
+    ids = {str(i) for i in image_ids}
+    for spec in specs.split(";"):
+        fault_stage, image_id, *once = spec.split(":", 3)
+        if fault_stage != stage or image_id not in ids:
+            continue
+        if once:
+            try:
+                os.close(os.open(once[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), signal.SIGKILL)

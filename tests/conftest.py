@@ -11,6 +11,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared Ray (directly or through a fixture) is slow: `make test-fast`
+    leaves it out. Tests that run jobs or subprocesses otherwise are marked where they are."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (2 CPUs, like the CI machine)."""

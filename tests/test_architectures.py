@@ -347,6 +347,7 @@ def test_embcam_models_prints_the_table(capsys):
     assert capsys.readouterr().err.startswith("embcam models: error: unknown architecture 'not_a_model'")
 
 
+@pytest.mark.slow  # builds every registered architecture on the meta device (about 7 s)
 def test_the_full_table_lists_every_registered_spec():
     lines = format_table().splitlines()
     specs = [line.split()[0] for line in lines[1:lines.index("")]]

@@ -146,6 +146,7 @@ def test_no_mean_proxy_is_one_line_too(ray_session, tmp_path, capsys):
                    "explain against: are the images where the manifest's uris and --image-root say?\n")
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_console_script_says_it_in_one_line(tmp_path):
     done = subprocess.run([EMBCAM, "explain", "--manifest", str(tmp_path / "none.parquet"), "--out", str(tmp_path)],
                           check=False, capture_output=True, text=True, timeout=120)
@@ -241,6 +242,7 @@ def _run_embcam(args: list[str], home: Path, env: dict | None = None) -> subproc
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+@pytest.mark.slow  # a job in a process of its own
 def test_demo_is_quiet_and_finishes_on_one_cpu(tmp_path):
     """A 1-CPU machine (Ray told so through RAY_OVERRIDE_RESOURCES): the model actor once took
     its only CPU slot and the job waited forever. The console shows embcam's lines only."""
@@ -262,6 +264,7 @@ def test_demo_is_quiet_and_finishes_on_one_cpu(tmp_path):
     assert summary["counts"]["ok"] == 20 and (tmp_path / "demo" / "run" / "_SUCCESS").exists()
 
 
+@pytest.mark.slow  # a job in a process of its own
 def test_explain_verbose_shows_rays_lines(manifest, tmp_path):
     done = _run_embcam(["explain", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
                         "--checkpoint", str(DEMO_MODEL), "--verbose"], tmp_path)

@@ -91,6 +91,7 @@ def test_vendored_basic_block_is_torchvision_s(stride, cin):
     assert torch.equal(ours(x), theirs(x))
 
 
+@pytest.mark.slow  # a subprocess
 def test_job_stages_do_not_import_torchvision():
     """A second of every model worker's start, not needed by the small model."""
     code = ("import sys, embcam.stages; from embcam.models import build_model; "
@@ -148,6 +149,7 @@ def test_a_checkpoint_cannot_name_code(kind, hostile_pkg, tmp_path, monkeypatch)
     assert not (hostile_pkg / "IMPORTED").exists() and "hostile_pkg" not in sys.modules
 
 
+@pytest.mark.slow  # a subprocess
 def test_os_abort_in_a_checkpoint_is_refused_and_the_process_lives(tmp_path):
     path = checkpoint_naming(tmp_path / "abort.pt", "os:abort")
     code = (f"from embcam.models import load_model\n"

@@ -23,19 +23,21 @@ import pytest
 import torch
 
 from embcam import save_checkpoint
+from embcam.cli import main
 from embcam.datasets import generate_dataset
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
 from embcam.runstate import RunMismatch
 
+pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
 SIZE = 48
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """6 classes x 25 images; a small model for 48 px inputs."""
+    """6 classes x 12 images (9 pieces of 8 rows); a small model for 48 px inputs."""
     root = tmp_path_factory.mktemp("resume")
-    manifest = generate_dataset(root, num_classes=6, images_per_class=25, min_side=48, max_side=64, seed=5)
+    manifest = generate_dataset(root, num_classes=6, images_per_class=12, min_side=48, max_side=64, seed=5)
     torch.manual_seed(0)
     checkpoint = root / "model.pt"
     save_checkpoint(checkpoint, build_model("embcam:small-resnet+linear:16"), "embcam:small-resnet+linear:16",
@@ -56,13 +58,11 @@ def jobs():
     marker = uuid.uuid4().hex
 
     def start(dataset, out, *extra, fault=None):
-        manifest, checkpoint, _ = dataset
         env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1")
         env.pop("RAY_ADDRESS", None)
         if fault:
             env["EMBCAM_FAULT"] = fault
-        cmd = [sys.executable, "-m", "embcam.cli", "explain", "--manifest", str(manifest), "--out", str(out),
-               "--checkpoint", str(checkpoint), "--batch-size", "8", "--block-rows", "8", "--no-progress", *extra]
+        cmd = [sys.executable, "-m", "embcam.cli", *explain_argv(dataset, out, *extra)]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
 
@@ -81,6 +81,13 @@ def jobs():
     kill_all(marker)
 
 
+def explain_argv(dataset, out, *extra) -> list[str]:
+    """The arguments of ``embcam`` for a job on ``dataset`` writing to ``out``."""
+    manifest, checkpoint, _ = dataset
+    return ["explain", "--manifest", str(manifest), "--out", str(out), "--checkpoint", str(checkpoint),
+            "--batch-size", "8", "--block-rows", "8", "--no-progress", *map(str, extra)]
+
+
 def kill_all(marker: str) -> None:
     for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         if pid != os.getpid() and _environ_has(pid, f"EMBCAM_TEST_JOB={marker}".encode()):
@@ -88,6 +95,14 @@ def kill_all(marker: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def exit_status(argv: list[str]) -> int:
+    """``embcam ARGV``'s exit status, run in this process."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def results(out) -> pd.DataFrame:
@@ -101,7 +116,7 @@ def assert_complete(out, rows):
     return df, json.loads((Path(out) / "summary.json").read_text())
 
 
-def test_sigkilled_driver_resumes_where_it_stopped(dataset, jobs, tmp_path):
+def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, tmp_path):
     start, finish, crash = jobs
     rows = dataset[2]
     out = tmp_path / "run"
@@ -123,9 +138,10 @@ def test_sigkilled_driver_resumes_where_it_stopped(dataset, jobs, tmp_path):
     assert summary["counts"]["resumed"] >= done > 0 and summary["counts"]["ok"] == rows
     assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written  # pass 1 was not redone
 
-    # the same numbers as one uninterrupted run
-    code, _, stderr = finish(start(dataset, tmp_path / "fresh", "--proxy", "mean", "--strategy", "streaming"))
-    assert code == 0, stderr
+    # the same numbers as one uninterrupted run (in this process: no third Ray to start)
+    manifest, checkpoint, _ = dataset
+    run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "fresh"), checkpoint=str(checkpoint),
+                              batch_size=8, block_rows=8, proxy="mean", strategy="streaming"), progress=False)
     fresh = results(tmp_path / "fresh").set_index("image_id").loc[df.image_id]
     np.testing.assert_allclose(np.stack(df.heatmap), np.stack(fresh.heatmap), rtol=1e-5, atol=1e-7)
 
@@ -140,14 +156,14 @@ def test_killed_model_and_cpu_workers_lose_nothing(dataset, jobs, tmp_path):
     start, finish, crash = jobs
     rows = dataset[2]
     ids = pq.read_table(dataset[0], columns=["image_id"]).column("image_id").to_pylist()
-    for stage, image_id in (("model", ids[40]), ("commit", ids[100])):
-        once = tmp_path / f"{stage}.killed"
-        out = tmp_path / stage
-        code, _, stderr = finish(start(dataset, out, fault=f"{stage}:{image_id}:once:{once}"))
-        assert code == 0, stderr
-        assert once.exists()  # the worker really was killed once
-        df, summary = assert_complete(out, rows)
-        assert summary["counts"]["ok"] == rows
+    killed = {stage: tmp_path / f"{stage}.killed" for stage in ("model", "commit")}  # one job, both faults
+    faults = ";".join(f"{stage}:{image_id}:once:{killed[stage]}" for stage, image_id in (("model", ids[30]),
+                                                                                          ("commit", ids[60])))
+    code, _, stderr = finish(start(dataset, tmp_path / "out", fault=faults))
+    assert code == 0, stderr
+    assert all(marker.exists() for marker in killed.values())  # each worker really was killed once
+    df, summary = assert_complete(tmp_path / "out", rows)
+    assert summary["counts"]["ok"] == rows
 
 
 def test_a_row_that_kills_its_worker_becomes_one_error_row(dataset, jobs, tmp_path):
@@ -164,7 +180,8 @@ def test_a_row_that_kills_its_worker_becomes_one_error_row(dataset, jobs, tmp_pa
     assert not (tmp_path / "_embcam" / "attempts").exists()
 
 
-def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_session, dataset, jobs, tmp_path):
+def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_session, dataset, jobs, tmp_path,
+                                                                         capsys):
     start, finish, crash = jobs
     manifest, checkpoint, rows = dataset
     run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
@@ -176,11 +193,9 @@ def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_sess
         time.sleep(0.02)
     crash(driver)
     assert not (tmp_path / "summary.json").exists()
-    report = [sys.executable, "-m", "embcam.cli", "report", str(tmp_path), "--out", str(tmp_path / "rep")]
-    refused = subprocess.run(report, capture_output=True, text=True)
-    assert refused.returncode == 2 and "is unfinished" in refused.stderr
-    labelled = subprocess.run(report + ["--allow-partial"], capture_output=True, text=True)
-    assert labelled.returncode == 0 and "UNFINISHED" in labelled.stdout
+    report = ["report", str(tmp_path), "--out", str(tmp_path / "rep")]
+    assert exit_status(report) == 2 and "is unfinished" in capsys.readouterr().err
+    assert exit_status(report + ["--allow-partial"]) == 0 and "UNFINISHED" in capsys.readouterr().out
     # a different configuration is refused while anything is committed ...
     with pytest.raises(RunMismatch, match="proxy: 'mean' -> 'self'"):
         run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
@@ -203,7 +218,7 @@ def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset,
     assert summary["counts"]["results"] == rows and summary["config"]["proxy"] == "self"
 
 
-def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(dataset, jobs, tmp_path):
+def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(ray_session, dataset, jobs, tmp_path, capsys):
     start, finish, _ = jobs
     rows = dataset[2]
     driver = start(dataset, tmp_path)
@@ -215,7 +230,7 @@ def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(dataset, job
     code, _, stderr = finish(driver)
     assert code == 130 and "interrupted;" in stderr and "Re-run the same command to resume" in stderr
     assert not (tmp_path / "_SUCCESS").exists()
-    code, _, stderr = finish(start(dataset, tmp_path))
-    assert code == 0, stderr
+    assert main(explain_argv(dataset, tmp_path)) == 0  # the same command, run in this process
+    assert f"resuming {tmp_path}" in capsys.readouterr().err
     df, summary = assert_complete(tmp_path, rows)
     assert summary["counts"]["ok"] == rows

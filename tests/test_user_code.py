@@ -135,6 +135,7 @@ def assert_matches_reference(out: Path, code, manifest):
     return summary
 
 
+@pytest.mark.slow  # a job in a process of its own
 def test_user_code_reaches_the_driver_and_every_worker(code, dataset, job):
     """A package folder and a .py file by --py-modules, a module in --working-dir; --out and
     --manifest relative to the driver's cwd, which is not the workers' (their working dir)."""
@@ -149,6 +150,7 @@ def test_user_code_reaches_the_driver_and_every_worker(code, dataset, job):
     assert summary["config"]["py_modules"] == [str(code / "pkgs" / "mymodels"), str(code / "lib" / "layers.py")]
 
 
+@pytest.mark.slow  # a subprocess
 def test_without_the_flag_the_model_fails_in_one_line(code, dataset, job, tmp_path):
     run, _ = job
     done = run("--manifest", dataset, "--out", tmp_path / "run", "--model", "mymodels:factory")

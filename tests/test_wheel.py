@@ -13,6 +13,7 @@ import pytest
 import embcam
 from embcam.schemas import arrow_schema
 
+pytestmark = pytest.mark.slow  # builds the wheel in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 CONTRACTS = ("manifest.json", "proxies.json", "results.json")
 
