@@ -226,9 +226,7 @@ class EmbeddingCAM:
         captured: list[Tensor] = []
 
         def hook(module, inputs, output):
-            if not isinstance(output, Tensor):
-                raise ValueError(f"target layer output is {type(output).__name__}, not a tensor; "
-                                 "pick a layer that returns one tensor")
+            _check_target_output(output)
             if not leaf:
                 captured.append(output)
                 return None
@@ -289,9 +287,7 @@ class EmbeddingCAM:
         shapes: list[torch.Size] = []
 
         def hook(module, inputs, output):
-            if not isinstance(output, Tensor):
-                raise ValueError(f"target layer output is {type(output).__name__}, not a tensor; "
-                                 "pick a layer that returns one tensor")
+            _check_target_output(output)
             shapes.append(output.shape)
             raise _TargetReached
 
@@ -413,6 +409,12 @@ def _script_tail(model: nn.Module) -> Tail | None:
     if _type_name(pool) == "GlobalAvgPool" and head is not None and _is_affine(head):
         return Tail(head, affine=True)
     return None
+
+
+def _check_target_output(output) -> None:
+    if not isinstance(output, Tensor):
+        raise ValueError(f"target layer output is {type(output).__name__}, not a tensor; "
+                         "pick a layer that returns one tensor")
 
 
 def _checked_embeddings(y) -> Tensor:
