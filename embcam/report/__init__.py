@@ -50,8 +50,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
-
 from embcam.cli import OneLineParser
 from embcam.images import write_image
 from embcam.locations import safe_name
@@ -114,7 +112,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
 def _write_png(path: Path, bgr) -> None:
     """A plot (BGR, as OpenCV draws it) as a PNG, its folder made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    write_image(path, bgr[..., ::-1])  # a view: write_image flips it back to BGR
 
 
 def main(argv: list[str] | None = None) -> int:

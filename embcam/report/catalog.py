@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embcam.boxes import is_null
 from embcam.results import SPREAD_MEASURE, open_results, results_schema, spreads
 
 COLUMNS = ("image_id", "label", "split", "status", "error", "cosine", "degenerate",
@@ -44,7 +45,8 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
     for name, value in (("per_label", per_label), ("labels", labels), ("outside", outside)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    frame = read_frame(run, split)
+    schema = results_schema(run)  # one footer read, shared by the two scans
+    frame = read_frame(run, split, schema)
     ok = frame["status"] == "ok"
     cosine = frame["cosine"].where(ok)
     ranked = (frame.assign(_cosine=cosine).dropna(subset=["_cosine"])
@@ -62,14 +64,15 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
         "gallery": _gallery(ranked, per_label, labels),
         "outside_box": _outside_box(frame, ok, outside),
         "histograms": {"cosine": _histogram(cosine.dropna().to_numpy(), None),
-                       "spread": _spread_histogram(run, split) if spread else
+                       "spread": _spread_histogram(run, split, schema) if spread else
                        {"measure": SPREAD_MEASURE, "skipped": "not requested (--no-spread)"}},
     }
 
 
-def read_frame(run: str, split: str | None) -> pd.DataFrame:
-    """The catalog columns of a run (absent ones as nulls), checked, as a DataFrame."""
-    schema = results_schema(run)
+def read_frame(run: str, split: str | None, schema: pa.Schema | None = None) -> pd.DataFrame:
+    """The catalog columns of a run (absent ones as nulls), checked, as a DataFrame.
+    ``schema``: the run's ``results_schema`` when the caller has it."""
+    schema = results_schema(run) if schema is None else schema
     present = [c for c in COLUMNS if c in schema.names]
     for required in ("image_id", "status"):
         if required not in present:
@@ -114,7 +117,7 @@ def _counts(frame: pd.DataFrame, ok: pd.Series) -> dict:
 
 
 def _label(value):
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    return None if is_null(value) else str(value)
 
 
 def _label_table(frame: pd.DataFrame, ok: pd.Series, cosine: pd.Series,
@@ -194,15 +197,15 @@ def _histogram(values: np.ndarray, value_range: tuple[float, float] | None) -> d
             "counts": [int(c) for c in counts]}
 
 
-def _spread_histogram(run: str, split: str | None) -> dict:
+def _spread_histogram(run: str, split: str | None, schema: pa.Schema) -> dict:
     """The spread of every ok, non-degenerate heatmap, read in batches of the heatmap column."""
     entry = {"measure": SPREAD_MEASURE, "skipped": None}
-    missing = [c for c in ("heatmap", "degenerate") if c not in results_schema(run).names]
+    missing = [c for c in ("heatmap", "degenerate") if c not in schema.names]
     if missing:
         return dict(entry, skipped=f"results have no {', '.join(missing)} column")
     where = (pc.field("status") == "ok") & (pc.field("degenerate") == False)  # noqa: E712
     if split is not None:
-        where &= pc.field("split") == split
+        where &= _split_filter(run, schema, split)
     values, undefined = [], 0
     for batch in open_results(run, columns=["heatmap"], filter=where).to_batches(
             columns=["heatmap"], batch_size=SPREAD_BATCH_ROWS):
