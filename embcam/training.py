@@ -25,6 +25,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,11 +237,9 @@ def fit(manifest: str | Path, *, model: str = DEFAULT_MODEL, image_size: int | N
     spec = model
     found = resolve(spec)
     default = found[0].preprocessing if found else Preprocessing()
-    if spec.startswith("embcam:small-resnet"):
-        default = Preprocessing(SMALL_MODEL_IMAGE_SIZE, default.mean, default.std)
-    preprocessing = Preprocessing(image_size or default.size, default.mean, default.std)
-    size = preprocessing.size
-    net = build_model(spec, image_size=size)  # a ViT is built for its input size
+    size = image_size or (SMALL_MODEL_IMAGE_SIZE if spec.startswith("embcam:small-resnet") else default.size)
+    preprocessing = replace(default, size=size)
+    net = found[0].build(found[1], size) if found else build_model(spec)  # a ViT is built for its input size
     net.to(dev)
 
     train_images, train_labels = load_split(manifest, "train", image_root)
