@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .attempts import Attempts, fault_point
+from .cam import RESHAPES, EmbeddingCAM
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .locations import default_image_root, has_scheme
@@ -70,7 +71,6 @@ from .stages import (
     flag_nan_boxes,
     heatmaps_from_kept_maps,
     load_images,
-    make_cam,
     partial_sums,
     resolved_target,
     row_runs,
@@ -79,7 +79,6 @@ from .stages import (
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
-RESHAPES = ("tokens", "nhwc", "nchw")
 KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
@@ -481,7 +480,7 @@ def _output_dims(net, cfg: ExplainConfig, size: int) -> tuple:
 
     if cfg.compile:
         check_compilable(net, resolved_target(net, cfg.target_layer), cfg.batch_size)
-    probe = make_cam(net, cfg.target_layer, reshape=cfg.reshape)(torch.zeros(1, 3, size, size))
+    probe = EmbeddingCAM(net, cfg.target_layer, reshape=cfg.reshape)(torch.zeros(1, 3, size, size))
     return (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
 
 

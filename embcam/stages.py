@@ -46,13 +46,6 @@ class ModelConfig:
     reshape: str | None = None             # "tokens" | "nhwc": how the target's output becomes (B, K, h, w)
 
 
-def make_cam(model, target_layer: str | None = None, strategy: str = "autograd",
-             top_k_channels: int | None = None, reshape: str | None = None) -> EmbeddingCAM:
-    """``EmbeddingCAM`` with ``reshape`` passed only when one is named (None: the model's own)."""
-    extra = {} if reshape is None else {"reshape": reshape}
-    return EmbeddingCAM(model, target_layer, strategy, top_k_channels, **extra)
-
-
 def resolved_target(model, target_layer: str | None) -> str | None:
     """The layer explained: the one named, else the model's default (None: its split point)."""
     return target_layer if target_layer is not None else default_target_layer(model)
@@ -155,8 +148,8 @@ class ExplainModel:
         # The target is resolved first: a BatchNorm after a default target layer must stay unfolded.
         self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),
                                            compile_batch_size=model.compile_batch_size).to(self.device)
-        self.cam = make_cam(self.model, model.target_layer, strategy, reshape=model.reshape)
-        self.cam_topk = (make_cam(self.model, model.target_layer, "autograd", top_k_channels, model.reshape)
+        self.cam = EmbeddingCAM(self.model, model.target_layer, strategy, reshape=model.reshape)
+        self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
                          if top_k_channels else None)
         self.proxy_mode, self.output, self.split = proxy_mode, output, split
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
