@@ -1,6 +1,7 @@
 """The embcam command line: in-process, and as a user runs it (the console script in a
 subprocess, for what only a real process shows: Ray's console output). The explain job
 itself is tested in test_pipeline."""
+import io
 import json
 import logging
 import os
@@ -176,18 +177,30 @@ def test_error_line():
 # --- what a real run shows --------------------------------------------------------------------
 
 
-def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only(capsys):
-    from embcam.pipeline import _quiet_ray
+def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
+    import ray.data  # noqa: F401  (creates Ray Data's console handlers)
 
-    data = logging.getLogger("ray.data.dataset")  # one of Ray Data's loggers
-    with _quiet_ray(True):
-        data.info("an INFO line")
-        data.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
-                     "will hang unless more CPUs are freed up.")
-        data.warning("a warning that matters")
-    quiet = capsys.readouterr().err
-    data.info("an INFO line, after")
-    after = capsys.readouterr().err
+    from embcam.pipeline import RAY_DATA_LOGGER, _quiet_ray
+
+    # Read what Ray Data's own console handlers print: they hold the stderr of whenever
+    # Ray Data was first imported, so capsys does not see them after another test did.
+    consoles = [h for h in logging.getLogger(RAY_DATA_LOGGER).handlers if isinstance(h, logging.StreamHandler)]
+    assert consoles
+    stream = io.StringIO()
+    old = [h.setStream(stream) for h in consoles]
+    try:
+        data = logging.getLogger("ray.data.dataset")  # one of Ray Data's loggers
+        with _quiet_ray(True):
+            data.info("an INFO line")
+            data.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
+                         "will hang unless more CPUs are freed up.")
+            data.warning("a warning that matters")
+        quiet = stream.getvalue()
+        data.info("an INFO line, after")
+        after = stream.getvalue()[len(quiet):]
+    finally:
+        for h, s in zip(consoles, old):
+            h.setStream(s)
     assert "a warning that matters" in quiet and "INFO" not in quiet and "will hang" not in quiet, quiet
     assert "an INFO line, after" in after
 
