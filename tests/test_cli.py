@@ -187,7 +187,9 @@ def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
     consoles = [h for h in logging.getLogger(RAY_DATA_LOGGER).handlers if isinstance(h, logging.StreamHandler)]
     assert consoles
     stream = io.StringIO()
-    old = [h.setStream(stream) for h in consoles]
+    old = [h.stream for h in consoles]
+    for h in consoles:
+        h.stream = stream  # not setStream: it flushes the old stream, maybe an earlier test's closed capture
     try:
         data = logging.getLogger("ray.data.dataset")  # one of Ray Data's loggers
         with _quiet_ray(True):
@@ -200,7 +202,7 @@ def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
         after = stream.getvalue()[len(quiet):]
     finally:
         for h, s in zip(consoles, old):
-            h.setStream(s)
+            h.stream = s
     assert "a warning that matters" in quiet and "INFO" not in quiet and "will hang" not in quiet, quiet
     assert "an INFO line, after" in after
 
