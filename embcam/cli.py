@@ -11,7 +11,9 @@ from . import __version__
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
-DELEGATED = {"report": "embcam.report", "train": "embcam.training"}  # commands with their own parsers
+DELEGATED = {"report": "embcam.report", "train": "embcam.training", "make-pairs": "embcam.pairing",
+             "chen-baseline": "embcam.chen", "sanity": "embcam.sanity",
+             "reexplain": "embcam.reexplain"}  # commands with their own parsers
 BAD_INPUT = 2  # exit status of every expected error (bad arguments, specs, files), as argparse's
 
 
@@ -208,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("report", help="catalog report (per label, outliers, histograms; Table 1 where annotated) "
                    "from one or more results folders", add_help=False)
     sub.add_parser("train", help="train an embedding model on a manifest", add_help=False)
+    sub.add_parser("make-pairs", help="write a pairs file for explain --pairs: nearest neighbours within a run's "
+                   "embeddings, or random same-label pairs", add_help=False)
+    sub.add_parser("reexplain", help="new heatmaps and metrics from a run's stored E maps (--keep-maps): "
+                   "another proxy bank, or pairs; no model, CPU only", add_help=False)
+    sub.add_parser("chen-baseline", help="the Chen et al. (WACV 2020) baseline as a run folder, for Table 1",
+                   add_help=False)
+    sub.add_parser("sanity", help="model-randomisation and deletion checks of a run's heatmaps", add_help=False)
 
     make = sub.add_parser("make-manifest", help="write a manifest: synthetic | cub | folders")
     make.add_argument("kind", choices=["synthetic", "cub", "folders"])

@@ -10,7 +10,7 @@ import pytest
 
 from embcam.schemas import ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table, load_schema, schemas_dir
 
-NAMES = ["manifest", "results", "proxies"]
+NAMES = ["manifest", "results", "proxies", "pairs"]
 
 EXPECTED_COLUMNS = {
     "manifest": ["image_id", "uri", "label", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
@@ -23,6 +23,8 @@ EXPECTED_COLUMNS = {
                 "iou", "loc_correct", "iou_sweep", "heatmap_topk", "ratio_bbox_topk",
                 "ratio_mask_topk"],
     "proxies": ["label", "proxy", "count"],
+    "pairs": ["query_id", "match_id", "status", "error", "cosine", "query_heatmap", "match_heatmap",
+              "heatmap_height", "heatmap_width"],
 }
 
 
