@@ -3,8 +3,10 @@ embeddings, so pair explanations can be tried without a pairs file of one's own.
 
 * Nearest neighbours (``--neighbours K``): each query's K most similar ok images of the run
   by cosine of the embeddings, itself excluded. Columns query_id, match_id, rank (1..K),
-  cosine. Ties (equal cosines as computed) go to the smaller image_id. Cost: O(Q n d) time
-  for Q queries among n images of d dimensions (every query against every image); memory:
+  neighbour_cosine (not ``cosine``: the pairs contract's own column, which explain computes
+  and which a pairs file may not carry). Ties (equal cosines as computed) go to the smaller
+  image_id. Cost: O(Q n d) time for Q queries among n images of d dimensions (every query
+  against every image); memory:
   the n x d embeddings in float64 plus one block of queries x n similarities (float64), the
   block sized to stay under :data:`BLOCK_BYTES`.
 * Same label (``--same-label N``): N pairs drawn uniformly without replacement from all
@@ -199,13 +201,13 @@ def _triangle(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def neighbour_table(emb: Embeddings, k: int, max_queries: int | None = None, seed: int = 0,
                     block_rows: int | None = None) -> pa.Table:
-    """query_id, match_id, rank, cosine: the K nearest neighbours of each (sampled) query."""
+    """query_id, match_id, rank, neighbour_cosine: the K nearest neighbours of each (sampled) query."""
     queries = sample_queries(len(emb.ids), max_queries, seed)
     indices, cosines = nearest_neighbours(emb.vectors, k, queries, block_rows)
     return pa.table({"query_id": pa.array(np.repeat(emb.ids[queries], k).astype(str), pa.string()),
                      "match_id": pa.array(emb.ids[indices.reshape(-1)].astype(str), pa.string()),
                      "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(queries))),
-                     "cosine": pa.array(cosines.reshape(-1), pa.float64())})
+                     "neighbour_cosine": pa.array(cosines.reshape(-1), pa.float64())})
 
 
 def same_label_table(emb: Embeddings, count: int, seed: int = 0) -> pa.Table:
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="pairs file to write (Parquet)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--neighbours", type=int, metavar="K",
-                      help="each query's K nearest neighbours: columns query_id, match_id, rank, cosine")
+                      help="each query's K nearest neighbours: columns query_id, match_id, rank, "
+                           "neighbour_cosine")
     mode.add_argument("--same-label", type=int, metavar="N",
                       help="N random same-label pairs (no self pair, none twice): columns query_id, "
                            "match_id, label")

@@ -59,7 +59,7 @@ def reference_neighbours(by_id: dict, k: int) -> pd.DataFrame:
     for q, query in enumerate(ids):
         others = sorted((j for j in range(len(ids)) if j != q), key=lambda j: (-cos[q, j], ids[j]))
         rows += [(query, ids[j], r + 1, cos[q, j]) for r, j in enumerate(others[:k])]
-    return pd.DataFrame(rows, columns=["query_id", "match_id", "rank", "cosine"])
+    return pd.DataFrame(rows, columns=["query_id", "match_id", "rank", "neighbour_cosine"])
 
 
 def test_neighbours_equal_the_brute_force_reference(random_run):
@@ -67,11 +67,12 @@ def test_neighbours_equal_the_brute_force_reference(random_run):
     table, emb = make_pairs(run, neighbours=4)
     got = table.to_pandas()
     want = reference_neighbours(by_id, 4)
-    assert list(got.columns) == ["query_id", "match_id", "rank", "cosine"]
-    assert table.schema.field("rank").type == pa.int32() and table.schema.field("cosine").type == pa.float64()
+    assert list(got.columns) == ["query_id", "match_id", "rank", "neighbour_cosine"]
+    assert table.schema.field("rank").type == pa.int32()
+    assert table.schema.field("neighbour_cosine").type == pa.float64()
     for column in ("query_id", "match_id", "rank"):
         assert got[column].tolist() == want[column].tolist()
-    np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(got["neighbour_cosine"], want["neighbour_cosine"], rtol=0, atol=1e-14)
     assert emb.left_out == 0 and len(emb.ids) == 37  # error rows never enter
 
 
@@ -90,11 +91,11 @@ def test_hand_computed_cosines_and_exact_ties_by_image_id(tmp_path):
             ok_row("f", [-7, 0]), ok_row("d", [0, 2])]
     table, _ = make_pairs(write_run(tmp_path / "run", rows), neighbours=5)
     of_x = table.to_pandas().query("query_id == 'x'")
-    assert list(of_x["match_id"]) == ["b", "e", "c", "d", "x"][:4] + ["f"]
-    assert list(of_x["cosine"]) == [1.0, 1.0, pytest.approx(0.6, abs=1e-15), 0.0, -1.0]
+    assert list(of_x["match_id"]) == ["b", "e", "c", "d", "f"]
+    assert list(of_x["neighbour_cosine"]) == [1.0, 1.0, pytest.approx(0.6, abs=1e-15), 0.0, -1.0]
     of_d = table.to_pandas().query("query_id == 'd'")
     assert list(of_d["match_id"]) == ["c", "b", "e", "f", "x"]  # 4/5, then four at 0 by id
-    assert list(of_d["cosine"])[1:] == [0.0] * 4
+    assert list(of_d["neighbour_cosine"])[1:] == [0.0] * 4
 
 
 def test_sampled_queries_are_rows_of_the_full_answer(random_run):
