@@ -6,9 +6,8 @@ embeddings, so pair explanations can be tried without a pairs file of one's own.
   neighbour_cosine (not ``cosine``: the pairs contract's own column, which explain computes
   and which a pairs file may not carry). Ties (equal cosines as computed) go to the smaller
   image_id. Cost: O(Q n d) time for Q queries among n images of d dimensions (every query
-  against every image); memory:
-  the n x d embeddings in float64 plus one block of queries x n similarities (float64), the
-  block sized to stay under :data:`BLOCK_BYTES`.
+  against every image); memory: the n x d embeddings in float64 plus one block of queries
+  x n similarities (float64), the block sized to stay under :data:`BLOCK_BYTES`.
 * Same label (``--same-label N``): N pairs drawn uniformly without replacement from all
   unordered pairs of distinct ok images with the same label (no self pair, no pair twice in
   either order). Columns query_id, match_id (query_id < match_id), label.
