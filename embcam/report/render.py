@@ -74,6 +74,11 @@ def _notes(table: dict) -> list[str]:
     notes = [f"Each value: per run, the mean over images with status ok, a non-degenerate "
              f"heatmap and the annotation (box or mask); then {STD_NOTE}. "
              f"(n=…) in a cell: averaged over fewer runs than the method has; —: no value."]
+    for m in table["methods"]:
+        if m.get("top_k_only"):
+            notes.append(f"{m['name']}: its only heatmap is the top-{m['top_k']} map (channel weights "
+                         "transferred from the nearest training image), so All channels is — and its "
+                         "accuracy and threshold sweep are of that top-k map.")
     unfinished = [r["run"] for r in table["runs"] if r.get("unfinished")]
     if unfinished:
         notes.append(f"UNFINISHED run(s) {', '.join(unfinished)}: their numbers cover only the rows "

@@ -14,6 +14,7 @@ REGIONS = {"bbox": "BBox", "mask": "Mask"}
 METHOD_NAMES = {
     "self": "EmbeddingCAM (self proxy)", "mean": "EmbeddingCAM (mean proxy)",
     "onehot": "Grad-CAM (onehot proxy)", "bank": "EmbeddingCAM (bank proxy)",
+    "chen": "Chen et al. 2020 (transferred weights, top-k only)",
 }
 STD_NOTE = ("mean ± std across the runs of a method (independently trained models); std is "
             "the population std (ddof = 0) of the per-run means, 0 for a single run")
@@ -95,6 +96,7 @@ def _run_entry(run: str, summary: dict, cols: dict) -> dict:
         "model": config.get("model") or summary.get("model"),
         "checkpoint": config.get("checkpoint"),
         "top_k": config.get("top_k_channels"),
+        "top_k_only": bool(config.get("top_k_only")),  # its heatmap is a top-k map (embcam chen-baseline)
         "counts": {"images": int(len(ok)), "ok": int(ok.sum()),
                    "error": int((~ok).sum()), "degenerate": int(degenerate.sum()),
                    "evaluated": int(evaluated.sum())},
@@ -119,7 +121,8 @@ def _method_entry(key: str, runs: list[dict]) -> dict:
     if len(ks) > 1:
         raise ValueError(f"method {key!r}: runs use different top_k_channels {ks} "
                          f"({', '.join(r['run'] for r in runs)}); report them separately")
-    rows = {region: {col: _across([r["values"][name] for r in runs])
+    top_k_only = all(r["top_k_only"] for r in runs)
+    rows = {region: {col: _across([] if top_k_only and col == "all" else [r["values"][name] for r in runs])
                      for (reg, col), name in RATIO_COLUMNS.items() if reg == region}
             for region in REGIONS}
     sweep = [_across([r["sweep"][i] for r in runs]) for i in range(len(THRESHOLDS))]
@@ -129,6 +132,7 @@ def _method_entry(key: str, runs: list[dict]) -> dict:
         "runs": [r["run"] for r in runs],
         "n_runs": len(runs),
         "top_k": ks[0] if ks else None,
+        "top_k_only": top_k_only,
         "rows": rows,
         "accuracy": _across([r["values"]["accuracy"] for r in runs]),
         "sweep": {"thresholds": list(THRESHOLDS), "accuracy": sweep,
