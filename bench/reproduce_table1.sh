@@ -2,7 +2,8 @@
 # Table 1 of the paper on our generated open-set benchmark, end to end:
 # data (100 classes: 50 train / 50 held out) -> 3 independently trained models ->
 # explain the held-out classes with the self and the mean proxy, all channels and top-50
-# -> report (mean +- std over the models).
+# -> the Chen et al. (WACV 2020) baseline per model (weights from training-class triplets,
+# transferred to the held-out images; top-50 channels) -> report (mean +- std over the models).
 #
 #   bash bench/reproduce_table1.sh [WORKDIR] [EPOCHS]
 # Existing checkpoints in WORKDIR/models/seed{0,1,2}.pt are reused (delete them to retrain).
@@ -33,5 +34,12 @@ for seed in 0 1 2; do
         --checkpoint "$WORK/models/seed$seed.pt" --proxy "$proxy" --top-k-channels 50 --overwrite --no-progress
     runs+=("$out")
   done
+done
+for seed in 0 1 2; do
+  out="$WORK/runs/chen-seed$seed"
+  $BIN/embcam chen-baseline --manifest "$WORK/data/manifest.parquet" --out "$out" \
+      --checkpoint "$WORK/models/seed$seed.pt" --train-split train --eval-split eval \
+      --top-k-channels 50 --triplets-per-image 32 --seed "$seed" --overwrite --no-progress
+  runs+=("$out")
 done
 $BIN/embcam report "${runs[@]}" --out "$WORK/report"
