@@ -34,7 +34,9 @@ trained models.
 
 ``table1`` returns a JSON-ready dict (every number with its n); ``render_markdown``
 prints it. ``write_report`` writes ``report.md``, ``report.json`` and ``report.html``,
-``gallery/<k>-<run>/<image>.png`` and ``histograms/<k>-{cosine,spread}.png`` per run, and
+``gallery/<k>-<run>/<image>.png`` and ``histograms/<k>-{cosine,spread}.png`` per run (and for
+a run made with ``explain --pairs`` its pairs section, ``pairs`` module:
+``pairs/<k>-<run>/<n>-{query,match}-<image>.png``), and
 with annotations ``sweep.png`` (accuracy vs t) and ``overlays/<method>/<image>.png``.
 Overlays show [image | heatmap] with the ground-truth box in green and the predicted box
 in red (``embcam.results.overlay``).
@@ -55,6 +57,7 @@ from embcam.images import write_image
 from embcam.locations import safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
+from embcam.report.pairs import has_pairs, pairs_section
 from embcam.report.plot import draw_histogram, draw_sweep
 from embcam.report.render import render_html, render_markdown, render_report_html, render_report_markdown
 from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
@@ -72,7 +75,7 @@ NO_ANNOTATIONS = "not shown: no run has a box or a mask (it measures heat agains
 
 def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: str | None = None,
                  allow_partial: bool = False, per_label: int = 4, labels: int = 12,
-                 outside: int = 12, spread: bool = True) -> dict:
+                 outside: int = 12, spread: bool = True, pairs_shown: int = 24) -> dict:
     """Write report.md, report.json, report.html and their images into ``out_dir``.
 
     Returns the report: ``catalog`` (one ``catalog.catalog`` entry per run, its images
@@ -82,6 +85,8 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
+    if pairs_shown < 0:
+        raise ValueError(f"pairs shown must be >= 0, got {pairs_shown}")
     check_distinct(runs)
     out = Path(out_dir)
     entries = [catalog(run, read_summary(run, allow_partial), split=split, per_label=per_label,
@@ -96,7 +101,10 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
                 _write_png(out / hist["file"], draw_histogram(hist, f"{HISTOGRAM_TITLES[name]}: {entry['run']}"))
     annotated = any(e["counts"]["with_box"] or e["counts"]["with_mask"] for e in entries)
     report = {"split": split, "catalog": entries, "table1": None,
-              "table1_note": None if annotated else NO_ANNOTATIONS}
+              "table1_note": None if annotated else NO_ANNOTATIONS,
+              "pairs": [pairs_section(run, out, f"pairs/{k}-{safe_name(Path(run).name or 'run')}",
+                                      shown=pairs_shown, split=split)
+                        for k, run in enumerate(runs) if has_pairs(run)]}
     if annotated:
         table, ok_ids = evaluate(runs, split, allow_partial)
         table["overlays"] = write_overlays(table, ok_ids, out, overlays)
@@ -138,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", type=int, default=24, metavar="N",
                         help="Table 1 overlay images per method (first N image_ids, sorted); 0: none")
     parser.add_argument("--split", help="only rows of this split (results column split)")
+    parser.add_argument("--pairs-shown", type=int, default=24, metavar="N",
+                        help="runs made with explain --pairs: the N pairs with the lowest cosine drawn, "
+                             "query and match side by side with their heatmaps (default 24)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
     args = parser.parse_args(argv)
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,
                               allow_partial=args.allow_partial, per_label=args.gallery,
                               labels=args.gallery_labels, outside=args.outside,
-                              spread=not args.no_spread)
+                              spread=not args.no_spread, pairs_shown=args.pairs_shown)
     except (ValueError, OSError) as e:
         parser.exit(2, f"embcam report: error: {e}\n")
     print(render_report_markdown(report))

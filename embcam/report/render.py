@@ -322,9 +322,13 @@ def _catalog_html(entry: dict) -> list[str]:
 
 def render_report_markdown(report: dict) -> str:
     """Markdown of a ``write_report`` dict: each run's catalog, then Table 1 if annotated."""
+    from embcam.report.pairs import pairs_markdown  # here: pairs renders with this module's helpers
+
     parts = ["# embcam report", ""]
     for entry in report["catalog"]:
         parts += _catalog_markdown(entry)
+    for entry in report.get("pairs") or []:
+        parts += pairs_markdown(entry)
     if report["table1"] is not None:
         parts += _table1_markdown(report["table1"])
     else:
@@ -334,9 +338,13 @@ def render_report_markdown(report: dict) -> str:
 
 def render_report_html(report: dict) -> str:
     """Self-contained HTML page of a ``write_report`` dict (images are the files next to it)."""
+    from embcam.report.pairs import pairs_html
+
     body = []
     for entry in report["catalog"]:
         body += _catalog_html(entry)
+    for entry in report.get("pairs") or []:
+        body += pairs_html(entry)
     if report["table1"] is not None:
         body += _table1_html(report["table1"])
     else:
