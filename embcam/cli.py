@@ -88,6 +88,17 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU actors, one model each (default: every GPU in the cluster; 0 = CPU)")
     p.add_argument("--top-k-channels", type=int, metavar="K",
                    help="also compute heatmaps from the K channels with the largest weights (paper: 50)")
+    p.add_argument("--keep-maps", action="store_true",
+                   help="also store each image's embedding map E in OUT/maps/ (d x h x w values per image), so "
+                        "that `embcam reexplain` can explain the run again against other proxies or pairs, "
+                        "with no model")
+    p.add_argument("--maps-dtype", choices=["float16", "float32"], default="float16",
+                   help="precision of the stored maps (default float16: half the bytes; heatmaps from them "
+                        "then differ from the model's by float16 rounding, see BENCHMARKS.md)")
+    p.add_argument("--pairs", metavar="PAIRS.parquet",
+                   help="explain pairs of images (query_id, match_id: image_ids of the manifest): why the "
+                        "model calls them similar. Only the images the pairs name are explained, each once; "
+                        "OUT/pairs/ gets one row per pair (see `embcam make-pairs`)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model worker's backbone for --batch-size: start-up per worker "
                         "(19 s for a ResNet-50 on 2 CPU cores), then 1.07-1.4x the images/s on CPU "
@@ -111,6 +122,7 @@ def explain_config(args: argparse.Namespace):
         proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
         image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
         block_rows=args.block_rows, num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
+        keep_maps=args.keep_maps, maps_dtype=args.maps_dtype, pairs=args.pairs,
         compile=args.compile, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         read_timeout=args.read_timeout,
         allowed_prefixes=(args.allowed_prefix or []) if args.confine_uris or args.allowed_prefix else None,
@@ -162,6 +174,8 @@ def format_summary(summary: dict) -> str:
         f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}      " + top("ratio_mask"),
         f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})",
         "",
+        *([f"pairs: {c['pairs']['rows']} ({c['pairs']['ok']} ok, {c['pairs']['error']} error) in "
+           f"{summary['config']['out']}/pairs/"] if c.get("pairs") else []),
         f"results: {summary['config']['out']}/results/   summary: {out / 'summary.json'}",
         f"open them: python -c \"import pandas as pd; print(pd.read_parquet('{summary['config']['out']}/results'))\"",
     ]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
@@ -43,13 +44,17 @@ from .fetch import ReadLimits
 from .inference import check_compilable
 from .locations import default_image_root, has_scheme
 from .manifest import ManifestError, scan_manifest
-from .metrics import THRESHOLDS
+from .maps import MAPS_DTYPES, MapStore, write_maps
 from .models import BUILTIN_SOURCES, load_model
+from .pairs import PAIR_BLOCK_ROWS, check_known, pair_image_ids, read_pairs, write_pairs
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
+from .results import summarise
 from .runstate import (
     ATTEMPTS,
     DONE,
     IDENTITY,
+    MAPS,
+    PAIRS,
     PARTIALS,
     PROXIES,
     RESULTS,
@@ -100,6 +105,9 @@ class ExplainConfig:
     block_rows: int | None = None       # manifest rows per unit of work (default: from the manifest size)
     num_gpus: int | None = None
     top_k_channels: int | None = None
+    keep_maps: bool = False             # also store each image's E map (RUN/maps/), for reexplain
+    maps_dtype: str = "float16"         # of the stored maps: float16 | float32
+    pairs: str | None = None            # explain these (query_id, match_id) pairs; only their images run
     compile: bool = False               # torch.compile each worker's backbone (start-up, then faster)
     max_pixels: int = ReadLimits.max_pixels
     max_bytes: int = ReadLimits.max_bytes
@@ -121,6 +129,8 @@ class ExplainConfig:
             raise ValueError(f"--strategy must be one of {JOB_STRATEGIES}, got {self.strategy!r}")
         if self.proxy_split and self.proxy != "mean":
             raise ValueError("--proxy-split only applies to --proxy mean")
+        if self.maps_dtype not in MAPS_DTYPES:
+            raise ValueError(f"--maps-dtype must be one of {MAPS_DTYPES}, got {self.maps_dtype!r}")
         if self.reshape is not None and self.reshape not in RESHAPES:
             raise ValueError(f"--reshape must be one of {RESHAPES}, got {self.reshape!r}")
         for path in self.py_modules or []:
@@ -168,12 +178,13 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     if cfg.working_dir:  # the workers run in their copy of it: no path may depend on the cwd
         cfg = _with_absolute_paths(cfg)
     runtime_env = _runtime_env(cfg)
-    scan = _scanned_manifest(cfg)             # fails fast, before any model work
+    pairs = read_pairs(cfg.pairs) if cfg.pairs else None
+    scan = _scanned_manifest(cfg, pairs)      # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     run = RunFolder(cfg.out)
     with _importable(cfg.py_modules, cfg.working_dir):
         net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
-        identity = _identity(cfg, scan, spec, preprocessing.size)
+        identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
         state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
         dims = None if state == "complete" else _output_dims(net, cfg, preprocessing.size)
     del net
@@ -200,7 +211,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     if state == "fresh":
         block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
         plan, reason = _choose_plan(cfg, scan.rows, dims)
-        _copy_manifest(cfg, run, block_rows)
+        _copy_manifest(cfg, run, block_rows, pairs)
         run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason,
                         "rows": scan.rows, "block_rows": block_rows, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
                        STATE, IDENTITY)               # written last: the run exists from here on
@@ -232,6 +243,10 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     else:  # mean proxies persisted by an earlier attempt: only heatmaps are left
         job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else "embedding-map")
 
+    if pairs is not None:
+        job.pairs_pass(pairs)
+        if not cfg.keep_maps:  # written for the pairs only
+            run.delete(MAPS)
     summary = _summary(cfg, run, spec, saved, gpus, scan.rows, resumed, time.time() - started)
     run.write_json(summary, SUMMARY)
     run.write_bytes(b"", DONE)                        # the completion marker, last
@@ -246,6 +261,8 @@ class _Job:
         self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
         self.size, self.limits, self.image_root, self.progress = size, limits, image_root, progress
         self.actor = _actor_options(gpus, cfg.batch_size)
+        # E maps are stored when kept, and for the pairs (which read them back) in full precision
+        self.maps_dtype = cfg.maps_dtype if cfg.keep_maps else "float32" if cfg.pairs else None
         # the model stage's worker-death markers: on each node's own disk (see embcam.attempts)
         self.markers = run if run.local else RunFolder(os.path.join(
             tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16]))
@@ -261,13 +278,17 @@ class _Job:
 
     def model(self, ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
         kwargs = dict(model=self.model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
-                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.markers)
+                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.markers,
+                      keep_maps=self.maps_dtype is not None and output == "heatmaps")
         return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **self.actor)
 
     def commit(self, ds, kind: str) -> None:
         """Run ``ds`` to the end, committing each batch's rows as pieces (progress on the way)."""
-        fn = _commit_results if kind == RESULTS else _commit_partials
-        done = ds.map_batches(fn, fn_args=(self.run,), batch_format="numpy", num_cpus=1,
+        if kind == RESULTS:
+            fn, args = _commit_results, (self.run, self.maps_dtype)
+        else:
+            fn, args = _commit_partials, (self.run,)
+        done = ds.map_batches(fn, fn_args=args, batch_format="numpy", num_cpus=1,
                               batch_size=self.copy.block_rows)  # about one piece per block
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             self.progress.add(int(np.sum(batch["rows"])))
@@ -310,6 +331,14 @@ class _Job:
             self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
                         RESULTS)
 
+    def pairs_pass(self, pairs: pa.Table) -> None:
+        """Pair explanations from the stored E maps, on this process (no model: two
+        products per heatmap cell); blocks already committed are skipped."""
+        todo = pending_blocks(self.run.pieces(PAIRS), pairs.num_rows, PAIR_BLOCK_ROWS)
+        if todo:
+            with self.progress.step("pairs, from the stored maps", _rows_in(todo)):
+                write_pairs(self.run, pairs, MapStore(self.run), PAIR_BLOCK_ROWS, self.progress.add)
+
     def _persist(self, acc: MeanProxyAccumulator) -> dict:
         if not acc.sums:
             where = f" in split {self.cfg.proxy_split!r}" if self.cfg.proxy_split else ""
@@ -339,12 +368,15 @@ def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
     return partial_sums(batch, np.asarray(batch["embedding"]), split)
 
 
-def _commit_results(batch: dict, run: RunFolder) -> dict:
+def _commit_results(batch: dict, run: RunFolder, maps_dtype: str | None = None) -> dict:
+    """Metrics, then each run of rows as a results piece; its E maps first when stored."""
     fault_point("commit", batch["image_id"])
     batch = compute_metrics(batch)
     rows = np.asarray(batch["row"])
     for positions, start, stop in row_runs(rows):
         piece = {k: v[positions] for k, v in batch.items()}
+        if maps_dtype is not None:
+            write_maps(run, piece, maps_dtype, piece_name(start, stop))
         run.write_table(to_results(piece), RESULTS, piece_name(start, stop))
     return {"rows": np.array([len(rows)])}
 
@@ -484,15 +516,25 @@ def _output_dims(net, cfg: ExplainConfig, size: int) -> tuple:
     return (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
 
 
-def _scanned_manifest(cfg: ExplainConfig):
-    stats = {"labelled": 0, "splits": set()}
+def _scanned_manifest(cfg: ExplainConfig, pairs: pa.Table | None = None):
+    """The manifest validated in a stream (``scan_manifest``), with the checks this run's
+    options add; with pairs, every id they name must be in it. ``rows`` are the rows the
+    run explains: with pairs, only the images they name."""
+    stats = {"labelled": 0, "splits": set(), "found": []}
+    wanted = pair_image_ids(pairs) if pairs is not None else None
 
     def look(table: pa.Table) -> None:
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("image_id"), value_set=wanted))
+            stats["found"].append(table.column("image_id").combine_chunks())
         stats["labelled"] += table.num_rows - table.column("label").null_count
         if len(stats["splits"]) < 1000:
             stats["splits"].update(table.column("split").drop_null().unique().to_pylist())
 
     scan = scan_manifest(cfg.manifest, look)
+    if wanted is not None:
+        check_known(pairs, pa.concat_arrays(stats["found"]) if stats["found"] else pa.array([], pa.string()))
+        scan = replace(scan, rows=len(wanted))
     if cfg.proxy in ("mean", "onehot", "bank") and stats["labelled"] == 0:
         raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
                             "and the manifest has none")
@@ -502,9 +544,14 @@ def _scanned_manifest(cfg: ExplainConfig):
     return scan
 
 
-def _copy_manifest(cfg: ExplainConfig, run: RunFolder, block_rows: int) -> None:
+def _copy_manifest(cfg: ExplainConfig, run: RunFolder, block_rows: int, pairs: pa.Table | None = None) -> None:
+    """The validated manifest into the run folder; with pairs, only the rows they name."""
     copy = ManifestCopy(run, block_rows)
-    scan_manifest(cfg.manifest, copy.write)
+    if pairs is None:
+        scan_manifest(cfg.manifest, copy.write)
+    else:
+        wanted = pair_image_ids(pairs)
+        scan_manifest(cfg.manifest, lambda t: copy.write(t.filter(pc.is_in(t.column("image_id"), value_set=wanted))))
     copy.close()
 
 
@@ -519,7 +566,16 @@ def _file_sha256(uri: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
+def _pairs_sha256(pairs: pa.Table) -> str:
+    """A digest of the pairs, in order (ids only: extra columns do not change the work)."""
+    digest = hashlib.sha256()
+    for name in ("query_id", "match_id"):
+        for value in pairs.column(name).to_pylist():
+            digest.update(value.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int, pairs: pa.Table | None = None) -> dict:
     """What makes two runs the same run: resuming one with another is refused. Where user
     code comes from (--py-modules, --working-dir) is not part of it: the spec names the code."""
     return {
@@ -529,6 +585,8 @@ def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int) -> dict:
         "proxy_bank_sha256": _file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
         "strategy": cfg.strategy, "target_layer": cfg.target_layer, "reshape": cfg.reshape, "image_size": image_size,
         "top_k_channels": cfg.top_k_channels, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+        "keep_maps": cfg.keep_maps, "maps_dtype": cfg.maps_dtype if cfg.keep_maps else None,
+        "pairs_sha256": _pairs_sha256(pairs) if pairs is not None else None,
         "embcam": __version__,
     }
 
@@ -566,8 +624,12 @@ def _prepare(run: RunFolder, state: str) -> None:
     run.delete(DONE)
     run.delete(SUMMARY)
     run.delete(STATE, ATTEMPTS)  # markers of batches in flight when the last attempt stopped: not deaths
-    for folder in ((RESULTS,), (STATE, PARTIALS), ()):
+    for folder in ((RESULTS,), (MAPS,), (PAIRS,), (STATE, PARTIALS), ()):
         run.drop_temporaries(*folder)
+    committed = set(run.pieces(RESULTS))
+    for start, stop in run.pieces(MAPS):  # maps of a batch that died before its results: redone
+        if (start, stop) not in committed:
+            run.delete(MAPS, piece_name(start, stop))
 
 
 def _choose_plan(cfg: ExplainConfig, rows: int, dims: tuple) -> tuple[str, str]:
@@ -625,24 +687,20 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
     pieces = run.pieces(RESULTS)
     if covered(pieces, manifest_rows) != manifest_rows:
         raise RuntimeError(f"results cover {covered(pieces, manifest_rows)} of {manifest_rows} manifest rows")
-    columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
-               "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
-    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
-    ok = t[t.status == "ok"]
-    means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
-    sweep = [v for v in ok["iou_sweep"] if v is not None]
-    means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= 0.5 for s in sweep]))
-                                    for j, t_ in enumerate(THRESHOLDS)} if sweep else None)
+    counts, means = summarise(run)
     computed = manifest_rows - resumed
+    pairs = None
+    if cfg.pairs:
+        status = pq.read_table(run.piece_paths(PAIRS), filesystem=run.fs, columns=["status"]).column("status")
+        pairs = {"rows": len(status), "ok": int(pc.sum(pc.equal(status, "ok")).as_py() or 0)}
+        pairs["error"] = pairs["rows"] - pairs["ok"]
     return {
         "config": asdict(cfg),
         "model": spec,
         "plan": saved["plan"],
         "plan_reason": saved["plan_reason"],
         "identity": saved["identity"],
-        "counts": {"manifest": manifest_rows, "results": int(len(t)), "ok": int(len(ok)),
-                   "error": int((t.status == "error").sum()), "degenerate": int(ok.degenerate.fillna(False).sum()),
-                   "resumed": resumed},
+        "counts": {"manifest": manifest_rows, **counts, "resumed": resumed, **({"pairs": pairs} if pairs else {})},
         "metrics": means,
         "wall_seconds": round(wall, 3),
         "images_per_second": round(computed / wall, 3) if wall > 0 else None,
@@ -650,11 +708,6 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
         "versions": {"embcam": __version__, "torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pa.__version__, "python": platform.python_version()},
     }
-
-
-def _mean(series) -> float | None:
-    values = series.dropna().astype(float)
-    return float(values.mean()) if len(values) else None
 
 
 # --- what a run shows on the console ---------------------------------------------------------

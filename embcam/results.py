@@ -42,6 +42,7 @@ from embcam.fetch import ReadLimits, read_bytes
 from embcam.images import decode_image, write_image  # write_image: re-exported, part of this module's API
 from embcam.locations import default_image_root, has_scheme, resolve_uri, safe_name
 from embcam.manifest import resolve_source
+from embcam.metrics import THRESHOLDS
 from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
 
 HEAVY_COLUMNS = ("embedding", "heatmap", "heatmap_topk")
@@ -173,6 +174,26 @@ def read_row(path: str | os.PathLike, image_id: str, image_root: str | None = No
     if image_id not in rows:
         raise ValueError(f"image_id {image_id!r} is not in the results of {os.fspath(path)}")
     return rows[image_id]
+
+
+def summarise(run: RunFolder) -> tuple[dict, dict]:
+    """(counts, mean metrics) of a run's committed results, as its ``summary.json`` gives them."""
+    columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
+               "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
+    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
+    ok = t[t.status == "ok"]
+    means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
+    sweep = [v for v in ok["iou_sweep"] if v is not None]
+    means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= 0.5 for s in sweep]))
+                                    for j, t_ in enumerate(THRESHOLDS)} if sweep else None)
+    counts = {"results": int(len(t)), "ok": int(len(ok)), "error": int((t.status == "error").sum()),
+              "degenerate": int(ok.degenerate.fillna(False).sum())}
+    return counts, means
+
+
+def _mean(series) -> float | None:
+    values = series.dropna().astype(float)
+    return float(values.mean()) if len(values) else None
 
 
 def run_config(path: str | os.PathLike) -> dict:

@@ -4,6 +4,8 @@ finished run is told from an unfinished one. No Ray here.
 Layout::
 
     OUT/results/part-<start>-<stop>.parquet   result rows of manifest rows [start, stop)
+    OUT/maps/part-<start>-<stop>.parquet      their E maps (--keep-maps, --pairs), written first
+    OUT/pairs/part-<start>-<stop>.parquet     pair explanations of pairs-file rows [start, stop)
     OUT/proxies.parquet                        class proxies (mean and bank runs)
     OUT/summary.json                           written only when the run is complete ...
     OUT/_SUCCESS                               ... and then this marker, last of all
@@ -35,7 +37,9 @@ from .locations import has_scheme
 
 RESULTS, PROXIES, SUMMARY, DONE, STATE = "results", "proxies.parquet", "summary.json", "_SUCCESS", "_embcam"
 PARTIALS, ATTEMPTS, MANIFEST, IDENTITY = "partials", "attempts", "manifest", "run.json"
-OWNED = (RESULTS, PROXIES, SUMMARY, DONE, STATE)  # everything embcam writes in --out; nothing else is touched
+MAPS, PAIRS = "maps", "pairs"
+# everything embcam writes in --out; nothing else is touched
+OWNED = (RESULTS, MAPS, PAIRS, PROXIES, SUMMARY, DONE, STATE)
 _PIECE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 
 
@@ -81,9 +85,10 @@ class RunFolder:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def write_table(self, table: pa.Table, *parts: str) -> None:
+    def write_table(self, table: pa.Table, *parts: str, **options) -> None:
+        """``table`` as one Parquet file at ``parts`` (``options``: ``pq.write_table``'s)."""
         sink = io.BytesIO()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, **options)
         self.write_bytes(sink.getvalue(), *parts)
 
     def write_json(self, value: dict, *parts: str) -> None:

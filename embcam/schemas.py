@@ -33,6 +33,7 @@ ARROW_TYPES = {
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "list<float32>": pa.list_(pa.float32()),
+    "list<float16>": pa.list_(pa.float16()),
 }
 
 

@@ -133,13 +133,14 @@ class ExplainModel:
     ``proxy_mode``: self | onehot | bank | mean (the bank/mean vectors in ``proxies``).
     ``output``: "heatmaps" (heatmaps now), "maps" (keep embedding maps E for proxies
     computed later) or "partials" (embed only; emit per-class partial sums of the
-    normalised embeddings for the mean-proxy reduce).
+    normalised embeddings for the mean-proxy reduce). ``keep_maps``: heatmaps and the E
+    maps too (to be stored; ``embcam.maps``).
     """
 
     def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
                  strategy: str = "embedding-map", top_k_channels: int | None = None,
                  output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
-                 split: str | None = None, run=None):
+                 split: str | None = None, run=None, keep_maps: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -151,7 +152,10 @@ class ExplainModel:
         self.cam = EmbeddingCAM(self.model, model.target_layer, strategy, reshape=model.reshape)
         self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
                          if top_k_channels else None)
-        self.proxy_mode, self.output, self.split = proxy_mode, output, split
+        self.proxy_mode, self.output, self.split, self.keep_maps = proxy_mode, output, split, keep_maps
+        # the E maps to store: the heatmaps' own when the strategy forms them, else one more computation
+        self.cam_maps = self.cam if strategy == "embedding-map" else EmbeddingCAM(
+            self.model, model.target_layer, "embedding-map", reshape=model.reshape)
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
         # A probe (which also compiles): the output shapes, so every batch has every column.
         size = self.preprocess.size
@@ -172,9 +176,9 @@ class ExplainModel:
         out["proxy_kind"] = np.array([self.proxy_mode] * n, dtype=object)
         out["proxy_label"] = np.array([None] * n, dtype=object)
         out["embedding"] = np.zeros((n, self.num_outputs), np.float32)
-        if self.output == "maps":
+        if self.output == "maps" or self.keep_maps:
             out["maps"] = np.zeros((n, self.num_outputs) + self.map_shape, np.float32)
-        else:
+        if self.output != "maps":
             out["heatmap"] = np.zeros((n,) + self.map_shape, np.float32)
             out["score"] = np.zeros(n, np.float32)
             out["cosine"] = np.zeros(n, np.float32)
@@ -252,6 +256,9 @@ class ExplainModel:
         out["heatmap"][ok] = result.heatmaps.float().cpu().numpy()
         out["score"][ok] = (y * p).sum(-1).cpu().numpy()
         out["cosine"][ok] = (normalise(y) * normalise(p)).sum(-1).cpu().numpy()
+        if self.keep_maps:
+            maps = result.maps if result.maps is not None else self.cam_maps.embedding_maps(x)[1]
+            out["maps"][ok] = maps.float().cpu().numpy()
         if self.cam_topk is not None:
             top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
             out["heatmap_topk"][ok] = top.heatmaps.float().cpu().numpy()
@@ -320,8 +327,9 @@ def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple
 
 
 def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict:
-    """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model)."""
-    out = _copy_status({k: v for k, v in batch.items() if k != "maps"})
+    """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model);
+    the maps stay in the batch (the commit stores them or drops them)."""
+    out = _copy_status(batch)
     n = len(out["status"])
     out["heatmap"] = np.zeros((n,) + batch["maps"].shape[2:], np.float32)
     out["score"] = np.zeros(n, np.float32)

@@ -10,7 +10,7 @@ import pytest
 
 from embcam.schemas import ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table, load_schema, schemas_dir
 
-NAMES = ["manifest", "results", "proxies", "pairs"]
+NAMES = ["manifest", "results", "proxies", "pairs", "maps"]
 
 EXPECTED_COLUMNS = {
     "manifest": ["image_id", "uri", "label", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
@@ -25,6 +25,7 @@ EXPECTED_COLUMNS = {
     "proxies": ["label", "proxy", "count"],
     "pairs": ["query_id", "match_id", "status", "error", "cosine", "query_heatmap", "match_heatmap",
               "heatmap_height", "heatmap_width"],
+    "maps": ["image_id", "status", "error", "embedding", "maps", "maps_channels", "heatmap_height", "heatmap_width"],
 }
 
 
