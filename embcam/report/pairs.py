@@ -56,10 +56,9 @@ def pairs_section(run: str, out_dir: Path, folder: str, *, shown: int = 24, spli
     if shown < 0:
         raise ValueError(f"pairs shown must be >= 0, got {shown}")
     frame, files = read_pairs(run)
-    ok = frame[frame["status"] == "ok"].sort_values(["cosine", "query_id", "match_id", "_file", "_row"],
-                                                   kind="stable")
-    failed = frame[frame["status"] == "error"].sort_values(["query_id", "match_id", "_file", "_row"],
-                                                         kind="stable")
+    order = ["query_id", "match_id", "in_file", "at_row"]
+    ok = frame[frame["status"] == "ok"].sort_values(["cosine", *order], kind="stable")
+    failed = frame[frame["status"] == "error"].sort_values(order, kind="stable")
     chosen = ok.head(shown)
     cos = ok["cosine"].to_numpy(np.float64)
     entry = {
@@ -85,8 +84,8 @@ def pairs_section(run: str, out_dir: Path, folder: str, *, shown: int = 24, spli
 
 
 def read_pairs(run: str) -> tuple[pd.DataFrame, list[str]]:
-    """The light columns of every pair, with ``_file`` (index into the files, also
-    returned) and ``_row`` (row in that file), checked."""
+    """The light columns of every pair, with ``in_file`` (index into the files, also
+    returned) and ``at_row`` (row in that file), checked."""
     files = _pair_files(run)
     fs = RunFolder(run).fs
     frames = []
@@ -97,7 +96,7 @@ def read_pairs(run: str) -> tuple[pd.DataFrame, list[str]]:
             raise ValueError(f"pairs file {path} lacks column(s) {', '.join(missing)}")
         table = parquet.read(columns=list(COLUMNS))
         frame = table.to_pandas()
-        frame["_file"], frame["_row"] = k, np.arange(table.num_rows)
+        frame["in_file"], frame["at_row"] = k, np.arange(table.num_rows)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
     for name in ("query_id", "match_id", "status"):
@@ -124,14 +123,14 @@ def _pair_files(run: str) -> list[str]:
 
 def _where(frame: pd.DataFrame, mask: pd.Series, files: list[str]) -> str:
     i = int(np.argmax(mask.to_numpy()))
-    return f"file {files[frame['_file'].iloc[i]]}, row {frame['_row'].iloc[i]}"
+    return f"file {files[frame['in_file'].iloc[i]]}, row {frame['at_row'].iloc[i]}"
 
 
 def _heatmaps(run: str, chosen: pd.DataFrame, files: list[str]) -> list[dict]:
     """The heatmap columns of the chosen pairs, in their order: only the row groups holding them."""
     fs = RunFolder(run).fs
     found: dict[tuple[int, int], dict] = {}
-    for k, rows in chosen.groupby("_file")["_row"]:
+    for k, rows in chosen.groupby("in_file")["at_row"]:
         parquet = pq.ParquetFile(fs.open_input_file(files[k]))
         missing = [c for c in HEAT_COLUMNS if c not in parquet.schema_arrow.names]
         if missing:
@@ -143,7 +142,7 @@ def _heatmaps(run: str, chosen: pd.DataFrame, files: list[str]) -> list[dict]:
             table = parquet.read_row_group(int(g), columns=list(HEAT_COLUMNS))
             for row, values in zip(inside, table.take(pa.array(inside - starts[g])).to_pylist()):
                 found[(k, int(row))] = values
-    return [found[(r._file, r._row)] for r in chosen.itertuples()]
+    return [found[(r.in_file, r.at_row)] for r in chosen.itertuples()]
 
 
 def _draw(run: str, chosen: pd.DataFrame, files: list[str], pairs: list[dict], out_dir: Path,
