@@ -1,5 +1,5 @@
 """The report's plots, drawn with OpenCV only: the threshold sweep (mean accuracy vs t per
-method) and histograms."""
+method), histograms, and the sanity check's cascade and deletion curves."""
 
 from __future__ import annotations
 
@@ -71,4 +71,79 @@ def draw_histogram(hist: dict, title: str, width: int = 520, height: int = 300) 
     cv2.putText(img, str(peak), (5, top + 10), font, 0.4, black, 1, cv2.LINE_AA)
     cv2.putText(img, "0", (left - 15, bottom), font, 0.4, black, 1, cv2.LINE_AA)
     cv2.putText(img, title[:70], (left, 22), font, 0.45, black, 1, cv2.LINE_AA)
+    return img
+
+
+def draw_cascade(labels: list[str], means: list, stds: list, threshold: float | None = None,
+                 title: str = "model randomisation: Spearman rho with the trained model's map",
+                 width: int = 760, height: int = 440) -> np.ndarray:
+    """BGR plot of mean ± std rank correlation per cascade step (step 0: the trained model,
+    rho = 1), with the verdict's threshold dashed (OpenCV only)."""
+    img = np.full((height, width, 3), 255, np.uint8)
+    font, black, grey, red = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (220, 220, 220), (40, 39, 214)
+    left, right, top, bottom = 60, width - 20, 40, height - 70
+    steps = len(labels)
+
+    def px(step, rho):
+        x = left + (step / max(steps, 1)) * (right - left)
+        return int(round(x)), int(round(bottom - (rho + 1) / 2 * (bottom - top)))  # rho from -1 to 1
+
+    for k in range(-2, 3):  # rho grid -1, -0.5, ..., 1
+        rho = k / 2
+        cv2.line(img, px(0, rho), px(steps, rho), grey, 1)
+        cv2.putText(img, f"{rho:.1f}", (left - 40, px(0, rho)[1] + 4), font, 0.4, black, 1, cv2.LINE_AA)
+    if threshold is not None:
+        for x in range(left, right, 12):
+            cv2.line(img, (x, px(0, threshold)[1]), (min(x + 6, right), px(0, threshold)[1]), red, 1)
+    names = ["trained", *labels]
+    for step, name in enumerate(names):  # tick labels alternate between two rows, so they do not collide
+        x = px(step, -1)[0]
+        cv2.line(img, (x, bottom), (x, bottom + 4), black, 1)
+        short = ".".join(name.split(" ")[0].split(".")[-2:])[:12]
+        cv2.putText(img, short, (x - 20, bottom + 16 + 14 * (step % 2)), font, 0.35, black, 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (right, bottom), black, 1)
+    cv2.putText(img, title[:90], (left, 25), font, 0.5, black, 1, cv2.LINE_AA)
+    cv2.putText(img, "blocks randomised, cumulatively from the output", ((left + right) // 2 - 170, height - 12),
+                font, 0.45, black, 1, cv2.LINE_AA)
+    colour = _PALETTE[0]
+    points = [(px(0, 1.0), 0.0)] + [(px(i + 1, m), s) for i, (m, s) in enumerate(zip(means, stds)) if m is not None]
+    for (a, _), (b, _) in zip(points, points[1:]):
+        cv2.line(img, a, b, colour, 2, cv2.LINE_AA)
+    scale = (bottom - top) / 2
+    for (x, y), s in points:
+        cv2.circle(img, (x, y), 3, colour, -1, cv2.LINE_AA)
+        if s:
+            cv2.line(img, (x, int(round(y - s * scale))), (x, int(round(y + s * scale))), colour, 1, cv2.LINE_AA)
+    return img
+
+
+def draw_curves(curves: list[dict], title: str, xlabel: str, width: int = 760, height: int = 440) -> np.ndarray:
+    """BGR line plot of curves ``{"name", "x", "y"}`` with x and y in [0, 1] (OpenCV only)."""
+    img = np.full((height, width, 3), 255, np.uint8)
+    font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (220, 220, 220)
+    left, right, top, bottom = 60, width - 220, 40, height - 50
+    values = [v for c in curves for v in c["y"]]
+    lo, hi = (min(0.0, *values), max(1.0, *values)) if values else (0.0, 1.0)
+
+    def px(x, y):
+        return (int(round(left + x * (right - left))), int(round(bottom - (y - lo) / (hi - lo) * (bottom - top))))
+
+    for k in range(6):
+        x, y = k / 5, lo + k / 5 * (hi - lo)
+        cv2.line(img, px(0, y), px(1, y), grey, 1)
+        cv2.putText(img, f"{y:.2f}", (left - 45, px(0, y)[1] + 4), font, 0.4, black, 1, cv2.LINE_AA)
+        cv2.line(img, (px(x, lo)[0], bottom), (px(x, lo)[0], bottom + 4), black, 1)
+        cv2.putText(img, f"{x:.1f}", (px(x, lo)[0] - 10, bottom + 18), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (right, bottom), black, 1)
+    cv2.putText(img, title[:90], (left, 25), font, 0.5, black, 1, cv2.LINE_AA)
+    cv2.putText(img, xlabel[:60], ((left + right) // 2 - 4 * len(xlabel[:60]), height - 12), font, 0.45, black,
+                1, cv2.LINE_AA)
+    for i, c in enumerate(curves):
+        colour = _PALETTE[i % len(_PALETTE)]
+        points = [px(x, y) for x, y in zip(c["x"], c["y"])]
+        for a, b in zip(points, points[1:]):
+            cv2.line(img, a, b, colour, 2, cv2.LINE_AA)
+        y = top + 10 + 20 * i
+        cv2.line(img, (right + 12, y), (right + 32, y), colour, 2, cv2.LINE_AA)
+        cv2.putText(img, c["name"][:26], (right + 38, y + 4), font, 0.4, black, 1, cv2.LINE_AA)
     return img
