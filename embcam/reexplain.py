@@ -89,9 +89,9 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
         new.write_table(proxy_table(bank), PROXIES)
     else:
         for start, stop in todo:
-            new.fs.copy_file(run.join(RESULTS, piece_name(start, stop)), new.join(RESULTS, piece_name(start, stop)))
+            _copy(run, new, RESULTS, piece_name(start, stop))
         if run.exists(PROXIES):
-            new.fs.copy_file(run.join(PROXIES), new.join(PROXIES))
+            _copy(run, new, PROXIES)
     if table is not None:
         log(f"embcam reexplain: pairs: {table.num_rows} rows")
         write_pairs(new, table, store)
@@ -115,6 +115,12 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
     new.write_json(summary, SUMMARY)
     new.write_bytes(b"", DONE)
     return summary
+
+
+def _copy(run: RunFolder, new: RunFolder, *parts: str) -> None:
+    """A file of ``run`` into ``new``, committed whole like everything a run writes."""
+    with run.fs.open_input_stream(run.join(*parts)) as f:
+        new.write_bytes(f.read(), *parts)
 
 
 def _check_width(bank: dict, store: MapStore, source: str) -> None:
