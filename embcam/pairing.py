@@ -7,7 +7,8 @@ embeddings, so pair explanations can be tried without a pairs file of one's own.
   and which a pairs file may not carry). Ties (equal cosines as computed) go to the smaller
   image_id. Cost: O(Q n d) time for Q queries among n images of d dimensions (every query
   against every image); memory: the n x d embeddings in float64 plus one block of queries
-  x n similarities (float64), the block sized to stay under :data:`BLOCK_BYTES`.
+  x n similarities (float64, at most :data:`BLOCK_BYTES`) and its selection indices (as
+  large again).
 * Same label (``--same-label N``): N pairs drawn uniformly without replacement from all
   unordered pairs of distinct ok images with the same label (no self pair, no pair twice in
   either order). Columns query_id, match_id (query_id < match_id), label.
@@ -138,7 +139,7 @@ def _top_k(unit: np.ndarray, rows: np.ndarray, sims: np.ndarray, k: int) -> tupl
     ``sims`` (the block's matrix product) only selects candidates: every row within
     :data:`NEAR_TIE` of the k-th is reconsidered with :func:`pair_cosines`, so neither the
     choice nor the values depend on the block size."""
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    top = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]  # no negated copy of the block
     lowest = np.take_along_axis(sims, top, 1).min(1) - NEAR_TIE
     values = pair_cosines(unit, rows[:, None], top)
     for r in np.flatnonzero((sims >= lowest[:, None]).sum(1) > k):  # near ties at the k-th
@@ -248,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="embcam make-pairs",
         description="Write a pairs file for `embcam explain --pairs` from a finished run's embeddings: "
                     "each ok image's K nearest neighbours by cosine (self excluded; O(Q n d) time for Q "
-                    "queries among n images of d dimensions, memory n d float64 plus one block of "
-                    "queries x n), or N random pairs of distinct ok images with the same label.")
+                    "queries among n images of d dimensions; memory 8 n d bytes plus twice "
+                    f"{BLOCK_BYTES >> 20} MiB), or N random pairs of distinct ok images with the same label.")
     parser.add_argument("run", metavar="RUN", help="run folder of embcam explain (its results carry embeddings)")
     parser.add_argument("--out", required=True, help="pairs file to write (Parquet)")
     mode = parser.add_mutually_exclusive_group(required=True)
