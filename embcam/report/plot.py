@@ -81,7 +81,7 @@ def draw_cascade(labels: list[str], means: list, stds: list, threshold: float | 
     rho = 1), with the verdict's threshold dashed (OpenCV only)."""
     img = np.full((height, width, 3), 255, np.uint8)
     font, black, grey, red = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (220, 220, 220), (40, 39, 214)
-    left, right, top, bottom = 60, width - 20, 40, height - 70
+    left, right, top, bottom = 60, width - 50, 40, height - 70
     steps = len(labels)
 
     def px(step, rho):
@@ -99,7 +99,8 @@ def draw_cascade(labels: list[str], means: list, stds: list, threshold: float | 
     for step, name in enumerate(names):  # tick labels alternate between two rows, so they do not collide
         x = px(step, -1)[0]
         cv2.line(img, (x, bottom), (x, bottom + 4), black, 1)
-        short = ".".join(name.split(" ")[0].split(".")[-2:])[:12]
+        parts = name.split(" ")[0].split(".")
+        short = ".".join(parts[-2:] if parts[-1].isdigit() else parts[-1:])[:12]  # layer4, layer4.2
         cv2.putText(img, short, (x - 20, bottom + 16 + 14 * (step % 2)), font, 0.35, black, 1, cv2.LINE_AA)
     cv2.rectangle(img, (left, top), (right, bottom), black, 1)
     cv2.putText(img, title[:90], (left, 25), font, 0.5, black, 1, cv2.LINE_AA)
