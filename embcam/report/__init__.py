@@ -50,6 +50,7 @@ files and is the CLI.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from embcam.cli import OneLineParser
@@ -105,6 +106,8 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
               "pairs": [pairs_section(run, out, f"pairs/{k}-{safe_name(Path(run).name or 'run')}",
                                       shown=pairs_shown, split=split)
                         for k, run in enumerate(runs) if has_pairs(run)]}
+    report["sanity"] = [entry for k, run in enumerate(runs) if (entry := sanity_section(
+        run, out, f"sanity/{k}-{safe_name(Path(run).name or 'run')}")) is not None]
     if annotated:
         table, ok_ids = evaluate(runs, split, allow_partial)
         table["overlays"] = write_overlays(table, ok_ids, out, overlays)
@@ -115,6 +118,29 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
                                      encoding="utf-8")
     (out / "report.html").write_text(render_report_html(report), encoding="utf-8")
     return report
+
+
+def sanity_section(run: str, out: Path, folder: str) -> dict | None:
+    """The run's sanity check (``embcam sanity``: RUN/sanity/sanity.json) without its per-image
+    values, its plots copied to ``out/folder``; None when the run has none."""
+    source = Path(run) / "sanity"
+    path = source / "sanity.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"run {run}: {path} is not valid JSON ({e})") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("randomisation", "deletion")):
+        raise ValueError(f"run {run}: {path} must hold an object with 'randomisation' and 'deletion' objects")
+    entry = {k: v for k, v in saved.items() if k not in ("per_image", "files")}
+    entry["run"], entry["files"] = run, {}
+    for name in ("cascade", "deletion"):  # fixed names: nothing read from the file picks a path
+        if (source / f"{name}.png").is_file():
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / f"{name}.png", out / folder / f"{name}.png")
+            entry["files"][name] = f"{folder}/{name}.png"
+    return entry
 
 
 def _write_png(path: Path, bgr) -> None:

@@ -317,6 +317,78 @@ def _catalog_html(entry: dict) -> list[str]:
     return parts
 
 
+# --- sanity and faithfulness (embcam sanity) ----------------------------------------------------
+
+
+def _value(value, digits: int = 3) -> str:
+    """A number from a file as text ("—" for anything that is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _share(value) -> str:
+    return "—" if _value(value) == "—" else f"{value:.0%}"
+
+
+def _mean_std(stat) -> str:
+    stat = stat if isinstance(stat, dict) else {}
+    if _value(stat.get("mean")) == "—":
+        return "—"
+    return f"{_value(stat.get('mean'))} ± {_value(stat.get('std'))}"
+
+
+def _sanity_texts(entry: dict) -> dict:
+    r, d = entry["randomisation"], entry["deletion"]
+    steps = [s for s in r.get("steps") or [] if isinstance(s, dict)]
+    methods = [m for m in (d.get("methods") or {}).values() if isinstance(m, dict)]
+    verdict = str(r.get("verdict", "?")).upper()
+    return {
+        "title": f"Sanity and faithfulness: {entry['run']}",
+        "intro": (f"{entry.get('images', '?')} images (proxy {entry.get('proxy', '?')}, model "
+                  f"{entry.get('model', '?')}), written by embcam sanity."),
+        "verdict": (f"Model randomisation (Adebayo et al. 2018): {verdict}, mean rho "
+                    f"{_value(r.get('verdict_value'))} after randomising {r.get('verdict_step', '?')}; "
+                    f"criterion: {r.get('criterion', '?')}. Explained against "
+                    f"{r.get('explained_against', '?')}."),
+        "cascade": (["Step", "Blocks randomised (cumulative)", "Spearman rho (mean ± std)", "Images",
+                     "Constant maps (rho 0)"],
+                    [[str(k), "… + " + str(s.get("randomised")) if k > 1 else str(s.get("randomised")),
+                      _mean_std(s), str(s.get("n", "—")), str(s.get("constant_maps", "—"))]
+                     for k, s in enumerate(steps, 1)]),
+        "deletion_note": (f"Deletion (Petsiuk et al. 2018): the hottest pixels replaced by the {d.get('fill', '?')} "
+                          f"fill in {d.get('steps', '?')} steps, the cosine of the new embedding to the proxy "
+                          "tracked; area under that curve over the fraction removed (lower = more faithful). "
+                          f"EmbeddingCAM below random on {_share(d.get('heatmap_below_random'))} and below "
+                          f"uniform on {_share(d.get('heatmap_below_uniform'))} of the images."),
+        "deletion": (["Method", "AUC (mean ± std)", "Images"],
+                     [[str(m.get("name", "?")), _mean_std(m.get("auc")),
+                       str((m.get("auc") or {}).get("n", "—")) if isinstance(m.get("auc"), dict) else "—"]
+                      for m in methods]),
+    }
+
+
+def _sanity_markdown(entry: dict) -> list[str]:
+    t, files = _sanity_texts(entry), entry.get("files") or {}
+    parts = [f"## {_md_cell(t['title'])}", "", _md_cell(t["intro"]), "", _md_cell(t["verdict"]), "",
+             _md_table(*t["cascade"]), ""]
+    parts += [f"![cascade]({files['cascade']})", ""] if files.get("cascade") else []
+    parts += [_md_cell(t["deletion_note"]), "", _md_table(*t["deletion"]), ""]
+    parts += [f"![deletion]({files['deletion']})", ""] if files.get("deletion") else []
+    return parts
+
+
+def _sanity_html(entry: dict) -> list[str]:
+    esc = html.escape
+    t, files = _sanity_texts(entry), entry.get("files") or {}
+    parts = [f"<h2>{esc(t['title'])}</h2>", f"<p>{esc(t['intro'])}</p>", f"<p>{esc(t['verdict'])}</p>",
+             _html_table(*t["cascade"])]
+    parts += [f"<img src='{esc(files['cascade'])}' alt='cascade'>"] if files.get("cascade") else []
+    parts += [f"<p>{esc(t['deletion_note'])}</p>", _html_table(*t["deletion"])]
+    parts += [f"<img src='{esc(files['deletion'])}' alt='deletion curves'>"] if files.get("deletion") else []
+    return parts
+
+
 # --- a whole report -----------------------------------------------------------------------------
 
 
@@ -333,6 +405,8 @@ def render_report_markdown(report: dict) -> str:
         parts += _table1_markdown(report["table1"])
     else:
         parts += [f"Table 1 (annotated metrics): {report['table1_note']}", ""]
+    for entry in report.get("sanity") or []:
+        parts += _sanity_markdown(entry)
     return "\n".join(parts)
 
 
@@ -349,4 +423,6 @@ def render_report_html(report: dict) -> str:
         body += _table1_html(report["table1"])
     else:
         body.append(f"<p>Table 1 (annotated metrics): {html.escape(report['table1_note'])}</p>")
+    for entry in report.get("sanity") or []:
+        body += _sanity_html(entry)
     return _page("embcam report", body)
