@@ -37,7 +37,9 @@ prints it. ``write_report`` writes ``report.md``, ``report.json`` and ``report.h
 ``gallery/<k>-<run>/<image>.png`` and ``histograms/<k>-{cosine,spread}.png`` per run (and for
 a run made with ``explain --pairs`` its pairs section, ``pairs`` module:
 ``pairs/<k>-<run>/<n>-{query,match}-<image>.png``), and
-with annotations ``sweep.png`` (accuracy vs t) and ``overlays/<method>/<image>.png``.
+with annotations ``sweep.png`` (accuracy vs t) and ``overlays/<method>/<image>.png``. A run
+checked by ``embcam sanity`` (``RUN/sanity/sanity.json``) gets a "Sanity and faithfulness"
+section after Table 1, its plots copied to ``sanity/<k>-<run>/``.
 Overlays show [image | heatmap] with the ground-truth box in green and the predicted box
 in red (``embcam.results.overlay``).
 
