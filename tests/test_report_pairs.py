@@ -175,8 +175,12 @@ def test_html_parses_escapes_and_references_only_written_images(report):
     assert "| b | zz | error | image: zz: FileNotFoundError \\<i\\>boom\\</i\\> & co |" in markdown
 
 
-def test_runs_without_pairs_have_no_section(tmp_path):
+@pytest.mark.parametrize("folder", [False, True])
+def test_runs_without_pairs_have_no_section(tmp_path, folder):
     run = make_run(tmp_path, pairs=False)
+    if folder:  # an explain --pairs run stopped before its first piece: only a temporary file
+        (tmp_path / "run" / "pairs").mkdir()
+        (tmp_path / "run" / "pairs" / ".part-000000000000-000000000004.parquet.1234.tmp").write_bytes(b"x")
     rep = write_report([run], str(tmp_path / "report"))
     assert rep["pairs"] == []
     assert "Pairs" not in (tmp_path / "report" / "report.md").read_text()

@@ -40,8 +40,11 @@ SIDES = ("query", "match")
 
 
 def has_pairs(run: str) -> bool:
-    """True when the run folder holds pair explanations (``RUN/pairs/``)."""
-    return RunFolder(run).exists(FOLDER)
+    """True when the run folder holds committed pair explanations (``RUN/pairs/*.parquet``;
+    an unfinished run may have the folder and none yet)."""
+    folder = RunFolder(run)
+    return folder.exists(FOLDER) and bool(pads.dataset(folder.join(FOLDER), filesystem=folder.fs,
+                                                         format="parquet").files)
 
 
 def pairs_section(run: str, out_dir: Path, folder: str, *, shown: int = 24, split: str | None = None) -> dict:
