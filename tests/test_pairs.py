@@ -249,3 +249,28 @@ def test_reexplain_refuses_runs_without_maps_and_wrong_banks(data, runs, tmp_pat
         reexplain(str(out / "maps16"), str(tmp_path / "b"), proxies=str(tmp_path / "short.parquet"))
     with pytest.raises(ValueError, match="nothing to do"):
         reexplain(str(out / "maps16"), str(tmp_path / "c"))
+
+
+def test_make_pairs_then_explain_pairs_then_report(data, runs, tmp_path):
+    """The whole route a user takes: neighbours from a run, explain them, the report's page."""
+    from conftest import HtmlPage
+
+    root, manifest, checkpoint, _, _ = data
+    out, _ = runs
+    pairs_file = tmp_path / "nn.parquet"
+    assert cli_main(["make-pairs", str(out / "maps16"), "--out", str(pairs_file), "--neighbours", "2"]) == 0
+    nn = pq.read_table(pairs_file).to_pandas()
+    assert len(nn) == 2 * 9 and set(nn.columns) >= {"query_id", "match_id", "rank", "neighbour_cosine"}
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "run"), checkpoint=str(checkpoint),
+                                        pairs=str(pairs_file), batch_size=4), progress=False)
+    assert summary["counts"]["pairs"] == {"rows": 18, "ok": 18, "error": 0}
+    got = pd.read_parquet(tmp_path / "run" / "pairs")
+    np.testing.assert_allclose(got.cosine, got.neighbour_cosine, rtol=1e-5, atol=1e-6)  # the same two images
+    assert cli_main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--pairs-shown", "4"]) == 0
+    page = HtmlPage()
+    page.feed((tmp_path / "report" / "report.html").read_text())
+    text = " ".join(page.text)
+    lowest = got.sort_values("cosine").iloc[0]
+    assert lowest.query_id in text and lowest.match_id in text
+    pair_images = [s for s in page.sources if "pairs" in s]
+    assert len(pair_images) >= 4 and all((tmp_path / "report" / s).exists() for s in page.sources)
