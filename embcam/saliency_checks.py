@@ -1,4 +1,5 @@
-"""Sanity and faithfulness checks of a heatmap method, without Ray or files (docs/design.md §9).
+"""Sanity and faithfulness checks of a heatmap method, without Ray or files (docs/design.md
+§7, "Sanity and faithfulness checks").
 
 * Model randomisation (Adebayo et al., NeurIPS 2018, "Sanity Checks for Saliency Maps"):
   the model's blocks (:func:`cascade_blocks`) are re-initialised one after another from

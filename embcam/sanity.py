@@ -7,7 +7,7 @@ job did (``embcam.stages.load_images``), takes the proxies the run used (``self`
 class proxies of ``proxies.parquet`` by each row's ``proxy_label``; onehot) and runs both
 checks of :mod:`embcam.saliency_checks` in this process (no Ray). Writes
 ``RUN/sanity/sanity.json``, ``cascade.png`` and ``deletion.png`` (or into ``--out``).
-Definitions, the verdict and the choices: docs/design.md §9.
+Definitions, the verdict and the choices: docs/design.md §7, "Sanity and faithfulness checks".
 """
 from __future__ import annotations
 
