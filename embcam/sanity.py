@@ -63,6 +63,8 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
 
     result = cascade(model, x, "self" if proxy_mode == "self" else proxies, explain, seed=seed,
                      progress=lambda k, n, block: log(f"randomisation step {k}/{n}: {block}"))
+    if any(rows[i].get("heatmap") is None for i in ids):
+        raise ValueError(f"run {run}: its ok rows carry no heatmap to check")
     stored = np.stack([np.asarray(rows[i]["heatmap"], np.float64).reshape(rows[i]["heatmap_height"],
                                                                           rows[i]["heatmap_width"]) for i in ids])
     if stored.shape != result["trained"].shape:
