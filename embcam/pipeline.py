@@ -328,8 +328,9 @@ class _Job:
             _add_partials(acc, batch["label"], batch["sum"], batch["count"])
         proxies = self._persist(acc)
         with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
-            self.commit(kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies), batch_format="numpy"),
-                        RESULTS)
+            heatmaps = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies, self.maps_dtype is not None),
+                                        batch_format="numpy")
+            self.commit(heatmaps, RESULTS)
 
     def pairs_pass(self, pairs: pa.Table) -> None:
         """Pair explanations from the stored E maps, on this process (no model: two

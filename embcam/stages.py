@@ -326,10 +326,10 @@ def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple
     return rows, vectors
 
 
-def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict) -> dict:
+def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_maps: bool = False) -> dict:
     """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model);
-    the maps stay in the batch (the commit stores them or drops them)."""
-    out = _copy_status(batch)
+    with ``keep_maps`` the maps stay in the batch, for the commit to store."""
+    out = _copy_status(batch if keep_maps else {k: v for k, v in batch.items() if k != "maps"})
     n = len(out["status"])
     out["heatmap"] = np.zeros((n,) + batch["maps"].shape[2:], np.float32)
     out["score"] = np.zeros(n, np.float32)
