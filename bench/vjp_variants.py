@@ -34,7 +34,7 @@ from embcam import EmbeddingCAM  # noqa: E402
 def grads_batched_maps(cam: EmbeddingCAM, images: torch.Tensor) -> torch.Tensor:
     """E by the previous implementation: a leaf at the target, then batched VJPs with
     autograd's is_grads_batched (which runs the convolution backward once per cotangent)."""
-    with cam._graph_from_target(images) as (activation, y):
+    with cam.target_graph(images) as (activation, y):
         batch, d = y.shape
         chunk = max(1, min(d, cam.chunk_elements // activation.numel()))
         eye = torch.eye(d, dtype=y.dtype)

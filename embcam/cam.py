@@ -161,10 +161,10 @@ class EmbeddingCAM:
             heat = heatmaps_from_maps(maps, p)
             return CAMResult(y, heat[:, 0] if squeeze else heat, None, maps)
         size = images.shape[-2:]
-        with self._graph_from_target(images) as (activation, y):
+        with self.target_graph(images) as (activation, y):
             p, squeeze = _proxy_batch(proxies, y.detach())
             alpha = self._channel_weights(activation, y, p, size)
-        activation = self._as_map(activation.detach(), size)
+        activation = self.as_map(activation.detach(), size)
         if self.top_k_channels is not None and self.top_k_channels < alpha.shape[-1]:
             keep = alpha.topk(self.top_k_channels, dim=-1).indices
             alpha = torch.zeros_like(alpha).scatter_(-1, keep, alpha.gather(-1, keep))
@@ -181,11 +181,53 @@ class EmbeddingCAM:
         size = images.shape[-2:]
         with _frozen(self.model):
             activation, y, vjp = self._vjp_from_target(images)
-            act = self._as_map(activation, size)  # checked before any VJP
-            m = self._jacobian_means(vjp, y, activation.numel(), lambda g: self._as_map(g, size).mean((-2, -1)))
+            act = self.as_map(activation, size)  # checked before any VJP
+            m = self._jacobian_means(vjp, y, activation.numel(), lambda g: self.as_map(g, size).mean((-2, -1)))
         act = act.to(m.dtype)
         with _full_precision(act):
             return y.detach(), torch.einsum("bkhw,bkd->bdhw", act, m)
+
+    def activations(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(A (B, K, h, w), y (B, d)) from one forward: the target layer's output as a map,
+        and the embedding; recorded for autograd only where the caller's mode records."""
+        activation, y = self._forward(images)
+        return self.as_map(activation, images.shape[-2:]), y
+
+    @contextmanager
+    def target_graph(self, images: Tensor):
+        """Forward with frozen parameters; yields (A as a leaf requiring grad, y), for
+        gradients of any function of y with respect to A (``as_map`` lays them out).
+
+        Nothing before the target layer is recorded (no input or parameter needs a
+        gradient), hooks live only for the call, and parameter flags are restored even
+        when the body raises."""
+        with _frozen(self.model), torch.enable_grad():
+            yield self._forward(images, leaf=True)
+
+    def as_map(self, activation: Tensor, image_size) -> Tensor:
+        """The target output (or its gradient) as a (B, K, h, w) map (see ``reshape``)."""
+        shape = tuple(activation.shape)
+        if callable(self.reshape):
+            out = self.reshape(activation)
+            if not isinstance(out, Tensor) or out.dim() != 4:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"reshape must return a (B, K, h, w) tensor, got {got} from {shape}")
+            return out
+        if self.reshape == "tokens":
+            if activation.dim() != 3:
+                raise ValueError(f"reshape='tokens' needs (B, N, C) tokens, got {shape}")
+            prefix, gh, gw = token_grid(shape[1], *image_size)
+            return activation[:, prefix:].unflatten(1, (gh, gw)).permute(0, 3, 1, 2)
+        if self.reshape == "nhwc":
+            if activation.dim() != 4:
+                raise ValueError(f"reshape='nhwc' needs a (B, H, W, C) activation, got {shape}")
+            return activation.permute(0, 3, 1, 2)
+        if activation.dim() == 3:
+            raise ValueError(f"target activation is {shape}, not (B, K, h, w): for (B, N, C) transformer "
+                             "tokens pass reshape='tokens' (or a callable returning (B, K, h, w))")
+        if activation.dim() != 4:
+            raise ValueError(f"target activation must be (B, K, h, w), got {shape}")
+        return activation
 
     # -- internals ----------------------------------------------------------------------
 
@@ -202,7 +244,7 @@ class EmbeddingCAM:
         """E from one plain forward and M = W^T / Z (affine tail) or J_g(v)^T / Z."""
         with torch.inference_mode():
             activation, y = self._forward(images)
-        act = self._as_map(activation, images.shape[-2:])
+        act = self.as_map(activation, images.shape[-2:])
         act = act.to(_heat_dtype(act))
         z = act.shape[-2] * act.shape[-1]
         with torch.no_grad(), _full_precision(act):
@@ -303,48 +345,13 @@ class EmbeddingCAM:
             raise ValueError("target layer ran 0 times in one forward; pick a layer that runs once")
         return shapes[0]
 
-    @contextmanager
-    def _graph_from_target(self, images: Tensor):
-        """Forward with frozen parameters; yields (A as a leaf requiring grad, y).
-
-        Nothing before the target layer is recorded (no input or parameter needs a
-        gradient), hooks live only for the call, and parameter flags are restored even
-        when the body raises."""
-        with _frozen(self.model), torch.enable_grad():
-            yield self._forward(images, leaf=True)
-
-    def _as_map(self, activation: Tensor, image_size) -> Tensor:
-        """The target output (or its gradient) as a (B, K, h, w) map (see ``reshape``)."""
-        shape = tuple(activation.shape)
-        if callable(self.reshape):
-            out = self.reshape(activation)
-            if not isinstance(out, Tensor) or out.dim() != 4:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"reshape must return a (B, K, h, w) tensor, got {got} from {shape}")
-            return out
-        if self.reshape == "tokens":
-            if activation.dim() != 3:
-                raise ValueError(f"reshape='tokens' needs (B, N, C) tokens, got {shape}")
-            prefix, gh, gw = token_grid(shape[1], *image_size)
-            return activation[:, prefix:].unflatten(1, (gh, gw)).permute(0, 3, 1, 2)
-        if self.reshape == "nhwc":
-            if activation.dim() != 4:
-                raise ValueError(f"reshape='nhwc' needs a (B, H, W, C) activation, got {shape}")
-            return activation.permute(0, 3, 1, 2)
-        if activation.dim() == 3:
-            raise ValueError(f"target activation is {shape}, not (B, K, h, w): for (B, N, C) transformer "
-                             "tokens pass reshape='tokens' (or a callable returning (B, K, h, w))")
-        if activation.dim() != 4:
-            raise ValueError(f"target activation must be (B, K, h, w), got {shape}")
-        return activation
-
     def _channel_weights(self, activation: Tensor, y: Tensor, proxies: Tensor, image_size) -> Tensor:
         """alpha (B, P, K): one backward from L = sum_b y_b . p_b per proxy column."""
         columns = []
         for j in range(proxies.shape[1]):
             score = (y * proxies[:, j].to(y.dtype)).sum()
             (grad,) = torch.autograd.grad(score, activation, retain_graph=j + 1 < proxies.shape[1])
-            columns.append(self._as_map(grad, image_size).mean((-2, -1)))
+            columns.append(self.as_map(grad, image_size).mean((-2, -1)))
         return torch.stack(columns, 1).to(_heat_dtype(activation))
 
     def _jacobian_means(self, vjp: Callable, y: Tensor, numel: int, pool: Callable[[Tensor], Tensor]) -> Tensor:

@@ -139,12 +139,12 @@ def triplet_weights(cam: EmbeddingCAM, images: Tensor, positives: Tensor, negati
 
     (x^ = x / ||x||). One backward for the batch: anchors do not interact in an eval model."""
     size = images.shape[-2:]
-    with cam._graph_from_target(images) as (activation, y):
+    with cam.target_graph(images) as (activation, y):
         a = normalise(y)[:, None, :]
         p, n = normalise(positives.to(y)), normalise(negatives.to(y))
         loss = ((a - p).pow(2).sum(-1) - (a - n).pow(2).sum(-1)).mean(1)
         (grad,) = torch.autograd.grad(loss.sum(), activation)
-    return y.detach(), -cam._as_map(grad, size).mean((-2, -1))
+    return y.detach(), -cam.as_map(grad, size).mean((-2, -1))
 
 
 def top_k_weights(weights: Tensor, k: int) -> Tensor:
@@ -186,8 +186,7 @@ def explain(cam: EmbeddingCAM, images: Tensor, bank: TransferBank, k: int
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, heatmaps, nearest training index, its cosine) of test ``images``: one forward, no backward."""
     with torch.inference_mode():
-        activation, y = cam._forward(images)
-        act = cam._as_map(activation, images.shape[-2:])
+        act, y = cam.activations(images)
         index, cosine = nearest(y, bank.embeddings.to(y.device))
         heat = transferred_heatmaps(act, bank.weights.to(y.device)[index], k)
     return y.clone(), heat.clone(), index.clone(), cosine.clone()
