@@ -235,7 +235,7 @@ def _manifest_files(path: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]
     if not source:
         raise FileNotFoundError(f"run {os.fspath(path)} keeps no manifest copy and its config "
                                 "names no manifest")
-    candidates = [_as_the_job_meant(path, config, str(source)), str(source)]
+    candidates = [as_the_job_meant(path, config, str(source)), str(source)]
     if not has_scheme(str(source)) and not os.path.isabs(str(source)):
         candidates.append(os.path.join(os.fspath(path), str(source)))  # relative to the run
     for candidate in dict.fromkeys(candidates):
@@ -250,13 +250,13 @@ def image_root_of(path: str | os.PathLike) -> str | None:
     """Where the run resolved relative uris: its ``--image-root``, else its manifest's folder."""
     config = run_config(path)
     if config.get("image_root"):
-        return _as_the_job_meant(path, config, str(config["image_root"]))
+        return as_the_job_meant(path, config, str(config["image_root"]))
     if not config.get("manifest"):
         return None
-    return default_image_root(_as_the_job_meant(path, config, str(config["manifest"])))
+    return default_image_root(as_the_job_meant(path, config, str(config["manifest"])))
 
 
-def _as_the_job_meant(path, config: dict, location: str) -> str:
+def as_the_job_meant(path, config: dict, location: str) -> str:
     """A relative local path of the run's config, relative to the folder the job ran in.
     That folder is known when the config's ``out`` is relative too (the run folder is
     <that folder>/<out>); otherwise the path is returned as it is (relative to here)."""

@@ -28,7 +28,7 @@ from .models import load_model
 from .proxies import load_proxy_bank
 from .report.plot import draw_cascade, draw_curves
 from .report.runs import read_summary
-from .results import _as_the_job_meant, image_root_of, open_results, read_rows
+from .results import as_the_job_meant, image_root_of, open_results, read_rows
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion
 from .stages import OK, load_images, resolved_target
 
@@ -53,7 +53,7 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
     proxy_mode = config.get("proxy") or "self"
     checkpoint = config.get("checkpoint")
     model, preprocess, spec = load_model(config.get("model"),
-                                         checkpoint and _as_the_job_meant(run, config, str(checkpoint)),
+                                         checkpoint and as_the_job_meant(run, config, str(checkpoint)),
                                          config.get("image_size"))
     ids, unreadable, pixels, rows = _sample(run, config, images, seed, preprocess.size, image_root)
     log(f"{len(ids)} images of {run} loaded ({unreadable} unreadable left out); model {spec}, proxy {proxy_mode}")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from embcam.report.render import _html_table, _md_table, _num
+from embcam.report.render import html_table, md_table, num
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
 from embcam.runstate import RunFolder
 
@@ -223,7 +223,7 @@ def _errors_note(entry: dict) -> str:
 def _shown_rows(entry: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Query", "Match", "Cosine", "Status", "Overlays"]
     rows = [[_id_text(p["query_id"], p["query_label"]), _id_text(p["match_id"], p["match_label"]),
-             _num(p["cosine"]), "ok", ", ".join(p["files"].values()) or "—"] for p in entry["pairs"]]
+             num(p["cosine"]), "ok", ", ".join(p["files"].values()) or "—"] for p in entry["pairs"]]
     return header, rows
 
 
@@ -237,9 +237,9 @@ def pairs_markdown(entry: dict) -> list[str]:
     parts = [f"## Pairs: {entry['run']}", "", _counts_text(entry), "", "### Lowest-cosine pairs", "",
              _shown_note(entry), ""]
     if entry["pairs"]:
-        parts += [_md_table(*_shown_rows(entry)), ""]
+        parts += [md_table(*_shown_rows(entry)), ""]
     if entry["errors"]["count"]:
-        parts += ["### Error pairs", "", _errors_note(entry), "", _md_table(*_error_rows(entry)), ""]
+        parts += ["### Error pairs", "", _errors_note(entry), "", md_table(*_error_rows(entry)), ""]
     return parts
 
 
@@ -272,7 +272,7 @@ def pairs_html(entry: dict) -> list[str]:
         parts.append("<div style='display:grid;gap:12px;grid-template-columns:repeat(auto-fill,"
                      "minmax(560px,1fr))'>" + "".join(figures) + "</div>")
     if entry["pairs"]:
-        parts.append(_html_table(*_shown_rows(entry)))
+        parts.append(html_table(*_shown_rows(entry)))
     if entry["errors"]["count"]:
-        parts += ["<h3>Error pairs</h3>", f"<p>{esc(_errors_note(entry))}</p>", _html_table(*_error_rows(entry))]
+        parts += ["<h3>Error pairs</h3>", f"<p>{esc(_errors_note(entry))}</p>", html_table(*_error_rows(entry))]
     return parts

@@ -97,13 +97,13 @@ def _md_cell(text: str) -> str:
     return text
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -123,12 +123,12 @@ def _figures(images: list[dict]) -> str:
 
 def _table1_markdown(table: dict) -> list[str]:
     parts = ["## Table 1: mean heatmap ratio and localisation accuracy", "",
-             _md_table(*_table1_rows(table)), "", *_notes(table), "",
+             md_table(*_table1_rows(table)), "", *_notes(table), "",
              "## Localisation accuracy over thresholds t (all channels)", "",
-             _md_table(*_sweep_rows(table)), "",
+             md_table(*_sweep_rows(table)), "",
              f"Accuracy = fraction of images with IoU ≥ {LOC_IOU:g}. "
              f"Best over t: {table['protocol']['best_over_t']}.", "",
-             "## Runs", "", _md_table(*_runs_rows(table)), ""]
+             "## Runs", "", md_table(*_runs_rows(table)), ""]
     overlays = table.get("overlays")
     if overlays is not None:
         parts += ["## Overlays", "", _overlay_note(overlays), ""]
@@ -169,13 +169,13 @@ def _table1_html(table: dict) -> list[str]:
     overlays = table.get("overlays") or {"skipped": "not requested", "images": [],
                                          "failed": [], "written": 0}
     return ["<h2>Table 1: mean heatmap ratio and localisation accuracy</h2>",
-            _html_table(*_table1_rows(table)),
+            html_table(*_table1_rows(table)),
             *(f"<p>{esc(n)}</p>" for n in _notes(table)),
             "<h2>Localisation accuracy over thresholds t (all channels)</h2>",
             "<img src='sweep.png' alt='accuracy versus threshold'>",
-            _html_table(*_sweep_rows(table)),
+            html_table(*_sweep_rows(table)),
             f"<p>Best over t: {esc(table['protocol']['best_over_t'])}.</p>",
-            "<h2>Runs</h2>", _html_table(*_runs_rows(table)),
+            "<h2>Runs</h2>", html_table(*_runs_rows(table)),
             "<h2>Overlays</h2>",
             f"<p>{esc(_overlay_note(overlays))} Left: image; right: heatmap (min-max, "
             "JET) with the ground-truth box (green) and the predicted box at "
@@ -191,7 +191,7 @@ def render_html(table: dict) -> str:
 # --- the catalog of one run ---------------------------------------------------------------
 
 
-def _num(value, digits: int = 3) -> str:
+def num(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
@@ -213,8 +213,8 @@ def _counts_text(entry: dict) -> str:
 
 def _label_rows(entry: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Label", "Images", "Errors", "Mean cosine", "Lowest cosine", "Lowest image"]
-    rows = [[_label_text(e["label"]), str(e["images"]), str(e["errors"]), _num(e["mean_cosine"]),
-             _num(e["lowest_cosine"]), e["lowest_image_id"] or "—"]
+    rows = [[_label_text(e["label"]), str(e["images"]), str(e["errors"]), num(e["mean_cosine"]),
+             num(e["lowest_cosine"]), e["lowest_image_id"] or "—"]
             for e in entry["labels"][:MAX_LABEL_ROWS]]
     return header, rows
 
@@ -229,7 +229,7 @@ def _labels_note(entry: dict) -> str:
 
 def _pick_rows(images: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["Image", "Label", "Cosine", "Ratio bbox", "Overlay"]
-    rows = [[i["image_id"], _label_text(i["label"]), _num(i["cosine"]), _num(i["ratio_bbox"]),
+    rows = [[i["image_id"], _label_text(i["label"]), num(i["cosine"]), num(i["ratio_bbox"]),
              i.get("file") or "—"] for i in images]
     return header, rows
 
@@ -277,18 +277,18 @@ def _errors_note(entry: dict) -> str:
 def _catalog_markdown(entry: dict) -> list[str]:
     hists = entry["histograms"]
     parts = [f"## {_run_title(entry)}", "", _counts_text(entry), "",
-             "### Labels", "", _md_table(*_label_rows(entry)), "", _labels_note(entry), "",
+             "### Labels", "", md_table(*_label_rows(entry)), "", _labels_note(entry), "",
              "### Lowest cosine per label (mislabelling candidates)", "",
              _gallery_note(entry["gallery"]), ""]
     if entry["gallery"]["images"]:
-        parts += [_md_table(*_pick_rows(entry["gallery"]["images"])), ""]
+        parts += [md_table(*_pick_rows(entry["gallery"]["images"])), ""]
     parts += ["### Heat mostly outside the box", "", _outside_note(entry["outside_box"]), ""]
     if entry["outside_box"] and entry["outside_box"]["images"]:
-        parts += [_md_table(*_pick_rows(entry["outside_box"]["images"])), ""]
+        parts += [md_table(*_pick_rows(entry["outside_box"]["images"])), ""]
     parts += ["### Histograms", "", _histogram_line("Cosine", hists["cosine"]), "",
               _histogram_line("Heat spread", hists["spread"]), "", f"Heat spread: {SPREAD_MEASURE}.", ""]
     if entry["errors"]["count"]:
-        parts += ["### Errors", "", _errors_note(entry), "", _md_table(*_error_rows(entry)), ""]
+        parts += ["### Errors", "", _errors_note(entry), "", md_table(*_error_rows(entry)), ""]
     return parts
 
 
@@ -303,7 +303,7 @@ def _catalog_html(entry: dict) -> list[str]:
     esc = html.escape
     hists, outside = entry["histograms"], entry["outside_box"]
     parts = [f"<h2>{esc(_run_title(entry))}</h2>", f"<p>{esc(_counts_text(entry))}</p>",
-             "<h3>Labels</h3>", _html_table(*_label_rows(entry)), f"<p>{esc(_labels_note(entry))}</p>",
+             "<h3>Labels</h3>", html_table(*_label_rows(entry)), f"<p>{esc(_labels_note(entry))}</p>",
              "<h3>Lowest cosine per label (mislabelling candidates)</h3>",
              f"<p>{esc(_gallery_note(entry['gallery']))} Left: image; right: heatmap (min-max, "
              "JET) with the predicted box (red) and the ground-truth box (green) when there is one.</p>",
@@ -313,7 +313,7 @@ def _catalog_html(entry: dict) -> list[str]:
              "<h3>Histograms</h3>", _histogram_html("Cosine", hists["cosine"]),
              _histogram_html("Heat spread", hists["spread"]), f"<p>Heat spread: {esc(SPREAD_MEASURE)}.</p>"]
     if entry["errors"]["count"]:
-        parts += ["<h3>Errors</h3>", f"<p>{esc(_errors_note(entry))}</p>", _html_table(*_error_rows(entry))]
+        parts += ["<h3>Errors</h3>", f"<p>{esc(_errors_note(entry))}</p>", html_table(*_error_rows(entry))]
     return parts
 
 
@@ -371,9 +371,9 @@ def _sanity_texts(entry: dict) -> dict:
 def _sanity_markdown(entry: dict) -> list[str]:
     t, files = _sanity_texts(entry), entry.get("files") or {}
     parts = [f"## {_md_cell(t['title'])}", "", _md_cell(t["intro"]), "", _md_cell(t["verdict"]), "",
-             _md_table(*t["cascade"]), ""]
+             md_table(*t["cascade"]), ""]
     parts += [f"![cascade]({files['cascade']})", ""] if files.get("cascade") else []
-    parts += [_md_cell(t["deletion_note"]), "", _md_table(*t["deletion"]), ""]
+    parts += [_md_cell(t["deletion_note"]), "", md_table(*t["deletion"]), ""]
     parts += [f"![deletion]({files['deletion']})", ""] if files.get("deletion") else []
     return parts
 
@@ -382,9 +382,9 @@ def _sanity_html(entry: dict) -> list[str]:
     esc = html.escape
     t, files = _sanity_texts(entry), entry.get("files") or {}
     parts = [f"<h2>{esc(t['title'])}</h2>", f"<p>{esc(t['intro'])}</p>", f"<p>{esc(t['verdict'])}</p>",
-             _html_table(*t["cascade"])]
+             html_table(*t["cascade"])]
     parts += [f"<img src='{esc(files['cascade'])}' alt='cascade'>"] if files.get("cascade") else []
-    parts += [f"<p>{esc(t['deletion_note'])}</p>", _html_table(*t["deletion"])]
+    parts += [f"<p>{esc(t['deletion_note'])}</p>", html_table(*t["deletion"])]
     parts += [f"<img src='{esc(files['deletion'])}' alt='deletion curves'>"] if files.get("deletion") else []
     return parts
 
