@@ -15,7 +15,7 @@ from embcam.schemas import arrow_schema
 
 pytestmark = pytest.mark.slow  # builds the wheel in a subprocess
 REPO = Path(__file__).resolve().parents[1]
-CONTRACTS = ("manifest.json", "proxies.json", "results.json")
+CONTRACTS = ("manifest.json", "maps.json", "pairs.json", "proxies.json", "results.json")
 
 
 @pytest.fixture(scope="module")
