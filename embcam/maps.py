@@ -8,8 +8,6 @@ explanations. No Ray here.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,45 +59,65 @@ def _lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
 
 
 class MapStore:
-    """A run's stored maps, read by image_id. The index (image_id -> piece, row) is built
-    from the image_id columns alone; pieces are read whole when first needed and the last
-    ``cache`` of them kept (pair blocks and re-explained pieces touch few pieces each)."""
+    """A run's stored maps, by image_id. Opening it reads everything but the maps (ids,
+    status, error and the d-value embeddings); the maps are read a piece at a time
+    (``piece_maps``), so that a sweep over the pieces reads each once whatever the order
+    of the ids asked for."""
 
-    def __init__(self, run: RunFolder, folder: str = MAPS, cache: int = 16):
-        self.run, self.folder, self.cache = run, folder, cache
-        self.paths = run.piece_paths(folder)
-        self.index: dict[str, tuple[int, int]] = {}
+    def __init__(self, run: RunFolder, folder: str = MAPS):
+        self.run, self.paths = run, run.piece_paths(folder)
+        ids, pieces, rows, status, error, embeddings = [], [], [], [], [], []
+        self.grid: tuple[int, int, int] | None = None  # (d, h, w) of the maps
         for k, path in enumerate(self.paths):
-            ids = pq.read_table(path, columns=["image_id"], filesystem=run.fs).column("image_id").to_pylist()
-            self.index.update((image_id, (k, row)) for row, image_id in enumerate(ids))
-        self._pieces: OrderedDict[int, dict] = OrderedDict()
+            table = pq.read_table(path, columns=["image_id", "status", "error", "embedding", "maps_channels",
+                                                 "heatmap_height", "heatmap_width"], filesystem=run.fs)
+            piece_status = np.array(table.column("status").to_pylist(), dtype=object)
+            ok = np.flatnonzero(piece_status == OK)
+            if len(ok) and self.grid is None:
+                self.grid = tuple(int(table.column(c)[int(ok[0])].as_py())
+                                  for c in ("maps_channels", "heatmap_height", "heatmap_width"))
+            if len(ok):
+                embeddings.append(_dense(table.column("embedding"), ok, (self.grid[0],)))
+            else:
+                embeddings.append(None)
+            ids += table.column("image_id").to_pylist()
+            pieces.append(np.full(table.num_rows, k, np.int64))
+            rows.append(np.arange(table.num_rows))
+            status.append(piece_status)
+            error.append(np.array(table.column("error").to_pylist(), dtype=object))
+        d = self.grid[0] if self.grid else 0
+        self.ids = np.array(ids, dtype=object)
+        self.piece = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        self.row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.status = np.concatenate(status) if status else np.zeros(0, object)
+        self.error = np.concatenate(error) if error else np.zeros(0, object)
+        self.embedding = np.concatenate([e if e is not None else np.zeros((len(p), d), np.float32)
+                                         for e, p in zip(embeddings, pieces)]) if pieces else np.zeros((0, d))
+        self.index = {image_id: j for j, image_id in enumerate(ids)}
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.index
 
-    def rows(self, image_ids: list[str]) -> dict:
-        """``status`` and ``error`` (object arrays), ``embedding`` (n, d) and ``maps``
-        (n, d, h, w), float32, zero for images that failed; every id must be stored."""
-        where = [self.index[i] for i in image_ids]
-        out: dict = {"status": np.empty(len(where), object), "error": np.empty(len(where), object)}
-        for j, (k, row) in enumerate(where):
-            piece = self._piece(k)
-            out["status"][j], out["error"][j] = piece["status"][row], piece["error"][row]
-            if "maps" not in out and piece["maps"] is not None:
-                out["embedding"] = np.zeros((len(where),) + piece["embedding"].shape[1:], np.float32)
-                out["maps"] = np.zeros((len(where),) + piece["maps"].shape[1:], np.float32)
-            if piece["maps"] is not None and piece["status"][row] == OK:
-                out["embedding"][j], out["maps"][j] = piece["embedding"][row], piece["maps"][row]
-        return out
+    def where(self, image_ids) -> np.ndarray:
+        """Positions of ``image_ids`` in the store (every id must be stored)."""
+        return np.array([self.index[i] for i in image_ids], np.int64)
 
-    def _piece(self, k: int) -> dict:
-        if k in self._pieces:
-            self._pieces.move_to_end(k)
-            return self._pieces[k]
-        self._pieces[k] = read_maps_piece(self.paths[k], self.run.fs)
-        if len(self._pieces) > self.cache:
-            self._pieces.popitem(last=False)
-        return self._pieces[k]
+    def piece_maps(self, k: int) -> np.ndarray | None:
+        """The maps (rows, d, h, w) of piece ``k``, float32 (zero where an image failed)."""
+        return read_maps_piece(self.paths[k], self.run.fs)["maps"]
+
+    def rows(self, image_ids: list[str]) -> dict:
+        """``status``, ``error``, ``embedding`` (n, d) and ``maps`` (n, d, h, w) of the ids,
+        float32, zero for images that failed; each piece read once."""
+        at = self.where(image_ids)
+        out = {"status": self.status[at], "error": self.error[at], "embedding": self.embedding[at],
+               "maps": np.zeros((len(at),) + (self.grid or (0, 0, 0)), np.float32)}
+        for k in np.unique(self.piece[at]):
+            mine = np.flatnonzero(self.piece[at] == k)
+            maps = self.piece_maps(int(k))
+            if maps is not None:
+                out["maps"][mine] = maps[self.row[at[mine]]]
+        return out
 
 
 def read_maps_piece(path: str, filesystem=None) -> dict:

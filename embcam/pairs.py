@@ -26,6 +26,7 @@ from .schemas import arrow_schema, conform
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
+CHUNK_BYTES = 512 << 20  # pair heatmaps held at once: pairs explained per sweep over the maps
 
 
 class PairsError(ValueError):
@@ -81,44 +82,43 @@ def check_known(pairs: pa.Table, known: pa.Array, what: str = "the manifest") ->
 
 
 def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
-    """Rows of the ``pairs`` contract (then the pairs' other columns) for a block of pairs."""
-    ids = pairs.column("query_id").to_pylist() + pairs.column("match_id").to_pylist()
-    distinct = list(dict.fromkeys(ids))
-    found = store.rows(distinct)
-    at = {image_id: j for j, image_id in enumerate(distinct)}
+    """Rows of the ``pairs`` contract (then the pairs' other columns) for ``pairs``.
+
+    The embeddings are in memory; the maps are swept piece by piece, each piece read once:
+    every pair whose query is in it gets its query heatmap, every pair whose match is in
+    it its match heatmap. Memory: the heatmaps of these pairs, plus one piece's maps."""
     n = pairs.num_rows
-    q = np.array([at[i] for i in ids[:n]], np.int64)
-    m = np.array([at[i] for i in ids[n:]], np.int64)
+    q = store.where(pairs.column("query_id").to_pylist())
+    m = store.where(pairs.column("match_id").to_pylist())
     status = np.full(n, OK, dtype=object)
     error = np.full(n, None, dtype=object)
-    for side, rows in (("query", q), ("match", m)):
-        for i in np.flatnonzero(found["status"][rows] != OK):
+    for side, at in (("query", q), ("match", m)):
+        for i in np.flatnonzero(store.status[at] != OK):
             if status[i] == OK:
-                status[i] = "error"
-                error[i] = f"{side} image failed: {found['error'][rows[i]]}"
+                status[i], error[i] = "error", f"{side} image failed: {store.error[at[i]]}"
     ok = np.flatnonzero(status == OK)
-    cosine = np.full(n, np.nan, np.float32)
-    heat = {}
-    if len(ok):
-        y = torch.from_numpy(found["embedding"])
-        maps = torch.from_numpy(found["maps"])
-        unit = normalise(y)
-        qo, mo = torch.from_numpy(q[ok]), torch.from_numpy(m[ok])
-        cosine[ok] = (unit[qo] * unit[mo]).sum(-1).numpy()
-        heat["query_heatmap"] = heatmaps_from_maps(maps[qo], unit[mo]).numpy()
-        heat["match_heatmap"] = heatmaps_from_maps(maps[mo], unit[qo]).numpy()
-    shape = next(iter(heat.values())).shape[1:] if heat else (0, 0)
     valid = status == OK
+    _, h, w = store.grid or (0, 0, 0)
+    cosine = np.full(n, np.nan, np.float32)
+    heat = {"query_heatmap": np.zeros((n, h * w), np.float32), "match_heatmap": np.zeros((n, h * w), np.float32)}
+    if len(ok):
+        unit = normalise(torch.from_numpy(store.embedding))
+        cosine[ok] = (unit[q[ok]] * unit[m[ok]]).sum(-1).numpy()
+        sides = (("query_heatmap", q[ok], m[ok]), ("match_heatmap", m[ok], q[ok]))
+        for k in np.unique(np.concatenate([store.piece[q[ok]], store.piece[m[ok]]])):
+            maps = torch.from_numpy(store.piece_maps(int(k)))
+            for name, explained, other in sides:
+                mine = np.flatnonzero(store.piece[explained] == k)
+                if len(mine):
+                    rows = torch.from_numpy(store.row[explained[mine]])
+                    heat[name][ok[mine]] = heatmaps_from_maps(maps[rows], unit[other[mine]]).flatten(1).numpy()
     columns = {"query_id": pairs.column("query_id"), "match_id": pairs.column("match_id"),
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string()),
                "cosine": pa.array(cosine, pa.float32(), mask=~valid),
-               "heatmap_height": pa.array(np.full(n, shape[0], np.int32), mask=~valid),
-               "heatmap_width": pa.array(np.full(n, shape[1], np.int32), mask=~valid)}
-    for name in ("query_heatmap", "match_heatmap"):
-        values = np.zeros((n, shape[0] * shape[1]), np.float32)
-        if name in heat:
-            values[ok] = heat[name].reshape(len(ok), -1)
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * values.shape[1])
+               "heatmap_height": pa.array(np.full(n, h, np.int32), mask=~valid),
+               "heatmap_width": pa.array(np.full(n, w, np.int32), mask=~valid)}
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
+    for name, values in heat.items():
         columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)), mask=pa.array(~valid))
     table = conform(columns, PAIRS)
     for name in pairs.column_names:
@@ -128,12 +128,25 @@ def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
 
 
 def write_pairs(run: RunFolder, pairs: pa.Table, store: MapStore, block_rows: int = PAIR_BLOCK_ROWS,
-                progress=None) -> int:
+                progress=None, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Explain every pair block no ``RUN/pairs`` piece covers yet; returns the rows computed.
-    ``progress(rows)`` is called after each block."""
+    Blocks are explained together in chunks whose heatmaps take at most ``chunk_bytes``
+    (each chunk sweeps the maps once); ``progress(rows)`` is called after each block."""
     todo = pending_blocks(run.pieces(PAIRS), pairs.num_rows, block_rows)
-    for start, stop in todo:
-        run.write_table(explain_pairs(pairs.slice(start, stop - start), store), PAIRS, piece_name(start, stop))
-        if progress is not None:
-            progress(stop - start)
+    _, h, w = store.grid or (0, 0, 0)
+    chunk_rows = max(block_rows, chunk_bytes // max(2 * h * w * 4, 1))
+    chunks: list[list[tuple[int, int]]] = []
+    for block in todo:
+        if chunks and sum(b - a for a, b in chunks[-1]) + block[1] - block[0] <= chunk_rows:
+            chunks[-1].append(block)
+        else:
+            chunks.append([block])
+    for chunk in chunks:
+        table = explain_pairs(pa.concat_tables([pairs.slice(a, b - a) for a, b in chunk]), store)
+        at = 0
+        for start, stop in chunk:
+            run.write_table(table.slice(at, stop - start), PAIRS, piece_name(start, stop))
+            at += stop - start
+            if progress is not None:
+                progress(stop - start)
     return sum(stop - start for start, stop in todo)

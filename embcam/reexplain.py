@@ -124,14 +124,10 @@ def _copy(run: RunFolder, new: RunFolder, *parts: str) -> None:
 
 
 def _check_width(bank: dict, store: MapStore, source: str) -> None:
-    for k in range(len(store.paths)):
-        maps = store._piece(k)["maps"]
-        if maps is not None:
-            d = {len(v) for v in bank.values()} - {maps.shape[1]}
-            if d:
-                raise ValueError(f"the proxy bank's vectors have {sorted(d)[0]} values, the embeddings of "
-                                 f"run {source} have {maps.shape[1]}")
-            return
+    widths = {len(v) for v in bank.values()} - {store.grid[0] if store.grid else None}
+    if store.grid and widths:
+        raise ValueError(f"the proxy bank's vectors have {sorted(widths)[0]} values, the embeddings of "
+                         f"run {source} have {store.grid[0]}")
 
 
 def _start(new: RunFolder, identity: dict, overwrite: bool, out: str) -> None:

@@ -19,7 +19,7 @@ from embcam.datasets import generate_dataset
 from embcam.images import decode_image, resize_square
 from embcam.maps import MapStore, maps_table, read_maps_piece
 from embcam.models import Preprocessing, build_model
-from embcam.pairs import PairsError, explain_pairs, read_pairs
+from embcam.pairs import PairsError, explain_pairs, read_pairs, write_pairs
 from embcam.pipeline import ExplainConfig, run_explain
 from embcam.reexplain import reexplain
 from embcam.runstate import RunFolder
@@ -167,6 +167,42 @@ def test_explain_pairs_hand_computed(tmp_path):
     assert rows["query_heatmap"] == [1.0, 0.0]
     np.testing.assert_allclose(rows["match_heatmap"], [max(0, 0.6 * 2 - 0.8), 0.8], rtol=1e-6)
     assert rows["cosine"] == pytest.approx(0.6) and rows["k"] == 7 and rows["status"] == "ok"
+
+
+def test_pairs_are_the_same_for_any_block_and_chunk(tmp_path):
+    """Maps spread over several pieces, pairs in random order: one block, many small blocks
+    explained a chunk at a time (each chunk sweeping the maps) and a hand loop agree."""
+    rng = np.random.default_rng(3)
+    run = RunFolder(str(tmp_path / "run"))
+    ids = [f"img{i:02d}" for i in range(12)]
+    maps = rng.normal(size=(12, 5, 2, 3)).astype(np.float32)
+    y = rng.normal(size=(12, 5)).astype(np.float32)
+    status = np.array(["ok"] * 12, object)
+    status[7] = "error"
+    for start in range(0, 12, 4):
+        part = slice(start, start + 4)
+        batch = {"image_id": np.array(ids[part], object), "status": status[part],
+                 "error": np.array([None if s == "ok" else "image: bad" for s in status[part]], object),
+                 "maps": maps[part], "embedding": y[part]}
+        run.write_table(maps_table(batch, "float32"), "maps", f"part-{start:012d}-{start + 4:012d}.parquet")
+    pairs = pa.table({"query_id": [ids[i] for i in rng.integers(0, 12, 40)],
+                      "match_id": [ids[i] for i in rng.integers(0, 12, 40)]})
+    store = MapStore(run)
+    whole = explain_pairs(pairs, store).to_pandas()
+    write_pairs(RunFolder(str(tmp_path / "out")), pairs, store, block_rows=3, chunk_bytes=2 * 6 * 4 * 7)
+    pieces = pd.read_parquet(tmp_path / "out" / "pairs")
+    assert len(list((tmp_path / "out" / "pairs").glob("part-*"))) == 14
+    pd.testing.assert_frame_equal(pieces, whole)
+    unit = y / np.linalg.norm(y, axis=1, keepdims=True)
+    for row in whole.itertuples():
+        qi, mi = ids.index(row.query_id), ids.index(row.match_id)
+        if 7 in (qi, mi):
+            assert row.status == "error" and "image failed: image: bad" in row.error
+            continue
+        expected = np.maximum(np.einsum("dhw,d->hw", maps[qi], unit[mi]), 0).ravel()
+        np.testing.assert_allclose(row.query_heatmap, expected, rtol=1e-5, atol=1e-6)
+        expected = np.maximum(np.einsum("dhw,d->hw", maps[mi], unit[qi]), 0).ravel()
+        np.testing.assert_allclose(row.match_heatmap, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_read_pairs_rejects_nulls_and_clashes(tmp_path):
