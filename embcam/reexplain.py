@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .fetch import ReadLimits, read_bytes
-from .locations import resolve_uri
+from .locations import has_scheme, resolve_uri
 from .maps import MapStore, read_maps_piece
 from .pairs import check_known, read_pairs, write_pairs
 from .proxies import load_proxy_bank, proxy_table
@@ -39,6 +39,7 @@ from .runstate import (
     ManifestCopy,
     RunFolder,
     RunMismatch,
+    filesystem_path,
     identity_differences,
     piece_name,
 )
@@ -68,7 +69,7 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
         _check_width(bank, store, source)
     if table is not None:
         check_known(table, pa.array(list(store.index), pa.string()), f"run {source}")
-    identity = {"source": os.path.abspath(source) if "://" not in source else source,
+    identity = {"source": source if has_scheme(source) else os.path.abspath(source),
                 "source_identity": (run.identity or {}).get("identity"),
                 "proxy_bank_sha256": _sha256(proxies), "pairs_sha256": _sha256(pairs), "embcam": __version__}
     _start(new, identity, overwrite, out)
@@ -191,7 +192,7 @@ def _every(log, n: int, total: int) -> None:
 def _sha256(path: str | None) -> str | None:
     if path is None:
         return None
-    fs, p = RunFolder(path).fs, RunFolder(path).path
+    fs, p = filesystem_path(path)
     digest = hashlib.sha256()
     with fs.open_input_stream(p) as f:
         while chunk := f.read(1 << 20):
