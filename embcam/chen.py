@@ -57,7 +57,6 @@ proxy score is differentiated for a test image).
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 import time
@@ -87,7 +86,7 @@ from .runstate import (
     ManifestCopy,
     RunFolder,
     covered,
-    filesystem_path,
+    file_sha256,
     piece_name,
 )
 from .stages import OK, compute_metrics, flag_nan_boxes, load_images, resolved_target, to_results
@@ -351,17 +350,6 @@ def _bank_table(bank: TransferBank) -> pa.Table:
                      "embedding": lists(bank.embeddings), "weights": lists(bank.weights)})
 
 
-def _sha256(uri: str | None) -> str | None:
-    if uri is None:
-        return None
-    fs, path = filesystem_path(uri)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _eval_batch(copy: ManifestCopy, start: int, stop: int) -> dict:
     rows = copy.read(start, stop)
     data = _columns(rows, rows.column_names)
@@ -427,7 +415,7 @@ def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
     copy.write(test)
     copy.close()
     identity = {"manifest": {"path": cfg.manifest, "rows": test.num_rows, "split": cfg.eval_split},
-                "model": {"spec": spec, "checkpoint_sha256": _sha256(cfg.checkpoint)},
+                "model": {"spec": spec, "checkpoint_sha256": file_sha256(cfg.checkpoint)},
                 "proxy": PROXY_KIND, "top_k_channels": cfg.top_k_channels, "embcam": __version__}
     run.write_json({"identity": identity, "config": config, "plan": "chen-weight-transfer",
                     "rows": test.num_rows, "block_rows": cfg.batch_size,

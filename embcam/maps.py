@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .runstate import MAPS, RunFolder
-from .schemas import conform
+from .schemas import conform, list_column
 
 MAPS_DTYPES = ("float16", "float32")
 OK = "ok"
@@ -32,12 +32,12 @@ def maps_table(batch: dict, dtype: str = "float16") -> pa.Table:
         "image_id": pa.array([str(v) for v in batch["image_id"]], pa.string()),
         "status": pa.array([str(v) for v in batch["status"]], pa.string()),
         "error": pa.array([None if v is None else str(v) for v in batch["error"]], pa.string()),
-        "embedding": _lists(np.asarray(batch["embedding"], np.float32).reshape(n, -1), ok),
+        "embedding": list_column(np.asarray(batch["embedding"], np.float32).reshape(n, -1), ok),
         "maps_channels": pa.array(np.full(n, d, np.int32), mask=~ok),
         "heatmap_height": pa.array(np.full(n, h, np.int32), mask=~ok),
         "heatmap_width": pa.array(np.full(n, w, np.int32), mask=~ok),
     }, MAPS)
-    column = _lists(maps.reshape(n, -1).astype(dtype), ok)
+    column = list_column(maps.reshape(n, -1).astype(dtype), ok)
     return table.set_column(table.schema.get_field_index(MAPS), pa.field(MAPS, column.type), column)
 
 
@@ -50,12 +50,6 @@ WRITE_OPTIONS = {"use_dictionary": ["image_id", "status", "error"], "compression
 def write_maps(run: RunFolder, batch: dict, dtype: str, name: str) -> None:
     """Commit a batch's maps as ``RUN/maps/<name>``."""
     run.write_table(maps_table(batch, dtype), MAPS, name, **WRITE_OPTIONS)
-
-
-def _lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    n, width = values.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)), mask=pa.array(~valid))
 
 
 class MapStore:

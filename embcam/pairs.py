@@ -12,6 +12,8 @@ the blocks no piece covers. No Ray here.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +24,7 @@ from .cam import heatmaps_from_maps, normalise
 from .manifest import MAX_EXAMPLES, resolve_source
 from .maps import OK, MapStore
 from .runstate import PAIRS, RunFolder, pending_blocks, piece_name
-from .schemas import arrow_schema, conform
+from .schemas import arrow_schema, conform, list_column
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
@@ -81,6 +83,22 @@ def check_known(pairs: pa.Table, known: pa.Array, what: str = "the manifest") ->
         raise PairsError(f"pairs file: {len(bad)} id(s) not in {what}, e.g. {shown}")
 
 
+def pairs_sha256(pairs: pa.Table) -> str:
+    """A digest of the pairs, in order (ids only: extra columns do not change the work)."""
+    digest = hashlib.sha256()
+    for name in ID_COLUMNS:
+        for value in pairs.column(name).to_pylist():
+            digest.update(value.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def pair_counts(run: RunFolder) -> dict:
+    """{rows, ok, error} of the committed pair explanations of ``run``."""
+    status = pq.read_table(run.piece_paths(PAIRS), filesystem=run.fs, columns=["status"]).column("status")
+    ok = int(pc.sum(pc.equal(status, OK)).as_py() or 0)
+    return {"rows": len(status), "ok": ok, "error": len(status) - ok}
+
+
 def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
     """Rows of the ``pairs`` contract (then the pairs' other columns) for ``pairs``.
 
@@ -117,9 +135,8 @@ def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
                "cosine": pa.array(cosine, pa.float32(), mask=~valid),
                "heatmap_height": pa.array(np.full(n, h, np.int32), mask=~valid),
                "heatmap_width": pa.array(np.full(n, w, np.int32), mask=~valid)}
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
     for name, values in heat.items():
-        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)), mask=pa.array(~valid))
+        columns[name] = list_column(values, valid)
     table = conform(columns, PAIRS)
     for name in pairs.column_names:
         if name not in ID_COLUMNS:

@@ -46,7 +46,7 @@ from .locations import default_image_root, has_scheme
 from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, write_maps
 from .models import BUILTIN_SOURCES, load_model
-from .pairs import PAIR_BLOCK_ROWS, check_known, pair_image_ids, read_pairs, write_pairs
+from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
 from .results import summarise
 from .runstate import (
@@ -64,7 +64,7 @@ from .runstate import (
     RunFolder,
     RunMismatch,
     covered,
-    filesystem_path,
+    file_sha256,
     identity_differences,
     pending_blocks,
     piece_name,
@@ -556,38 +556,18 @@ def _copy_manifest(cfg: ExplainConfig, run: RunFolder, block_rows: int, pairs: p
     copy.close()
 
 
-def _file_sha256(uri: str | None) -> str | None:
-    if uri is None:
-        return None
-    fs, path = filesystem_path(uri)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _pairs_sha256(pairs: pa.Table) -> str:
-    """A digest of the pairs, in order (ids only: extra columns do not change the work)."""
-    digest = hashlib.sha256()
-    for name in ("query_id", "match_id"):
-        for value in pairs.column(name).to_pylist():
-            digest.update(value.encode() + b"\0")
-    return digest.hexdigest()
-
-
 def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int, pairs: pa.Table | None = None) -> dict:
     """What makes two runs the same run: resuming one with another is refused. Where user
     code comes from (--py-modules, --working-dir) is not part of it: the spec names the code."""
     return {
         "manifest": {"path": cfg.manifest, "rows": scan.rows, "image_ids_sha256": scan.ids_sha256},
-        "model": {"spec": spec, "checkpoint_sha256": _file_sha256(cfg.checkpoint)},
+        "model": {"spec": spec, "checkpoint_sha256": file_sha256(cfg.checkpoint)},
         "proxy": cfg.proxy, "proxy_split": cfg.proxy_split,
-        "proxy_bank_sha256": _file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
+        "proxy_bank_sha256": file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
         "strategy": cfg.strategy, "target_layer": cfg.target_layer, "reshape": cfg.reshape, "image_size": image_size,
         "top_k_channels": cfg.top_k_channels, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
         "keep_maps": cfg.keep_maps, "maps_dtype": cfg.maps_dtype if cfg.keep_maps else None,
-        "pairs_sha256": _pairs_sha256(pairs) if pairs is not None else None,
+        "pairs_sha256": pairs_sha256(pairs) if pairs is not None else None,
         "embcam": __version__,
     }
 
@@ -690,11 +670,7 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
         raise RuntimeError(f"results cover {covered(pieces, manifest_rows)} of {manifest_rows} manifest rows")
     counts, means = summarise(run)
     computed = manifest_rows - resumed
-    pairs = None
-    if cfg.pairs:
-        status = pq.read_table(run.piece_paths(PAIRS), filesystem=run.fs, columns=["status"]).column("status")
-        pairs = {"rows": len(status), "ok": int(pc.sum(pc.equal(status, "ok")).as_py() or 0)}
-        pairs["error"] = pairs["rows"] - pairs["ok"]
+    pairs = pair_counts(run) if cfg.pairs else None
     return {
         "config": asdict(cfg),
         "model": spec,

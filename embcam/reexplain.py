@@ -10,7 +10,6 @@ the same options resumes: pieces already written are skipped. No Ray here.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from . import __version__
 from .fetch import ReadLimits, read_bytes
 from .locations import has_scheme, resolve_uri
 from .maps import MapStore, read_maps_piece
-from .pairs import check_known, read_pairs, write_pairs
+from .pairs import check_known, pair_counts, pairs_sha256, read_pairs, write_pairs
 from .proxies import load_proxy_bank, proxy_table
 from .results import image_root_of, run_config, summarise
 from .runstate import (
@@ -31,7 +30,6 @@ from .runstate import (
     IDENTITY,
     MANIFEST,
     MAPS,
-    PAIRS,
     PROXIES,
     RESULTS,
     STATE,
@@ -39,7 +37,7 @@ from .runstate import (
     ManifestCopy,
     RunFolder,
     RunMismatch,
-    filesystem_path,
+    file_sha256,
     identity_differences,
     piece_name,
 )
@@ -71,7 +69,8 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
         check_known(table, pa.array(list(store.index), pa.string()), f"run {source}")
     identity = {"source": source if has_scheme(source) else os.path.abspath(source),
                 "source_identity": (run.identity or {}).get("identity"),
-                "proxy_bank_sha256": _sha256(proxies), "pairs_sha256": _sha256(pairs), "embcam": __version__}
+                "proxy_bank_sha256": file_sha256(proxies),
+                "pairs_sha256": pairs_sha256(table) if table is not None else None, "embcam": __version__}
     _start(new, identity, overwrite, out)
     config = run_config(source)
 
@@ -99,9 +98,7 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
 
     counts, metrics = summarise(new)
     if table is not None:
-        status = pq.read_table(new.piece_paths(PAIRS), filesystem=new.fs, columns=["status"]).column("status")
-        ok = sum(1 for s in status.to_pylist() if s == OK)
-        counts["pairs"] = {"rows": len(status), "ok": ok, "error": len(status) - ok}
+        counts["pairs"] = pair_counts(new)
     wall = time.time() - started
     summary = {
         "config": dict(config, out=out, proxy="bank" if bank else config.get("proxy"), proxies=proxies,
@@ -189,15 +186,6 @@ def _every(log, n: int, total: int) -> None:
         log(f"embcam reexplain: {n}/{total} pieces")
 
 
-def _sha256(path: str | None) -> str | None:
-    if path is None:
-        return None
-    fs, p = filesystem_path(path)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ rows no piece covers. ``_SUCCESS`` absent but ``run.json`` present means unfinis
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -157,6 +158,18 @@ def filesystem_path(location: str) -> tuple[pafs.FileSystem, str]:
     if has_scheme(location):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def file_sha256(uri: str | None) -> str | None:
+    """SHA-256 of a local file or object (None for None), read in 1 MiB chunks."""
+    if uri is None:
+        return None
+    fs, path = filesystem_path(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def piece_name(start: int, stop: int) -> str:

@@ -121,6 +121,14 @@ def _cast(column: pa.ChunkedArray, field: pa.Field, name: str) -> pa.ChunkedArra
                           f"which cannot be cast to {field.type}: {exc}") from None
 
 
+def list_column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """One list per row of ``values`` (n, width), in its dtype; null where not ``valid``."""
+    n, width = values.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1)),
+                                    mask=pa.array(~np.asarray(valid)))
+
+
 def _to_table(data: Any, schema: pa.Schema) -> pa.Table:
     if isinstance(data, pa.Table):
         return data

@@ -26,7 +26,7 @@ from .locations import resolve_uri
 from .metrics import THRESHOLDS, heatmap_metrics
 from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
-from .schemas import conform
+from .schemas import conform, list_column
 
 OK, ERROR = "ok", "error"
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
@@ -395,7 +395,7 @@ def to_results(batch: dict) -> pa.Table:
         if k in batch:
             values = np.asarray(batch[k], np.float32).reshape(n, -1)
             valid = ok & ~np.isnan(values).all(1) if k == "iou_sweep" else ok
-            cols[k] = _lists(values, valid)
+            cols[k] = list_column(values, valid)
     if "heatmap" in batch:
         h, w = np.asarray(batch["heatmap"]).shape[1:3]
         cols["heatmap_height"] = pa.array(np.full(n, h, np.int32), mask=~ok)
@@ -410,9 +410,3 @@ def to_results(batch: dict) -> pa.Table:
                 cols[k] = pa.array(values, pa.float32(), mask=null)
     return conform(pa.table(cols), "results")
 
-
-def _lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    n, width = values.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), pa.float32()),
-                                    mask=pa.array(~valid))
