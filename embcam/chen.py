@@ -65,7 +65,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -77,6 +76,8 @@ from .inference import prepare_for_inference
 from .locations import default_image_root
 from .manifest import read_manifest
 from .models import load_model
+from .progress import Progress
+from .results import summarise
 from .runstate import (
     DONE,
     IDENTITY,
@@ -89,7 +90,7 @@ from .runstate import (
     file_sha256,
     piece_name,
 )
-from .stages import OK, compute_metrics, flag_nan_boxes, load_images, resolved_target, to_results
+from .stages import OK, compute_metrics, load_images, manifest_batch, resolved_target, to_results
 
 PROXY_KIND = "chen"
 CHEN = "chen"  # RUN/_embcam/chen/: the training weights and the transfer of each test row
@@ -228,30 +229,6 @@ class ChenConfig:
                 "strategy": "chen-weight-transfer"}
 
 
-class _Progress:
-    """``embcam chen-baseline: <step>: done/total rows`` on stderr every few seconds and at the end."""
-
-    def __init__(self, enabled: bool, interval: float = 5.0):
-        self.enabled, self.interval = enabled, interval
-
-    def start(self, what: str, total: int) -> None:
-        self.what, self.total, self.done = what, total, 0
-        self.started = self.shown = time.monotonic()
-        self._show(f"{total} rows to do")
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        now = time.monotonic()
-        if self.done >= self.total or now - self.shown >= self.interval:
-            rate = self.done / max(now - self.started, 1e-9)
-            self._show(f"{self.done}/{self.total} rows, {rate:.1f} images/s")
-
-    def _show(self, text: str) -> None:
-        self.shown = time.monotonic()
-        if self.enabled:
-            print(f"embcam chen-baseline: {self.what}: {text}", file=sys.stderr, flush=True)
-
-
 class _Images:
     """Decoded, preprocessed model inputs of manifest rows (``embcam.stages.load_images``:
     a row that cannot be read becomes an error row with its reason)."""
@@ -281,7 +258,7 @@ def _rows_of_split(table: pa.Table, split: str, manifest: str, role: str) -> pa.
 
 
 def training_bank(cam: EmbeddingCAM, train: pa.Table, images: _Images, cfg: ChenConfig,
-                  progress: _Progress) -> tuple[TransferBank, dict]:
+                  progress: Progress) -> tuple[TransferBank, dict]:
     """The training images' weights: embeddings of every training row (pass 1), then the
     triplet weights of every anchor (pass 2). Returns the bank and what the summary says of it."""
     labelled = train.filter(pc.is_valid(train.column("label")))
@@ -291,21 +268,21 @@ def training_bank(cam: EmbeddingCAM, train: pa.Table, images: _Images, cfg: Chen
     embeddings = torch.zeros(0)
     has = np.zeros(n, bool)
     errors = []
-    progress.start("training images, embeddings", n)
-    for start in range(0, n, cfg.batch_size):
-        stop = min(n, start + cfg.batch_size)
-        loaded, ok, x = images.load({k: v[start:stop] for k, v in cols.items()})
-        errors += [str(e) for e in loaded["error"][loaded["status"] != OK]]
-        if len(ok):
-            with torch.inference_mode():
-                y = cam.model(x).float().cpu()
-            if embeddings.numel() == 0:
-                embeddings = torch.zeros(n, y.shape[1])
-            norms = y.norm(dim=1)
-            keep = torch.isfinite(norms) & (norms > 0)
-            embeddings[start + ok[keep.numpy()]] = y[keep]
-            has[start + ok[keep.numpy()]] = True
-        progress.add(stop - start)
+    with progress.step("training images, embeddings", n):
+        for start in range(0, n, cfg.batch_size):
+            stop = min(n, start + cfg.batch_size)
+            loaded, ok, x = images.load({k: v[start:stop] for k, v in cols.items()})
+            errors += [str(e) for e in loaded["error"][loaded["status"] != OK]]
+            if len(ok):
+                with torch.inference_mode():
+                    y = cam.model(x).float().cpu()
+                if embeddings.numel() == 0:
+                    embeddings = torch.zeros(n, y.shape[1])
+                norms = y.norm(dim=1)
+                keep = torch.isfinite(norms) & (norms > 0)
+                embeddings[start + ok[keep.numpy()]] = y[keep]
+                has[start + ok[keep.numpy()]] = True
+            progress.add(stop - start)
     usable = np.flatnonzero(has)
     anchors, positives, negatives = sample_triplets(labels[usable], cfg.triplets_per_image, cfg.seed)
     if not len(anchors):
@@ -316,19 +293,19 @@ def training_bank(cam: EmbeddingCAM, train: pa.Table, images: _Images, cfg: Chen
     anchors, positives, negatives = usable[anchors], usable[positives], usable[negatives]
     weights = torch.zeros(0)
     done = np.zeros(len(anchors), bool)
-    progress.start(f"training images, weights from {cfg.triplets_per_image} triplets each", len(anchors))
-    for start in range(0, len(anchors), cfg.batch_size):
-        rows = anchors[start:start + cfg.batch_size]
-        _, ok, x = images.load({k: v[rows] for k, v in cols.items()})  # read again: same bytes, same rows ok
-        if len(ok):
-            at = start + ok
-            y, w = triplet_weights(cam, x, embeddings[positives[at]].to(x.device),
-                                   embeddings[negatives[at]].to(x.device))
-            if weights.numel() == 0:
-                weights = torch.zeros(len(anchors), w.shape[1])
-            weights[at] = w.float().cpu()
-            done[at] = True
-        progress.add(len(rows))
+    with progress.step(f"training images, weights from {cfg.triplets_per_image} triplets each", len(anchors)):
+        for start in range(0, len(anchors), cfg.batch_size):
+            rows = anchors[start:start + cfg.batch_size]
+            _, ok, x = images.load({k: v[rows] for k, v in cols.items()})  # read again: same bytes, same rows ok
+            if len(ok):
+                at = start + ok
+                y, w = triplet_weights(cam, x, embeddings[positives[at]].to(x.device),
+                                       embeddings[negatives[at]].to(x.device))
+                if weights.numel() == 0:
+                    weights = torch.zeros(len(anchors), w.shape[1])
+                weights[at] = w.float().cpu()
+                done[at] = True
+            progress.add(len(rows))
     kept = anchors[done]
     a, p, n_ = (normalise(embeddings[i]) for i in (anchors, positives, negatives))
     gap = (a[:, None] - p).pow(2).sum(-1) - (a[:, None] - n_).pow(2).sum(-1)  # the un-hinged loss without margin
@@ -348,16 +325,6 @@ def _bank_table(bank: TransferBank) -> pa.Table:
     return pa.table({"image_id": pa.array([str(v) for v in bank.image_ids], pa.string()),
                      "label": pa.array([str(v) for v in bank.labels], pa.string()),
                      "embedding": lists(bank.embeddings), "weights": lists(bank.weights)})
-
-
-def _eval_batch(copy: ManifestCopy, start: int, stop: int) -> dict:
-    rows = copy.read(start, stop)
-    data = _columns(rows, rows.column_names)
-    nan_box = flag_nan_boxes(rows)
-    data["status"] = np.where(nan_box, "error", OK).astype(object)
-    data["error"] = np.where(nan_box, "bbox: a box coordinate is NaN (a row without a box has nulls)",
-                             None).astype(object)
-    return data
 
 
 def explain_rows(cam: EmbeddingCAM, batch: dict, images: _Images, bank: TransferBank, k: int,
@@ -405,7 +372,8 @@ def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
     cam = EmbeddingCAM(model, cfg.target_layer, "autograd", reshape=cfg.reshape)
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     images = _Images(preprocessing, image_root, device)
-    shown = _Progress(progress)
+    shown = Progress((lambda line: print(line, file=sys.stderr, flush=True)) if progress else None,
+                     prefix="embcam chen-baseline")
     bank, train_stats = training_bank(cam, train, images, cfg, shown)
     train_stats["seconds"] = round(time.time() - started, 3)
 
@@ -423,13 +391,13 @@ def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
     run.write_table(_bank_table(bank), STATE, CHEN, "train_weights.parquet")
 
     sources, test_started = [], time.time()
-    shown.start(f"test images ({cfg.eval_split}), transferred weights, top-{cfg.top_k_channels}", test.num_rows)
-    for start in range(0, test.num_rows, cfg.batch_size):
-        stop = min(test.num_rows, start + cfg.batch_size)
-        out, source = explain_rows(cam, _eval_batch(copy, start, stop), images, bank, cfg.top_k_channels)
-        run.write_table(to_results(compute_metrics(out)), RESULTS, piece_name(start, stop))
-        sources += [{"image_id": str(i), "source_image_id": s} for i, s in zip(out["image_id"], source)]
-        shown.add(stop - start)
+    with shown.step(f"test images ({cfg.eval_split}), transferred weights, top-{cfg.top_k_channels}", test.num_rows):
+        for start in range(0, test.num_rows, cfg.batch_size):
+            stop = min(test.num_rows, start + cfg.batch_size)
+            out, source = explain_rows(cam, manifest_batch(copy.read(start, stop)), images, bank, cfg.top_k_channels)
+            run.write_table(to_results(compute_metrics(out)), RESULTS, piece_name(start, stop))
+            sources += [{"image_id": str(i), "source_image_id": s} for i, s in zip(out["image_id"], source)]
+            shown.add(stop - start)
     run.write_table(pa.Table.from_pylist(sources, schema=pa.schema([("image_id", pa.string()),
                                                                     ("source_image_id", pa.string())])),
                     STATE, CHEN, "transfer.parquet")
@@ -446,15 +414,9 @@ def _summary(run: RunFolder, config: dict, spec: str, train_stats: dict, rows: i
     pieces = run.pieces(RESULTS)
     if covered(pieces, rows) != rows:
         raise RuntimeError(f"results cover {covered(pieces, rows)} of {rows} rows")
-    columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "iou",
-               "loc_correct", "ratio_bbox_topk", "ratio_mask_topk"]
-    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
-    ok = t[t.status == OK]
-    means = {c: (float(ok[c].dropna().astype(float).mean()) if ok[c].notna().any() else None) for c in columns[2:]}
+    counts, means = summarise(run)
     return {
-        "config": config, "model": spec, "plan": "chen-weight-transfer",
-        "counts": {"manifest": rows, "results": int(len(t)), "ok": int(len(ok)),
-                   "error": int((t.status != OK).sum()), "degenerate": int(ok.degenerate.fillna(False).sum())},
+        "config": config, "model": spec, "plan": "chen-weight-transfer", "counts": {"manifest": rows, **counts},
         "train": train_stats, "metrics": means, "wall_seconds": round(wall, 3),
         "versions": {"embcam": __version__, "torch": torch.__version__, "pyarrow": pa.__version__,
                      "python": platform.python_version()},

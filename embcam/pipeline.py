@@ -47,6 +47,7 @@ from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, write_maps
 from .models import BUILTIN_SOURCES, load_model
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
+from .progress import Progress
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
 from .results import summarise
 from .runstate import (
@@ -73,9 +74,9 @@ from .stages import (
     ExplainModel,
     ModelConfig,
     compute_metrics,
-    flag_nan_boxes,
     heatmaps_from_kept_maps,
     load_images,
+    manifest_batch,
     partial_sums,
     resolved_target,
     row_runs,
@@ -226,7 +227,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
                            cfg.batch_size if cfg.compile else None, cfg.reshape),
                preprocessing.size, cfg.limits(image_root), image_root, gpus,
-               _Progress(log if progress and not bars else None))
+               Progress(log if progress and not bars else None))
     proxies = bank
     if plan != "one-pass":
         proxies = load_proxy_bank(run.join(PROXIES), filesystem=run.fs) if run.exists(PROXIES) else None
@@ -356,12 +357,7 @@ class _Job:
 def _read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
                    image_root: str, size: int, limits: ReadLimits) -> dict:
     start, stop = ranges[int(batch["id"][0])]
-    rows = copy.read(int(start), int(stop))
-    data = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    nan_box = flag_nan_boxes(rows)
-    data["status"] = np.where(nan_box, "error", "ok").astype(object)
-    data["error"] = np.where(nan_box, "bbox: a box coordinate is NaN (a row without a box has nulls)",
-                             None).astype(object)
+    data = manifest_batch(copy.read(int(start), int(stop)))
     return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits))
 
 
@@ -697,37 +693,6 @@ def _rows_in(ranges: list[tuple[int, int]]) -> int:
 def _on_terminal() -> bool:
     """Ray Data draws its bars on stderr, and only where stdout is a terminal."""
     return sys.stdout.isatty() and sys.stderr.isatty()
-
-
-class _Progress:
-    """Rows done / total and images/s of each step, as a plain line through ``log`` every
-    ``interval`` seconds and at the end of the step; silent without ``log``."""
-
-    def __init__(self, log=None, interval: float = 5.0):
-        self.log, self.interval = log, interval
-        self.what, self.total, self.done, self.started, self.shown = "", 0, 0, 0.0, 0.0
-
-    @contextlib.contextmanager
-    def step(self, what: str, total: int):
-        self.what, self.total, self.done = what, total, 0
-        self.started = self.shown = time.monotonic()
-        self._show(f"{total} rows to do")
-        yield
-        self._show(f"{self.done}/{self.total} rows in {time.monotonic() - self.started:.1f} s, "
-                   f"{self._rate():.1f} images/s")
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        if self.done < self.total and time.monotonic() - self.shown >= self.interval:  # the end has its own line
-            self._show(f"{self.done}/{self.total} rows, {self._rate():.1f} images/s")
-
-    def _rate(self) -> float:
-        return self.done / max(time.monotonic() - self.started, 1e-9)
-
-    def _show(self, text: str) -> None:
-        self.shown = time.monotonic()
-        if self.log is not None:
-            self.log(f"embcam explain: {self.what}: {text}")
 
 
 class _RayNoise(logging.Filter):

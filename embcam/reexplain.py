@@ -41,7 +41,7 @@ from .runstate import (
     identity_differences,
     piece_name,
 )
-from .stages import OK, compute_metrics, heatmaps_from_kept_maps, reason, to_results
+from .stages import OK, compute_metrics, heatmaps_from_kept_maps, manifest_batch, reason, to_results
 
 RESULT_INPUTS = ("status", "error", "width", "height", "orientation")
 
@@ -156,7 +156,7 @@ def _explained_piece(run: RunFolder, copy: ManifestCopy, start: int, stop: int, 
     """One piece's rows explained against the bank: manifest rows + the run's decode
     results + the stored maps -> heatmaps, metrics, result rows."""
     rows = copy.read(start, stop)
-    batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    batch = manifest_batch(rows)  # status and error: the run's, below
     name = piece_name(start, stop)
     done = pq.read_table(run.join(RESULTS, name), filesystem=run.fs, columns=["image_id", *RESULT_INPUTS])
     maps = read_maps_piece(run.join(MAPS, name), run.fs)

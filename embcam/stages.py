@@ -83,6 +83,16 @@ def flag_nan_boxes(rows: pa.Table) -> np.ndarray:
     return bad
 
 
+def manifest_batch(rows: pa.Table) -> dict:
+    """Manifest rows as a batch of numpy columns, each row OK but for a NaN box (an error row)."""
+    data = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    nan_box = flag_nan_boxes(rows)
+    data["status"] = np.where(nan_box, ERROR, OK).astype(object)
+    data["error"] = np.where(nan_box, "bbox: a box coordinate is NaN (a row without a box has nulls)",
+                             None).astype(object)
+    return data
+
+
 def _present(batch: dict, column: str, i: int):
     value = batch[column][i] if column in batch else None
     return None if is_null(value) else value

@@ -208,10 +208,10 @@ def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
 
 
 def test_progress_lines_say_rows_done_of_total_and_images_per_second():
-    from embcam.pipeline import _Progress
+    from embcam.progress import Progress
 
     lines = []
-    progress = _Progress(lines.append, interval=0.0)  # a line at every batch
+    progress = Progress(lines.append, interval=0.0)  # a line at every batch
     with progress.step("heatmaps", 10):
         progress.add(4)
         progress.add(6)  # the last batch: the step's end line says it
@@ -219,7 +219,7 @@ def test_progress_lines_say_rows_done_of_total_and_images_per_second():
     assert re.fullmatch(r"embcam explain: heatmaps: 4/10 rows, \d+\.\d images/s", lines[1]), lines
     assert re.fullmatch(r"embcam explain: heatmaps: 10/10 rows in \d+\.\d s, \d+\.\d images/s", lines[2]), lines
     assert len(lines) == 3
-    silent = _Progress(None, interval=0.0)
+    silent = Progress(None, interval=0.0)
     with silent.step("heatmaps", 1):
         silent.add(1)  # nothing to show it to, and no error
 
