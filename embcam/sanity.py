@@ -22,11 +22,10 @@ import torch
 
 from .cli import OneLineParser, error_line
 from .fetch import ReadLimits
-from .images import write_image
 from .inference import prepare_for_inference
 from .models import load_model
 from .proxies import load_proxy_bank
-from .report.plot import draw_cascade, draw_curves
+from .report.plot import draw_cascade, draw_curves, write_plot
 from .report.runs import read_summary
 from .results import as_the_job_meant, image_root_of, open_results, read_rows
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion
@@ -97,11 +96,11 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
     folder = Path(out) if out else Path(run) / "sanity"
     folder.mkdir(parents=True, exist_ok=True)
     r = report["randomisation"]
-    _write_png(folder / "cascade.png", draw_cascade([s["randomised"] for s in r["steps"]],
+    write_plot(folder / "cascade.png", draw_cascade([s["randomised"] for s in r["steps"]],
                                                     [s["mean"] for s in r["steps"]],
                                                     [s["std"] for s in r["steps"]], THRESHOLD))
     d = report["deletion"]
-    _write_png(folder / "deletion.png", draw_curves(
+    write_plot(folder / "deletion.png", draw_curves(
         [{"name": METHOD_NAMES[m], "x": v["fractions"], "y": v["curve_mean"]} for m, v in d["methods"].items()],
         f"deletion ({fill} fill): mean cosine of the embedding to its proxy", "fraction of the image removed"))
     (folder / "sanity.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -192,10 +191,6 @@ def _deletion(curves: dict, fill: str, steps: int) -> dict:
     return {"fill": fill, "steps": steps, "random_orders": RANDOM_ORDERS, "methods": methods,
             "heatmap_below_random": float(np.mean(auc["heatmap"] < auc["random"])),
             "heatmap_below_uniform": float(np.mean(auc["heatmap"] < auc["uniform"]))}
-
-
-def _write_png(path: Path, bgr) -> None:
-    write_image(path, bgr[..., ::-1])  # plots are drawn in BGR; write_image takes RGB
 
 
 def format_report(report: dict) -> str:

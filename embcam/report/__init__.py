@@ -56,12 +56,11 @@ import shutil
 from pathlib import Path
 
 from embcam.cli import OneLineParser
-from embcam.images import write_image
 from embcam.locations import safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
 from embcam.report.pairs import has_pairs, pairs_section
-from embcam.report.plot import draw_histogram, draw_sweep
+from embcam.report.plot import draw_histogram, draw_sweep, write_plot
 from embcam.report.render import render_html, render_markdown, render_report_html, render_report_markdown
 from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
@@ -101,7 +100,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
         for name, hist in entry["histograms"].items():
             if hist and hist.get("counts"):
                 hist["file"] = f"histograms/{folder}-{name}.png"
-                _write_png(out / hist["file"], draw_histogram(hist, f"{HISTOGRAM_TITLES[name]}: {entry['run']}"))
+                write_plot(out / hist["file"], draw_histogram(hist, f"{HISTOGRAM_TITLES[name]}: {entry['run']}"))
     annotated = any(e["counts"]["with_box"] or e["counts"]["with_mask"] for e in entries)
     report = {"split": split, "catalog": entries, "table1": None,
               "table1_note": None if annotated else NO_ANNOTATIONS,
@@ -113,7 +112,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     if annotated:
         table, ok_ids = evaluate(runs, split, allow_partial)
         table["overlays"] = write_overlays(table, ok_ids, out, overlays)
-        _write_png(out / "sweep.png", draw_sweep(table))
+        write_plot(out / "sweep.png", draw_sweep(table))
         report["table1"] = table
     (out / "report.md").write_text(render_report_markdown(report), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
@@ -143,12 +142,6 @@ def sanity_section(run: str, out: Path, folder: str) -> dict | None:
             shutil.copyfile(source / f"{name}.png", out / folder / f"{name}.png")
             entry["files"][name] = f"{folder}/{name}.png"
     return entry
-
-
-def _write_png(path: Path, bgr) -> None:
-    """A plot (BGR, as OpenCV draws it) as a PNG, its folder made first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, bgr[..., ::-1])  # a view: write_image flips it back to BGR
 
 
 def main(argv: list[str] | None = None) -> int:

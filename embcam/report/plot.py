@@ -3,9 +3,12 @@ method), histograms, and the sanity check's cascade and deletion curves."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
+from embcam.images import write_image
 from embcam.metrics import LOC_IOU, THRESHOLDS
 
 _PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
@@ -148,3 +151,10 @@ def draw_curves(curves: list[dict], title: str, xlabel: str, width: int = 760, h
         cv2.line(img, (right + 12, y), (right + 32, y), colour, 2, cv2.LINE_AA)
         cv2.putText(img, c["name"][:26], (right + 38, y + 4), font, 0.4, black, 1, cv2.LINE_AA)
     return img
+
+
+def write_plot(path, bgr: np.ndarray) -> None:
+    """A plot (BGR, as OpenCV draws it) as a PNG, its folder made first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image(path, bgr[..., ::-1])  # a view: write_image flips it back to BGR
