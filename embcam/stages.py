@@ -164,7 +164,7 @@ class ExplainModel:
                          if top_k_channels else None)
         self.proxy_mode, self.output, self.split, self.keep_maps = proxy_mode, output, split, keep_maps
         # the E maps to store: the heatmaps' own when the strategy forms them, else one more computation
-        self.cam_maps = self.cam if strategy == "embedding-map" else EmbeddingCAM(
+        self.cam_maps = self.cam if strategy == "embedding-map" or not keep_maps else EmbeddingCAM(
             self.model, model.target_layer, "embedding-map", reshape=model.reshape)
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
         # A probe (which also compiles): the output shapes, so every batch has every column.
