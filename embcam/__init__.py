@@ -7,7 +7,7 @@
 
 The core (this package minus ``embcam.pipeline``) never imports Ray.
 """
-__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), embcam --version says it
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it (dynamic version), embcam --version says it
 
 from .cam import CAMResult, EmbeddingCAM, heatmaps_from_maps, normalise
 from .inference import prepare_for_inference

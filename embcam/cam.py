@@ -76,6 +76,25 @@ def heatmaps_from_maps(maps: Tensor, proxies: Tensor) -> Tensor:
         return torch.relu(torch.einsum("bdhw,bpd->bphw", maps, p))
 
 
+def embedding_map_path(model: nn.Module, target_layer: str | None = None, reshape: Reshape | None = None) -> str:
+    """The path the embedding-map strategy takes on ``model`` ("closed-form",
+    "pooled-jacobian" or "vjp"), from its structure alone (a torch.fx trace, no forward)."""
+    return EmbeddingCAM(model, target_layer, "embedding-map", reshape=reshape).path
+
+
+def cheapest_strategy(path: str, proxies_per_image: int, embedding_dim: int, maps_needed: bool = False) -> str:
+    """The cheaper of the two exact strategies for images explained against
+    ``proxies_per_image`` proxies each, on a model whose embedding-map path is ``path``.
+
+    On the closed-form and pooled-Jacobian paths E comes with one plain forward (the
+    Jacobian, if any, is of a small head on a K-vector), so "embedding-map" costs no more
+    than inference. On the "vjp" path E costs d backward passes per image against P for
+    "autograd": E maps only when they are needed anyway, or when P >= d."""
+    if maps_needed or path != "vjp" or proxies_per_image >= embedding_dim:
+        return "embedding-map"
+    return "autograd"
+
+
 def normalise(y: Tensor, eps: float = 1e-12) -> Tensor:
     """y / |y| along the last axis (a zero vector stays zero)."""
     return y / y.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -61,13 +61,22 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                             "(map-reduce over the manifest); onehot: Grad-CAM on a classifier's logit <label>")
     proxy.add_argument("--proxies", metavar="BANK.parquet", help="explain against a proxy bank (label, proxy)")
     p.add_argument("--proxy-split", metavar="S", help="with --proxy mean: build proxies from rows of split S only")
-    p.add_argument("--strategy", default="auto", choices=["auto", "streaming", "two-pass", "embedding-map"],
-                   help="how heatmaps are made. With --proxy mean: streaming = pass 1 embeds and reduces the "
-                        "proxies, pass 2 explains (nothing held between them); two-pass = the same with the "
-                        "paper's autograd computation in pass 2; embedding-map = one model pass keeping every "
-                        "image's E map until the reduce (small runs); auto = embedding-map while the maps fit "
-                        "in a tenth of the object store, else streaming. Other proxies: two-pass = autograd, "
-                        "anything else = the closed form ReLU(E.p)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "stored-maps", "streaming", "two-pass",
+                                                          "embedding-map"],
+                   help="the plan for --proxy mean. stored-maps = pass 1 embeds and stores each image's E map "
+                        "in OUT/maps/ (--maps-dtype), pass 2 makes heatmaps from them with no image or model; "
+                        "streaming = pass 1 embeds, pass 2 decodes and explains every image again; two-pass = "
+                        "streaming with the paper's autograd computation in pass 2; embedding-map = one model "
+                        "pass keeping every E map in the object store until the reduce (small runs); auto "
+                        "(default) chooses from the model and the costs, and summary.json says why. Other "
+                        "proxies: two-pass = autograd; anything else = the cheapest exact computation")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="the model's forward under autocast (default: bf16 on a GPU that supports it, else "
+                        "fp32); the CAM arithmetic and every stored value stay float32 (README: what it costs)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every JPEG at full size: by default one at least twice the model input on both "
+                        "sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (about 2x faster, pixels "
+                        "within about 1/255, see BENCHMARKS.md); boxes, masks and sizes are always the full image's")
     p.add_argument("--image-root", help="folder or URI prefix for relative uris (default: the manifest's folder)")
     p.add_argument("--allowed-prefix", action="append", metavar="PREFIX",
                    help="read images only under --image-root and this folder or URI prefix (repeatable); "
@@ -123,7 +132,8 @@ def explain_config(args: argparse.Namespace):
         image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
         block_rows=args.block_rows, num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
         keep_maps=args.keep_maps, maps_dtype=args.maps_dtype, pairs=args.pairs,
-        compile=args.compile, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+        compile=args.compile, precision=args.precision, full_decode=args.full_decode,
+        max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         read_timeout=args.read_timeout,
         allowed_prefixes=(args.allowed_prefix or []) if args.confine_uris or args.allowed_prefix else None,
         py_modules=args.py_modules, working_dir=args.working_dir,

@@ -11,6 +11,10 @@ decoded; the header is understood for JPEG, PNG, GIF, BMP, WebP and TIFF, and ot
 are then refused since their size cannot be checked. Error messages give formats and sizes,
 never bytes of the file.
 
+For the network, :func:`decode_resized` decodes a large JPEG at 1/2, 1/4 or 1/8 scale
+(libjpeg's scaled IDCT, which skips most of the decode work) when the reduced image still
+has both sides at least the network's input size; everything else is decoded in full.
+
 OpenCV runs its own thread pool; callers that run one decode per CPU (Ray tasks) may want
 ``cv2.setNumThreads(1)``. This module leaves thread settings alone.
 """
@@ -195,6 +199,18 @@ def _to_display(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(array[::rows, ::columns])
 
 
+def _cv_decode(data: bytes, flags: int, fmt: str | None) -> np.ndarray:
+    """``cv2.imdecode`` with its failures as :class:`ImageDecodeError`."""
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:  # e.g. larger than OpenCV's own pixel limit
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    if array is None:
+        raise ImageDecodeError(f"cannot decode image: unknown format or corrupt data "
+                               f"({fmt or 'unknown format'}, {len(data)} bytes)")
+    return array
+
+
 def _imdecode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
     """The decoded array in display orientation (channels in OpenCV's BGR(A) order, dtype as
     stored) and the EXIF orientation that was applied."""
@@ -209,13 +225,8 @@ def _imdecode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
                 f"{len(data)} bytes), so it cannot be checked against the pixel limit "
                 f"(--max-pixels); the size is read from JPEG, PNG, GIF, BMP, WebP and TIFF files")
         _check_pixels(*size, max_pixels)
-    try:  # IMREAD_UNCHANGED: OpenCV applies no EXIF orientation (except to TIFF, see below)
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:  # e.g. larger than OpenCV's own pixel limit
-        raise ImageDecodeError(f"cannot decode image: {exc}") from None
-    if array is None:
-        raise ImageDecodeError(f"cannot decode image: unknown format or corrupt data "
-                               f"({fmt or 'unknown format'}, {len(data)} bytes)")
+    # IMREAD_UNCHANGED: OpenCV applies no EXIF orientation (except to TIFF, see below)
+    array = _cv_decode(data, cv2.IMREAD_UNCHANGED, fmt)
     orientation = exif_orientation(data)
     if fmt == "TIFF":  # OpenCV's TIFF decoder applies the Orientation tag itself
         return array, orientation
@@ -320,6 +331,49 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] < size or image.shape[1] < size:
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(image)
+
+
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(width: int, height: int, size: int) -> int:
+    """The libjpeg scale denominator (1, 2, 4 or 8) to decode a width x height JPEG with
+    before resizing it to ``size``: the largest f whose reduced image, ceil(w / f) x
+    ceil(h / f) pixels, still has both sides >= ``size``; 1 when even 2 is too much. So
+    the final resize always shrinks (INTER_AREA) and never enlarges a reduced image."""
+    for factor in (8, 4, 2):
+        if -(-width // factor) >= size and -(-height // factor) >= size:
+            return factor
+    return 1
+
+
+def decode_resized(data: bytes, size: int, max_pixels: int | None = None,
+                   reduce: bool = True) -> tuple[np.ndarray, int, int, int]:
+    """Encoded image bytes as (the (size, size, 3) uint8 RGB input of the network, width,
+    height, EXIF orientation), width and height being those of the full displayed image,
+    as :func:`decode_image_oriented` gives them.
+
+    A JPEG at least twice ``size`` on both sides is decoded at 1/2, 1/4 or 1/8 scale
+    (:func:`jpeg_reduction`) and then resized: much cheaper than a full decode, and close
+    to it, not equal (the scaled IDCT averages blocks a little differently from
+    INTER_AREA). Anything else, and every image with ``reduce=False``, gives exactly
+    ``resize_square(decode_image_oriented(data, max_pixels)[0], size)``. ``max_pixels``
+    and errors as for :func:`decode_image_oriented`.
+    """
+    stored = image_size_from_header(data) if reduce and _format(data) == "JPEG" else None
+    factor = jpeg_reduction(*stored, size) if stored else 1  # both sides count: orientation can't matter
+    if factor == 1:
+        image, orientation = decode_image_oriented(data, max_pixels)
+        return resize_square(image, size), image.shape[1], image.shape[0], orientation
+    if max_pixels is not None:
+        _check_pixels(*stored, max_pixels)
+    # OpenCV's colour decode makes grey and CMYK JPEGs BGR; orientation is applied here, as
+    # for a full decode, so the flag keeps OpenCV from applying it too.
+    bgr = _cv_decode(data, _REDUCED_COLOR[factor], "JPEG")
+    orientation = exif_orientation(data)
+    image = cv2.cvtColor(_to_display(bgr, orientation), cv2.COLOR_BGR2RGB)
+    width, height = stored if orientation < 5 else stored[::-1]
+    return resize_square(image, size), width, height, orientation
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, params: tuple | list = ()) -> None:

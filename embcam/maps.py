@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .runstate import MAPS, RunFolder
+from .runstate import MAPS, RunFolder, piece_name
 from .schemas import conform, list_column
 
 MAPS_DTYPES = ("float16", "float32")
@@ -21,14 +21,19 @@ OK = "ok"
 
 
 def maps_table(batch: dict, dtype: str = "float16") -> pa.Table:
-    """A batch's ``maps`` (n, d, h, w), ``embedding``, ``status`` and ``error`` as rows of
-    the ``maps`` contract, E stored as ``dtype``; error rows have nulls."""
+    """A batch's ``maps`` (n, d, h, w), ``embedding``, ``status``, ``error`` and, where the
+    batch has them, the image's ``width``, ``height`` and ``orientation``, as rows of the
+    ``maps`` contract, E stored as ``dtype``; error rows have nulls."""
     if dtype not in MAPS_DTYPES:
         raise ValueError(f"maps dtype must be one of {MAPS_DTYPES}, got {dtype!r}")
     maps = np.asarray(batch["maps"])
     n, d, h, w = maps.shape
     ok = np.asarray(batch["status"] == OK)
+    decoded = ok | (np.asarray(batch["width"]) > 0) if "width" in batch else np.zeros(n, bool)
+    size = {k: pa.array(np.asarray(batch[k], np.int32), mask=~decoded)
+            for k in ("width", "height", "orientation") if k in batch}
     table = conform({
+        **size,
         "image_id": pa.array([str(v) for v in batch["image_id"]], pa.string()),
         "status": pa.array([str(v) for v in batch["status"]], pa.string()),
         "error": pa.array([None if v is None else str(v) for v in batch["error"]], pa.string()),
@@ -116,11 +121,15 @@ class MapStore:
 
 def read_maps_piece(path: str, filesystem=None) -> dict:
     """One stored piece: ``status``, ``error`` (object arrays), ``embedding`` (n, d) and
-    ``maps`` (n, d, h, w) as float32, zero where the image failed (None when all did)."""
+    ``maps`` (n, d, h, w) as float32, zero where the image failed (None when all did), and
+    the image's ``width``, ``height`` and ``orientation`` where stored."""
     table = pq.read_table(path, filesystem=filesystem)
     status = np.array(table.column("status").to_pylist(), dtype=object)
     piece = {"image_id": np.array(table.column("image_id").to_pylist(), dtype=object), "status": status,
              "error": np.array(table.column("error").to_pylist(), dtype=object), "embedding": None, "maps": None}
+    for k in ("width", "height", "orientation"):  # absent from maps stored before embcam 0.2
+        if k in table.column_names:
+            piece[k] = table.column(k).fill_null(0).to_numpy().astype(np.int32)
     ok = np.flatnonzero(status == OK)
     if len(ok):
         first = int(ok[0])
@@ -128,6 +137,32 @@ def read_maps_piece(path: str, filesystem=None) -> dict:
         piece["embedding"] = _dense(table.column("embedding"), ok, (shape[0],))
         piece["maps"] = _dense(table.column(MAPS), ok, shape)
     return piece
+
+
+def read_stored_rows(run: RunFolder, pieces: list[tuple[int, int]], start: int, stop: int) -> dict:
+    """Manifest rows [start, stop) from the stored maps ``pieces`` (their row ranges, which
+    must cover it): ``status``, ``error``, ``embedding``, ``maps`` (float32, zero where the
+    image failed) and the image's ``width``, ``height`` and ``orientation`` (0 where null)."""
+    parts = []
+    for a, b in pieces:
+        if a < stop and b > start:
+            piece = read_maps_piece(run.join(MAPS, piece_name(a, b)), run.fs)
+            lo, hi = max(start, a) - a, min(stop, b) - a
+            parts.append({k: None if v is None else v[lo:hi] for k, v in piece.items()})
+    rows = sum(len(part["status"]) for part in parts)
+    if rows != stop - start:
+        raise RuntimeError(f"stored maps hold {rows} of manifest rows {start}-{stop}: pass 1 is incomplete")
+    grid = next(part["maps"].shape[1:] for part in parts if part["maps"] is not None) if any(
+        part["maps"] is not None for part in parts) else None
+    out = {}
+    for key in piece.keys():
+        if key in ("embedding", "maps"):
+            shape = (grid[:1] if key == "embedding" else grid) if grid else (0,)
+            out[key] = np.concatenate([part[key] if part[key] is not None
+                                       else np.zeros((len(part["status"]),) + shape, np.float32) for part in parts])
+        else:
+            out[key] = np.concatenate([part[key] for part in parts])
+    return out
 
 
 def _dense(column: pa.ChunkedArray, ok: np.ndarray, shape: tuple) -> np.ndarray:

@@ -24,7 +24,6 @@ import importlib.machinery
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -39,12 +38,12 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .attempts import Attempts, fault_point
-from .cam import RESHAPES, EmbeddingCAM
+from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .locations import default_image_root, has_scheme
 from .manifest import ManifestError, scan_manifest
-from .maps import MAPS_DTYPES, MapStore, write_maps
+from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
 from .models import BUILTIN_SOURCES, load_model
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
@@ -71,11 +70,13 @@ from .runstate import (
     piece_name,
 )
 from .stages import (
+    PRECISIONS,
     ExplainModel,
     ModelConfig,
     compute_metrics,
     heatmaps_from_kept_maps,
     load_images,
+    load_masks,
     manifest_batch,
     partial_sums,
     resolved_target,
@@ -84,7 +85,7 @@ from .stages import (
 )
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
-JOB_STRATEGIES = ("auto", "streaming", "two-pass", "embedding-map")
+JOB_STRATEGIES = ("auto", "stored-maps", "streaming", "two-pass", "embedding-map")
 KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
@@ -110,6 +111,9 @@ class ExplainConfig:
     maps_dtype: str = "float16"         # of the stored maps: float16 | float32
     pairs: str | None = None            # explain these (query_id, match_id) pairs; only their images run
     compile: bool = False               # torch.compile each worker's backbone (start-up, then faster)
+    precision: str | None = None        # the forward's autocast: fp32 | bf16 | fp16 (None: bf16 on a GPU
+                                        # that has it, else fp32)
+    full_decode: bool = False           # decode every JPEG at full size (no DCT-domain reduction)
     max_pixels: int = ReadLimits.max_pixels
     max_bytes: int = ReadLimits.max_bytes
     read_timeout: float = ReadLimits.read_timeout
@@ -148,9 +152,11 @@ class ExplainConfig:
             raise ValueError("--read-timeout must be > 0")
         if self.top_k_channels is not None and self.top_k_channels < 1:
             raise ValueError("--top-k-channels must be >= 1")
-        if self.top_k_channels and self.proxy == "mean" and self.strategy == "embedding-map":
-            raise ValueError("--top-k-channels needs the channel weights, which the embedding-map "
-                             "strategy never forms: use --strategy streaming, two-pass or auto")
+        if self.top_k_channels and self.proxy == "mean" and self.strategy in ("embedding-map", "stored-maps"):
+            raise ValueError(f"--top-k-channels needs the channel weights, which the {self.strategy} plan "
+                             "never forms: use --strategy streaming, two-pass or auto")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
 
     def limits(self, image_root: str) -> ReadLimits:
         prefixes = None if self.allowed_prefixes is None else (image_root, *self.allowed_prefixes)
@@ -187,7 +193,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
         identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
         state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
-        dims = None if state == "complete" else _output_dims(net, cfg, preprocessing.size)
+        shape = None if state == "complete" else _output_shape(net, cfg, preprocessing.size)
     del net
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     if state == "complete":
@@ -211,10 +217,13 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
 
     if state == "fresh":
         block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
-        plan, reason = _choose_plan(cfg, scan.rows, dims)
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        plan, reason = choose_plan(cfg, scan.rows, shape, preprocessing.size, store)
+        device, precision = _device_and_precision(cfg.precision, gpus)
         _copy_manifest(cfg, run, block_rows, pairs)
         run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason,
-                        "rows": scan.rows, "block_rows": block_rows, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                        "device": device, "precision": precision, "rows": scan.rows, "block_rows": block_rows,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
                        STATE, IDENTITY)               # written last: the run exists from here on
     saved = run.read_json(STATE, IDENTITY)
     plan, block_rows = saved["plan"], saved["block_rows"]
@@ -225,30 +234,33 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
-                           cfg.batch_size if cfg.compile else None, cfg.reshape),
-               preprocessing.size, cfg.limits(image_root), image_root, gpus,
+                           cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"]),
+               shape, cfg.limits(image_root), image_root, gpus,
                Progress(log if progress and not bars else None))
     proxies = bank
     if plan != "one-pass":
         proxies = load_proxy_bank(run.join(PROXIES), filesystem=run.fs) if run.exists(PROXIES) else None
-    if proxies is None and plan in ("streaming", "two-pass"):
-        proxies = job.mean_proxies_pass()
-        job.explain_pass("mean", proxies, "embedding-map" if plan == "streaming" else "autograd",
-                         what="pass 2 of 2, heatmaps")
-    elif proxies is None and plan == "embedding-map":
-        job.kept_maps_pass()
-    elif plan == "one-pass":
+    if plan == "one-pass":
         if bank is not None:  # the bank explained against, kept with the run
             run.write_table(proxy_table(bank), PROXIES)
-        job.explain_pass(cfg.proxy, bank, "autograd" if cfg.strategy == "two-pass" else "embedding-map")
-    else:  # mean proxies persisted by an earlier attempt: only heatmaps are left
-        job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else "embedding-map")
+        job.explain_pass(cfg.proxy, bank, "autograd" if cfg.strategy == "two-pass" else None)
+    elif plan == "embedding-map" and proxies is None:
+        job.kept_maps_pass()
+    elif plan == "embedding-map":  # mean proxies persisted by an earlier attempt: only heatmaps are left
+        job.explain_pass("mean", proxies)
+    elif plan == "stored-maps":
+        job.stored_maps_pass2(proxies if proxies is not None else job.mean_proxies_pass(store_maps=True))
+        if not cfg.keep_maps and pairs is None:  # written for pass 2 only
+            run.delete(MAPS)
+    else:  # streaming, two-pass: pass 2 explains again from the images
+        proxies = proxies if proxies is not None else job.mean_proxies_pass(store_maps=False)
+        job.explain_pass("mean", proxies, "autograd" if plan == "two-pass" else None, what="pass 2 of 2, heatmaps")
 
     if pairs is not None:
         job.pairs_pass(pairs)
         if not cfg.keep_maps:  # written for the pairs only
             run.delete(MAPS)
-    summary = _summary(cfg, run, spec, saved, gpus, scan.rows, resumed, time.time() - started)
+    summary = _summary(cfg, run, spec, saved, job.passes, gpus, scan.rows, resumed, time.time() - started)
     run.write_json(summary, SUMMARY)
     run.write_bytes(b"", DONE)                        # the completion marker, last
     run.delete(STATE, ATTEMPTS)
@@ -258,15 +270,16 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
 class _Job:
     """The Ray Data passes of one run, over the row ranges not yet committed."""
 
-    def __init__(self, cfg, run, copy, rows, model_cfg, size, limits, image_root, gpus, progress):
+    def __init__(self, cfg, run, copy, rows, model_cfg, shape, limits, image_root, gpus, progress):
         self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
-        self.size, self.limits, self.image_root, self.progress = size, limits, image_root, progress
+        self.shape, self.limits, self.image_root, self.progress = shape, limits, image_root, progress
         self.actor = _actor_options(gpus, cfg.batch_size)
         # E maps are stored when kept, and for the pairs (which read them back) in full precision
         self.maps_dtype = cfg.maps_dtype if cfg.keep_maps else "float32" if cfg.pairs else None
         # the model stage's worker-death markers: on each node's own disk (see embcam.attempts)
         self.markers = run if run.local else RunFolder(os.path.join(
             tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16]))
+        self.passes: dict[str, dict] = {}  # what each model pass computed, and how (for the summary)
 
     def loaded(self, pending: list[tuple[int, int]]):
         """The images of the pending row ranges, one read task per range."""
@@ -275,20 +288,27 @@ class _Job:
         ranges = np.asarray(pending, np.int64).reshape(-1, 2)
         return (ray.data.range(len(ranges), override_num_blocks=len(ranges))
                 .map_batches(_read_and_load, batch_size=1, num_cpus=1, batch_format="numpy",
-                             fn_args=(self.copy, ranges, self.run, self.image_root, self.size, self.limits)))
+                             fn_args=(self.copy, ranges, self.run, self.image_root, self.model_cfg.image_size,
+                                      self.limits, not self.cfg.full_decode)))
 
-    def model(self, ds, proxy_mode, proxies, output, strategy="embedding-map", top_k=None):
-        kwargs = dict(model=self.model_cfg, proxy_mode=proxy_mode, proxies=proxies, strategy=strategy,
-                      top_k_channels=top_k, output=output, split=self.cfg.proxy_split, run=self.markers,
-                      keep_maps=self.maps_dtype is not None and output == "heatmaps")
+    def model(self, ds, what: str, proxy_mode, proxies, output, strategy=None, top_k=None):
+        """``ds`` through the model actors; ``strategy`` None: the cheapest exact one for this
+        output (``cheapest_strategy``), recorded with the CAM path under ``what``."""
+        keep_maps = self.maps_dtype is not None and output == "heatmaps"
+        if output == "embeddings":
+            self.passes[what] = {"output": output, "cam": None}
+        else:
+            path = self.shape["path"]
+            strategy = strategy or cheapest_strategy(path, 1, self.shape["dims"][0], output == "maps" or keep_maps)
+            self.passes[what] = {"output": output, "strategy": strategy,
+                                 "cam_path": path if strategy == "embedding-map" else "autograd"}
+        kwargs = dict(model=self.model_cfg, proxy_mode=proxy_mode, proxies=proxies, top_k_channels=top_k,
+                      strategy=strategy or "embedding-map", output=output, run=self.markers, keep_maps=keep_maps)
         return ds.map_batches(ExplainModel, fn_constructor_kwargs=kwargs, batch_format="numpy", **self.actor)
 
-    def commit(self, ds, kind: str) -> None:
-        """Run ``ds`` to the end, committing each batch's rows as pieces (progress on the way)."""
-        if kind == RESULTS:
-            fn, args = _commit_results, (self.run, self.maps_dtype)
-        else:
-            fn, args = _commit_partials, (self.run,)
+    def commit(self, ds, fn, *args) -> None:
+        """Run ``ds`` to the end through ``fn``, which commits each batch's rows as pieces
+        and returns their count (progress on the way)."""
         done = ds.map_batches(fn, fn_args=args, batch_format="numpy", num_cpus=1,
                               batch_size=self.copy.block_rows)  # about one piece per block
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
@@ -297,30 +317,57 @@ class _Job:
     def pending(self, *folder: str) -> list[tuple[int, int]]:
         return pending_blocks(self.run.pieces(*folder), self.rows, self.copy.block_rows)
 
-    def explain_pass(self, proxy_mode, proxies, strategy, what="heatmaps") -> None:
+    def explain_pass(self, proxy_mode, proxies, strategy=None, what="heatmaps") -> None:
         todo = self.pending(RESULTS)
         if todo:
             with self.progress.step(what, _rows_in(todo)):
-                self.commit(self.model(self.loaded(todo), proxy_mode, proxies, "heatmaps", strategy,
-                                       self.cfg.top_k_channels), RESULTS)
+                explained = self.model(self.loaded(todo), what, proxy_mode, proxies, "heatmaps", strategy,
+                                       self.cfg.top_k_channels)
+                self.commit(explained, _commit_results, self.run, self.maps_dtype)
 
-    def mean_proxies_pass(self) -> dict:
-        """Pass 1: embeddings only, per-class partial sums committed per piece, then the
-        reduce; ``proxies.parquet`` is written before any heatmap."""
+    def mean_proxies_pass(self, store_maps: bool) -> dict:
+        """Pass 1: embeddings (with ``store_maps``, their E maps too, into ``OUT/maps/``)
+        and per-class partial sums, committed per run of manifest rows; then the reduce.
+        ``proxies.parquet`` is written before any heatmap."""
         todo = self.pending(STATE, PARTIALS)
         if todo:
-            with self.progress.step("pass 1 of 2, embeddings for the class proxies", _rows_in(todo)):
-                self.commit(self.model(self.loaded(todo), "mean", None, "partials"), PARTIALS)
+            what = "pass 1 of 2, embeddings and maps" if store_maps else "pass 1 of 2, embeddings"
+            with self.progress.step(what, _rows_in(todo)):
+                embedded = self.model(self.loaded(todo), what, "mean", None, "maps" if store_maps else "embeddings")
+                dtype = (self.maps_dtype or self.cfg.maps_dtype) if store_maps else None
+                self.commit(embedded, _commit_pass1, self.run, self.cfg.proxy_split, dtype)
+        fault_point("reduce", ["*"])
         table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
                               schema=PARTIALS_SCHEMA)
         acc = _add_partials(MeanProxyAccumulator(), *(table.column(c).to_pylist() for c in ("label", "sum", "count")))
         return self._persist(acc)
 
+    def stored_maps_pass2(self, proxies: dict) -> None:
+        """Pass 2 of the stored-maps plan: heatmaps ReLU(E . p) and metrics from the maps
+        pass 1 stored, on CPU tasks; no image is decoded (masks are read, for the metrics)
+        and no model runs."""
+        import ray
+
+        todo = self.pending(RESULTS)
+        if not todo:
+            return
+        what = "pass 2 of 2, heatmaps from the stored maps"
+        self.passes[what] = {"output": "heatmaps", "strategy": "embedding-map", "cam_path": "stored maps"}
+        ranges = np.asarray(todo, np.int64).reshape(-1, 2)
+        with self.progress.step(what, _rows_in(todo)):
+            done = (ray.data.range(len(ranges), override_num_blocks=len(ranges))
+                    .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
+                                 fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.image_root,
+                                          self.limits, ray.put(proxies))))
+            for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+                self.progress.add(int(np.sum(batch["rows"])))
+
     def kept_maps_pass(self) -> None:
         """One model pass keeping every image's E map until the reduce (small runs only)."""
         todo = self.pending(RESULTS)
-        with self.progress.step("embeddings and maps, kept for the class proxies", _rows_in(todo)):
-            kept = self.model(self.loaded(todo), "mean", None, "maps").materialize()
+        what = "embeddings and maps, kept for the class proxies"
+        with self.progress.step(what, _rows_in(todo)):
+            kept = self.model(self.loaded(todo), what, "mean", None, "maps").materialize()
             self.progress.add(_rows_in(todo))  # materialize() tells nothing on the way: all rows at once
         acc = MeanProxyAccumulator()
         partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
@@ -331,7 +378,7 @@ class _Job:
         with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
             heatmaps = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies, self.maps_dtype is not None),
                                         batch_format="numpy")
-            self.commit(heatmaps, RESULTS)
+            self.commit(heatmaps, _commit_results, self.run, self.maps_dtype)
 
     def pairs_pass(self, pairs: pa.Table) -> None:
         """Pair explanations from the stored E maps, on this process (no model: two
@@ -355,10 +402,10 @@ class _Job:
 
 
 def _read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                   image_root: str, size: int, limits: ReadLimits) -> dict:
+                   image_root: str, size: int, limits: ReadLimits, reduce: bool) -> dict:
     start, stop = ranges[int(batch["id"][0])]
     data = manifest_batch(copy.read(int(start), int(stop)))
-    return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits))
+    return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits, reduce))
 
 
 def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
@@ -378,23 +425,39 @@ def _commit_results(batch: dict, run: RunFolder, maps_dtype: str | None = None) 
     return {"rows": np.array([len(rows)])}
 
 
-def _commit_partials(batch: dict, run: RunFolder) -> dict:
-    """Partial sums arrive one row per (run of rows, label). Adjacent runs are merged (their
-    sums added per label) and each merged run is committed as one piece; a run without a
-    labelled row still gets a piece (one null-label row), so its rows count as done."""
-    starts, stops = np.asarray(batch["start"]), np.asarray(batch["stop"])
-    merged: list[list[int]] = []
-    for start, stop in sorted(set(zip(starts.tolist(), stops.tolist()))):
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = stop
-        else:
-            merged.append([start, stop])
-    for start, stop in merged:
-        rows = (starts >= start) & (stops <= stop)
-        parts = _add_partials(MeanProxyAccumulator(), batch["label"][rows], batch["sum"][rows],
-                              batch["count"][rows]).partials() or [{"label": None, "sum": [], "count": 0}]
-        run.write_table(pa.Table.from_pylist(parts, schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
-    return {"rows": np.array([sum(b - a for a, b in merged)])}
+def _commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: str | None) -> dict:
+    """Pass 1's pieces, one per run of consecutive manifest rows in the batch (so no two
+    pieces ever overlap): the E maps first when stored, then the run's per-class partial
+    sums, whose piece marks the rows as done. A run without a labelled row still gets a
+    partials piece (one null-label row)."""
+    fault_point("pass1", batch["image_id"])
+    rows = np.asarray(batch["row"])
+    for positions, start, stop in row_runs(rows):
+        piece = {k: v[positions] for k, v in batch.items()}
+        if maps_dtype is not None:
+            write_maps(run, piece, maps_dtype, piece_name(start, stop))
+        part = partial_sums(piece, piece["embedding"], split)
+        parts = [{"label": label, "sum": total, "count": count}
+                 for label, total, count in zip(part["label"], part["sum"].tolist(), part["count"].tolist())]
+        run.write_table(pa.Table.from_pylist(parts or [{"label": None, "sum": [], "count": 0}],
+                                             schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
+    return {"rows": np.array([len(rows)])}
+
+
+def _heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
+                               pieces: list, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
+    """One range of pass 2 of the stored-maps plan: manifest rows + what pass 1 stored
+    (decode outcome, size, embedding, E) -> heatmaps, metrics, a results piece."""
+    start, stop = (int(v) for v in ranges[int(batch["id"][0])])
+    rows = manifest_batch(copy.read(start, stop))
+    fault_point("commit", rows["image_id"])
+    stored = read_stored_rows(run, pieces, start, stop)
+    rows.update({k: stored[k] for k in ("status", "error", "embedding", "maps", "width", "height", "orientation")})
+    rows["status"], rows["error"] = rows["status"].astype(object), rows["error"].astype(object)
+    rows["mask_png"] = load_masks(rows, image_root, limits)
+    explained = compute_metrics(heatmaps_from_kept_maps(rows, "mean", proxies))
+    run.write_table(to_results(explained), RESULTS, piece_name(start, stop))
+    return {"rows": np.array([stop - start])}
 
 
 def _add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyAccumulator:
@@ -502,15 +565,17 @@ def _with_absolute_paths(cfg: ExplainConfig) -> ExplainConfig:
 # --- driver-side checks and bookkeeping ---------------------------------------------------
 
 
-def _output_dims(net, cfg: ExplainConfig, size: int) -> tuple:
-    """(d, h, w) of the embedding and heatmap, from one probe image: a model or layer the
-    job cannot explain fails here, before any work."""
+def _output_shape(net, cfg: ExplainConfig, size: int) -> dict:
+    """``dims``: (d, h, w) of the embedding and heatmap, from one probe image (a model or
+    layer the job cannot explain fails here, before any work); ``path``: the path the
+    embedding-map strategy takes on this model (``embcam.cam``)."""
     import torch
 
     if cfg.compile:
         check_compilable(net, resolved_target(net, cfg.target_layer), cfg.batch_size)
     probe = EmbeddingCAM(net, cfg.target_layer, reshape=cfg.reshape)(torch.zeros(1, 3, size, size))
-    return (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:])
+    return {"dims": (probe.embeddings.shape[-1],) + tuple(probe.heatmaps.shape[1:]),
+            "path": embedding_map_path(net, cfg.target_layer, cfg.reshape)}
 
 
 def _scanned_manifest(cfg: ExplainConfig, pairs: pa.Table | None = None):
@@ -562,7 +627,8 @@ def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int, pairs: pa.Ta
         "proxy_bank_sha256": file_sha256(cfg.proxies) if cfg.proxy == "bank" else None,
         "strategy": cfg.strategy, "target_layer": cfg.target_layer, "reshape": cfg.reshape, "image_size": image_size,
         "top_k_channels": cfg.top_k_channels, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-        "keep_maps": cfg.keep_maps, "maps_dtype": cfg.maps_dtype if cfg.keep_maps else None,
+        "keep_maps": cfg.keep_maps, "maps_dtype": cfg.maps_dtype if cfg.keep_maps or cfg.proxy == "mean" else None,
+        "precision": cfg.precision, "full_decode": cfg.full_decode,
         "pairs_sha256": pairs_sha256(pairs) if pairs is not None else None,
         "embcam": __version__,
     }
@@ -603,30 +669,62 @@ def _prepare(run: RunFolder, state: str) -> None:
     run.delete(STATE, ATTEMPTS)  # markers of batches in flight when the last attempt stopped: not deaths
     for folder in ((RESULTS,), (MAPS,), (PAIRS,), (STATE, PARTIALS), ()):
         run.drop_temporaries(*folder)
-    committed = set(run.pieces(RESULTS))
-    for start, stop in run.pieces(MAPS):  # maps of a batch that died before its results: redone
+    # maps of a batch that died before the piece that marks them done are redone: the
+    # stored-maps plan's pass 1 marks them with its partials piece, any other with results
+    marking = (STATE, PARTIALS) if run.identity["plan"] == "stored-maps" else (RESULTS,)
+    committed = set(run.pieces(*marking))
+    for start, stop in run.pieces(MAPS):
         if (start, stop) not in committed:
             run.delete(MAPS, piece_name(start, stop))
 
 
-def _choose_plan(cfg: ExplainConfig, rows: int, dims: tuple) -> tuple[str, str]:
-    """The plan and why: one-pass unless mean proxies; for those, keep the E maps only
-    while rows * d * h * w * 4 bytes stay a small share of the object store."""
+def choose_plan(cfg: ExplainConfig, rows: int, shape: dict, image_size: int, store_bytes: float) -> tuple[str, str]:
+    """The plan and why. One pass unless mean proxies; for those, from estimated costs:
+    E maps in the object store while all of them fit in a small share of it; else E maps
+    stored in --out (one decode and one forward per image) while an image's stored map is
+    no larger than its decoded model input, which a second pass would decode and run
+    through the model again; else two forward passes. On the "vjp" path forming E costs d
+    backward passes per image, so two forwards (one backward each) are cheaper there."""
     if cfg.proxy != "mean":
         return "one-pass", f"proxy {cfg.proxy} is known before any image is explained"
     if cfg.strategy != "auto":
         return cfg.strategy, f"--strategy {cfg.strategy}"
+    if cfg.top_k_channels:
+        return "streaming", "--top-k-channels needs channel weights, which E maps do not give"
+    d, h, w = shape["dims"]
+    if shape["path"] == "vjp":
+        return "streaming", (f"the model has no closed form for its E maps (vjp path: {d} backward passes per "
+                             "image), so two forward passes with one backward are cheaper")
+    need = rows * d * h * w * 4
+    if need <= KEEP_MAPS_SHARE * store_bytes:
+        return "embedding-map", (f"E maps need {need / 2**20:.0f} MiB, within {KEEP_MAPS_SHARE:.0%} of the "
+                                 f"{store_bytes / 2**20:.0f} MiB object store: one model pass")
+    stored = d * h * w * np.dtype(cfg.maps_dtype).itemsize
+    decoded = 3 * image_size * image_size
+    if stored <= decoded:
+        return "stored-maps", (f"an E map ({d}x{h}x{w} {cfg.maps_dtype}, {stored / 1024:.1f} KiB) is smaller than "
+                               f"the {image_size}x{image_size} image ({decoded / 1024:.0f} KiB) a second pass would "
+                               "decode and run through the model again: one forward, maps stored in --out")
+    return "streaming", (f"an E map ({d}x{h}x{w} {cfg.maps_dtype}, {stored / 1024:.0f} KiB) is larger than the "
+                         f"{image_size}x{image_size} image ({decoded / 1024:.0f} KiB) a second pass decodes: "
+                         "two forward passes, nothing stored")
+
+
+def _device_and_precision(requested: str | None, gpus: int) -> tuple[str, str]:
+    """The model actors' device (``cpu`` or the GPU's name) and the forward's precision:
+    the one asked for, else bf16 on a GPU that has it and fp32 elsewhere."""
+    if gpus == 0:
+        return "cpu", requested or "fp32"
     import ray
 
-    need = rows * math.prod(dims) * 4
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    if cfg.top_k_channels:
-        return "streaming", "--top-k-channels needs channel weights, which kept E maps do not give"
-    if need <= KEEP_MAPS_SHARE * store:
-        return "embedding-map", (f"E maps need {need / 2**20:.0f} MiB, within {KEEP_MAPS_SHARE:.0%} of the "
-                                 f"{store / 2**20:.0f} MiB object store: one model pass")
-    return "streaming", (f"E maps would need {need / 2**20:.0f} MiB, over {KEEP_MAPS_SHARE:.0%} of the "
-                         f"{store / 2**20:.0f} MiB object store: two forward passes, nothing held")
+    @ray.remote(num_gpus=1)
+    def gpu_facts():
+        import torch
+
+        return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
+
+    name, bf16 = ray.get(gpu_facts.remote())
+    return f"cuda ({name})", requested or ("bf16" if bf16 else "fp32")
 
 
 def _gpus(requested: int | None) -> int:
@@ -656,7 +754,7 @@ def _actor_options(gpus: int, batch_size: int) -> dict:
     return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, batch_size=batch_size)
 
 
-def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
+def _summary(cfg, run, spec, saved, passes, gpus, manifest_rows, resumed, wall) -> dict:
     """Counts and mean metrics, read back from what was written."""
     import ray
     import torch
@@ -672,12 +770,14 @@ def _summary(cfg, run, spec, saved, gpus, manifest_rows, resumed, wall) -> dict:
         "model": spec,
         "plan": saved["plan"],
         "plan_reason": saved["plan_reason"],
+        "passes": passes,
+        "precision": saved["precision"],
         "identity": saved["identity"],
         "counts": {"manifest": manifest_rows, **counts, "resumed": resumed, **({"pairs": pairs} if pairs else {})},
         "metrics": means,
         "wall_seconds": round(wall, 3),
         "images_per_second": round(computed / wall, 3) if wall > 0 else None,
-        "devices": {"gpus": gpus},
+        "devices": {"gpus": gpus, "model": saved["device"]},
         "versions": {"embcam": __version__, "torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pa.__version__, "python": platform.python_version()},
     }

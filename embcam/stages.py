@@ -20,7 +20,7 @@ from .attempts import Attempts, fault_point
 from .boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
 from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .fetch import ReadLimits, read_bytes
-from .images import decode_image_oriented, decode_mask, resize_square
+from .images import decode_mask, decode_resized
 from .inference import prepare_for_inference
 from .locations import resolve_uri
 from .metrics import THRESHOLDS, heatmap_metrics
@@ -32,6 +32,7 @@ OK, ERROR = "ok", "error"
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
 INTERNAL_COLUMNS = ("image", "maps", "mask_png")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ModelConfig:
     image_size: int | None = None
     compile_batch_size: int | None = None  # torch.compile the backbone for this batch size
     reshape: str | None = None             # "tokens" | "nhwc": how the target's output becomes (B, K, h, w)
+    precision: str = "fp32"                # the forward's autocast dtype (PRECISIONS); the CAM stays float32
 
 
 def resolved_target(model, target_layer: str | None) -> str | None:
@@ -98,9 +100,12 @@ def _present(batch: dict, column: str, i: int):
     return None if is_null(value) else value
 
 
-def load_images(batch: dict, image_root: str | None, image_size: int, limits: ReadLimits = ReadLimits()) -> dict:
+def load_images(batch: dict, image_root: str | None, image_size: int, limits: ReadLimits = ReadLimits(),
+                reduce: bool = True) -> dict:
     """Fetch, decode (EXIF orientation applied) and resize every OK row's image; check its
-    box and mask, which are given on the displayed image (CPU)."""
+    box and mask, which are given on the displayed image (CPU). ``reduce``: large JPEGs
+    are decoded at a reduced scale in the DCT domain (``images.decode_resized``); width,
+    height, boxes and masks stay those of the full image."""
     n = len(batch["image_id"])
     if "status" not in batch:  # straight from a manifest: every row starts OK
         batch = dict(batch, status=np.array([OK] * n, dtype=object), error=np.array([None] * n, dtype=object))
@@ -115,8 +120,7 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
         step = "image"
         try:
             data = read_bytes(resolve_uri(str(batch["uri"][i]), image_root), limits)
-            image, orientation = decode_image_oriented(data, limits.max_pixels)
-            height, width = image.shape[:2]
+            pixels, width, height, orientation = decode_resized(data, image_size, limits.max_pixels, reduce)
             out["width"][i], out["height"][i], out["orientation"][i] = width, height, orientation
             box = _box(batch, i)
             if box is not None:
@@ -131,71 +135,94 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
                     raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height} "
                                      "(as displayed, EXIF orientation applied)")
                 out["mask_png"][i] = data
-            out["image"][i] = resize_square(image, image_size)
+            out["image"][i] = pixels
         except Exception as exc:  # noqa: BLE001 - any failure becomes this row's reason
             out["status"][i], out["error"][i] = ERROR, reason(step, exc)
     return out
+
+
+def load_masks(batch: dict, image_root: str | None, limits: ReadLimits = ReadLimits()) -> np.ndarray:
+    """The mask file bytes of every OK row that has one (b"" for the others), for the
+    metrics; a mask that cannot be read fails its row. Its size was checked with the image."""
+    masks = np.array([b""] * len(batch["status"]), dtype=object)
+    for i in np.flatnonzero(batch["status"] == OK):
+        mask_uri = _present(batch, "mask_uri", i)
+        if mask_uri is not None:
+            try:
+                masks[i] = read_bytes(resolve_uri(str(mask_uri), image_root), limits)
+            except Exception as exc:  # noqa: BLE001
+                _fail(batch, [i], reason("mask", exc))
+    return masks
 
 
 class ExplainModel:
     """One model per worker: embeddings and heatmaps for a batch of loaded images.
 
     ``proxy_mode``: self | onehot | bank | mean (the bank/mean vectors in ``proxies``).
-    ``output``: "heatmaps" (heatmaps now), "maps" (keep embedding maps E for proxies
-    computed later) or "partials" (embed only; emit per-class partial sums of the
-    normalised embeddings for the mean-proxy reduce). ``keep_maps``: heatmaps and the E
-    maps too (to be stored; ``embcam.maps``).
+    ``strategy``: the CAM strategy (``embcam.cam.cheapest_strategy`` picks it per pass).
+    ``output``: "heatmaps" (heatmaps now), "maps" (embeddings and embedding maps E, for
+    proxies computed later) or "embeddings" (embeddings only: the mean-proxy pass 1 of the
+    streaming plans). ``keep_maps``: heatmaps and the E maps too (to be stored;
+    ``embcam.maps``). The forward runs under autocast at the model config's precision;
+    the CAM arithmetic and every returned value stay float32.
     """
 
     def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
                  strategy: str = "embedding-map", top_k_channels: int | None = None,
                  output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
-                 split: str | None = None, run=None, keep_maps: bool = False):
+                 run=None, keep_maps: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        elif model.precision == "fp32":  # TF32 matmuls and convolutions (Ampere and newer; ignored before)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast_dtype = PRECISIONS[model.precision]
         net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size)
         # BatchNorm folded, channels_last: 1.2-2x faster, same maps to ~1e-6 (BENCHMARKS.md).
         # The target is resolved first: a BatchNorm after a default target layer must stay unfolded.
         self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),
                                            compile_batch_size=model.compile_batch_size).to(self.device)
+        self.proxy_mode, self.output, self.keep_maps = proxy_mode, output, keep_maps
+        if output == "maps" or keep_maps:
+            strategy = "embedding-map"  # E is formed anyway: its heatmaps come with it
         self.cam = EmbeddingCAM(self.model, model.target_layer, strategy, reshape=model.reshape)
         self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
                          if top_k_channels else None)
-        self.proxy_mode, self.output, self.split, self.keep_maps = proxy_mode, output, split, keep_maps
-        # the E maps to store: the heatmaps' own when the strategy forms them, else one more computation
-        self.cam_maps = self.cam if strategy == "embedding-map" or not keep_maps else EmbeddingCAM(
-            self.model, model.target_layer, "embedding-map", reshape=model.reshape)
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
         # A probe (which also compiles): the output shapes, so every batch has every column.
         size = self.preprocess.size
-        probe = self.cam(torch.zeros(1, 3, size, size, device=self.device))
+        with self._autocast():
+            probe = self.cam(torch.zeros(1, 3, size, size, device=self.device))
         self.num_outputs, self.map_shape = probe.embeddings.shape[-1], tuple(probe.heatmaps.shape[1:])
         self.attempts = Attempts(run, "model") if run is not None else None  # rows that kill the worker
 
     def __call__(self, batch: dict) -> dict:
         return self.attempts(batch, self._call) if self.attempts else self._call(batch)
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype != torch.float32)
+
     def _call(self, batch: dict) -> dict:
         ok = np.flatnonzero(batch["status"] == OK)
         fault_point("model", batch["image_id"][ok])
-        if self.output == "partials":
-            return self._partials(batch, ok)
         n = len(batch["status"])
         out = _copy_status({k: v for k, v in batch.items() if k != "image"})
-        out["proxy_kind"] = np.array([self.proxy_mode] * n, dtype=object)
-        out["proxy_label"] = np.array([None] * n, dtype=object)
         out["embedding"] = np.zeros((n, self.num_outputs), np.float32)
         if self.output == "maps" or self.keep_maps:
             out["maps"] = np.zeros((n, self.num_outputs) + self.map_shape, np.float32)
-        if self.output != "maps":
+        if self.output == "heatmaps":
+            out["proxy_kind"] = np.array([self.proxy_mode] * n, dtype=object)
+            out["proxy_label"] = np.array([None] * n, dtype=object)
             out["heatmap"] = np.zeros((n,) + self.map_shape, np.float32)
             out["score"] = np.zeros(n, np.float32)
             out["cosine"] = np.zeros(n, np.float32)
             if self.cam_topk is not None:
                 out["heatmap_topk"] = np.zeros((n,) + self.map_shape, np.float32)
         if len(ok):
-            self._split_on_error(lambda rows: self._explain(batch, out, rows), out, ok)
+            with self._autocast():
+                self._split_on_error(lambda rows: self._explain(batch, out, rows), out, ok)
         return out
 
     def _split_on_error(self, fn, out: dict, ok) -> None:
@@ -213,38 +240,17 @@ class ExplainModel:
             self._split_on_error(fn, out, ok[len(ok) // 2:])
 
     def _images(self, batch: dict, rows) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][rows])).to(self.device)
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][rows]))
+        if self.device.type == "cuda":  # pinned: the copy to the GPU runs without a staging copy, asynchronously
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         return self.preprocess(pixels)
-
-    def _partials(self, batch: dict, ok) -> dict:
-        """Per-class partial sums, one set per run of consecutive manifest rows (each run
-        is committed as one piece), tagged with the run's [start, stop)."""
-        out = _copy_status(batch)
-        embeddings = np.zeros((len(out["status"]), self.num_outputs), np.float32)
-
-        def embed(rows):
-            with torch.inference_mode():
-                embeddings[rows] = self.model(self._images(batch, rows)).float().cpu().numpy()
-
-        if len(ok):
-            self._split_on_error(embed, out, ok)
-        norms = np.linalg.norm(embeddings, axis=1)
-        _fail(out, (out["status"] == OK) & ~(np.isfinite(norms) & (norms > 0)),
-              "model: the embedding is zero or not finite: it has no direction")
-        parts = []
-        for positions, start, stop in row_runs(np.asarray(batch["row"])):
-            run = {k: v[positions] for k, v in out.items()}
-            part = partial_sums(run, embeddings[positions], self.split)
-            if not len(part["label"]):  # no labelled row: still a piece, so the rows count as done
-                part = {"label": np.array([None], dtype=object), "sum": np.zeros((1, self.num_outputs)),
-                        "count": np.zeros(1, np.int64)}
-            part["start"] = np.full(len(part["label"]), start, np.int64)
-            part["stop"] = np.full(len(part["label"]), stop, np.int64)
-            parts.append(part)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _explain(self, batch: dict, out: dict, ok) -> None:
         x = self._images(batch, ok)
+        if self.output == "embeddings":
+            with torch.inference_mode():
+                out["embedding"][ok] = self.model(x).float().cpu().numpy()
+            return
         if self.output == "maps":
             y, maps = self.cam.embedding_maps(x)
             out["embedding"][ok] = y.float().cpu().numpy()
@@ -253,7 +259,7 @@ class ExplainModel:
         proxies, rows = self._row_proxies(batch, out, ok)
         if self.proxy_mode == "self":
             result = self.cam(x, "self")
-            proxies = normalise(result.embeddings)
+            proxies = normalise(result.embeddings.float())
         else:
             keep = np.isin(ok, rows)
             x, ok = x[torch.from_numpy(keep).to(self.device)], ok[keep]
@@ -267,8 +273,7 @@ class ExplainModel:
         out["score"][ok] = (y * p).sum(-1).cpu().numpy()
         out["cosine"][ok] = (normalise(y) * normalise(p)).sum(-1).cpu().numpy()
         if self.keep_maps:
-            maps = result.maps if result.maps is not None else self.cam_maps.embedding_maps(x)[1]
-            out["maps"][ok] = maps.float().cpu().numpy()
+            out["maps"][ok] = result.maps.float().cpu().numpy()
         if self.cam_topk is not None:
             top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
             out["heatmap_topk"][ok] = top.heatmaps.float().cpu().numpy()
