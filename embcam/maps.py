@@ -36,7 +36,8 @@ def maps_table(batch: dict, dtype: str = "float16") -> pa.Table:
         **size,
         "image_id": pa.array([str(v) for v in batch["image_id"]], pa.string()),
         "status": pa.array([str(v) for v in batch["status"]], pa.string()),
-        "error": pa.array([None if v is None else str(v) for v in batch["error"]], pa.string()),
+        # Ray Data may hand a column of None back as NaN
+        "error": pa.array([None if v is None or v != v else str(v) for v in batch["error"]], pa.string()),
         "embedding": list_column(np.asarray(batch["embedding"], np.float32).reshape(n, -1), ok),
         "maps_channels": pa.array(np.full(n, d, np.int32), mask=~ok),
         "heatmap_height": pa.array(np.full(n, h, np.int32), mask=~ok),

@@ -358,7 +358,7 @@ class _Job:
             done = (ray.data.range(len(ranges), override_num_blocks=len(ranges))
                     .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
                                  fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.image_root,
-                                          self.limits, ray.put(proxies))))
+                                          self.limits, proxies)))
             for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
                 self.progress.add(int(np.sum(batch["rows"])))
 
