@@ -353,10 +353,10 @@ def decode_resized(data: bytes, size: int, max_pixels: int | None = None,
     height, EXIF orientation), width and height being those of the full displayed image,
     as :func:`decode_image_oriented` gives them.
 
-    A JPEG at least twice ``size`` on both sides is decoded at 1/2, 1/4 or 1/8 scale
-    (:func:`jpeg_reduction`) and then resized: much cheaper than a full decode, and close
-    to it, not equal (the scaled IDCT averages blocks a little differently from
-    INTER_AREA). Anything else, and every image with ``reduce=False``, gives exactly
+    A JPEG about twice ``size`` or more on both sides is decoded at 1/2, 1/4 or 1/8 scale
+    (:func:`jpeg_reduction`) and then resized: 2-3x cheaper than a full decode, and close
+    to it, not equal (the scaled IDCT filters a little differently from INTER_AREA's box).
+    Anything else, and every image with ``reduce=False``, gives exactly
     ``resize_square(decode_image_oriented(data, max_pixels)[0], size)``. ``max_pixels``
     and errors as for :func:`decode_image_oriented`.
     """
@@ -369,7 +369,7 @@ def decode_resized(data: bytes, size: int, max_pixels: int | None = None,
         _check_pixels(*stored, max_pixels)
     # OpenCV's colour decode makes grey and CMYK JPEGs BGR; orientation is applied here, as
     # for a full decode, so the flag keeps OpenCV from applying it too.
-    bgr = _cv_decode(data, _REDUCED_COLOR[factor], "JPEG")
+    bgr = _cv_decode(data, _REDUCED_COLOR[factor] | cv2.IMREAD_IGNORE_ORIENTATION, "JPEG")
     orientation = exif_orientation(data)
     image = cv2.cvtColor(_to_display(bgr, orientation), cv2.COLOR_BGR2RGB)
     width, height = stored if orientation < 5 else stored[::-1]

@@ -1,5 +1,6 @@
 """embcam.images: decoding every common pixel layout to RGB uint8, masks, resizing."""
 
+import functools
 import io
 import struct
 import time
@@ -17,8 +18,10 @@ from embcam.images import (
     decode_image,
     decode_image_oriented,
     decode_mask,
+    decode_resized,
     exif_orientation,
     image_size_from_header,
+    jpeg_reduction,
     resize_square,
 )
 
@@ -406,3 +409,199 @@ def test_resize_rejects_bad_input():
         resize_square(np.zeros((4, 4), np.uint8), 2)
     with pytest.raises(ValueError, match="positive integer"):
         resize_square(np.zeros((4, 4, 3), np.uint8), 0)
+
+
+# --- decode_resized: JPEGs decoded at 1/2, 1/4, 1/8 scale for the network -------------------
+
+REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+@functools.lru_cache(maxsize=None)
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image (read-only): smooth random layers at cell sizes 256..8 px with
+    amplitude proportional to the cell (the 1/f spectrum of photographs), discs for sharp
+    edges, and a little sensor noise."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), 128, np.float32)
+    for cell in (256, 128, 64, 32, 16, 8):
+        layer = rng.normal(0, 0.35 * cell, (height // cell + 2, width // cell + 2, 3)).astype(np.float32)
+        image += cv2.resize(layer, (width, height), interpolation=cv2.INTER_CUBIC)
+    for _ in range(10):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        radius = int(rng.integers(5, max(6, min(width, height) // 4)))
+        cv2.circle(image, centre, radius, rng.uniform(0, 255, 3).tolist(), -1)
+    image += rng.standard_normal(image.shape, np.float32) * 3
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    image.flags.writeable = False
+    return image
+
+
+def jpeg(array: np.ndarray, **options) -> bytes:
+    return pil_bytes(Image.fromarray(array), "JPEG", **{"quality": 90, **options})
+
+
+def reduced_reference(data: bytes, factor: int, orientation: int, size: int) -> np.ndarray:
+    """What the reduced path should give, built independently: OpenCV's reduced decode, the
+    browser's reading of the orientation (DISPLAY), BGR -> RGB, the same resize."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
+    return resize_square(np.ascontiguousarray(DISPLAY[orientation](bgr)[..., ::-1]), size)
+
+
+def old_path(data: bytes, size: int, max_pixels=None):
+    image, orientation = decode_image_oriented(data, max_pixels)
+    return resize_square(image, size), image.shape[1], image.shape[0], orientation
+
+
+def assert_same(got, expected):
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert got[1:] == expected[1:]
+    assert all(type(v) is int for v in got[1:]), got[1:]
+
+
+@pytest.mark.parametrize("width, height, size, factor", [
+    (448, 448, 224, 2),  # exactly twice
+    (447, 600, 224, 2),  # ceil(447 / 2) = 224 still reaches the input size
+    (446, 600, 224, 1),  # just under: 223 < 224
+    (600, 446, 224, 1),
+    (223, 223, 224, 1),  # smaller than the input: never reduced
+    (1200, 900, 224, 4),  # ceil(900 / 4) = 225
+    (900, 1200, 224, 4),  # portrait
+    (1200, 900, 128, 4),  # ceil(900 / 8) = 113 < 128
+    (1200, 900, 64, 8),
+    (893, 2000, 224, 4),  # ceil(893 / 4) = 224
+    (892, 2000, 224, 2),
+    (4000, 300, 224, 1),  # very wide: the short side decides
+    (4000, 500, 224, 2),
+    (100_000, 100_000, 1, 8),  # 8 is libjpeg's largest reduction
+])
+def test_jpeg_reduction(width, height, size, factor):
+    assert jpeg_reduction(width, height, size) == factor
+
+
+@pytest.mark.parametrize("width, height", [(1201, 901), (448, 448), (447, 893), (37, 21)])
+def test_reduced_jpeg_sizes_are_rounded_up(width, height):
+    data = jpeg(np.zeros((height, width, 3), np.uint8))
+    for factor, flag in REDUCED.items():
+        out = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        assert out.shape == (-(-height // factor), -(-width // factor), 3)
+    # so the factor chosen keeps both decoded sides >= size, and the next one would not
+    for size in (16, 64, 112, 224, 300):
+        factor = jpeg_reduction(width, height, size)
+        if factor > 1:
+            out = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[factor])
+            assert min(out.shape[:2]) >= size
+        if factor < 8 and min(width, height) >= size:
+            out = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[factor * 2])
+            assert min(out.shape[:2]) < size
+
+
+@pytest.mark.parametrize("width, height, options", [
+    (1200, 900, {}),  # 4:2:0
+    (1201, 901, {"subsampling": 0}),  # odd sizes, 4:4:4
+    (900, 1200, {"progressive": True}),
+])
+@pytest.mark.parametrize("size", [400, 224, 64])
+def test_reduced_decode_equals_the_reference(width, height, options, size):
+    data = jpeg(photo(width, height), **options)
+    factor = jpeg_reduction(width, height, size)
+    assert factor > 1
+    assert_same(decode_resized(data, size, max_pixels=width * height),
+                (reduced_reference(data, factor, 1, size), width, height, 1))
+
+
+@pytest.mark.parametrize("size, bound", [(400, 1.0), (224, 1.0), (128, 1.0), (64, 2.5)])
+def test_reduced_decode_is_close_to_the_full_decode(size, bound):
+    # libjpeg's scaled IDCT keeps the low frequencies of each 8x8 block (at 1/8, its mean):
+    # a filter close to, not equal to, INTER_AREA's box. Measured on this image, mean
+    # |reduced - full| at the network's size is 0.4-0.75 / 255 at 1/2 and 1/4 and about
+    # 1.7 / 255 at 1/8 (64 px from 1200: the 8x8 block means then 2.3x INTER_AREA blur a bit
+    # more). Each is below what the quality-90 encoding itself changed in the pixels
+    # (about 2.3 / 255 at full size): the input moves less than the JPEG already moved it.
+    source = photo(1200, 900, seed=1)
+    data = jpeg(source, subsampling=0)
+    full = old_path(data, size)[0].astype(np.int16)
+    reduced = decode_resized(data, size)[0].astype(np.int16)
+    assert jpeg_reduction(1200, 900, size) > 1
+    difference = np.abs(reduced - full).mean()
+    encoding_error = np.abs(decode_image(data).astype(np.int16) - source).mean()
+    assert difference <= bound
+    assert difference < encoding_error
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_reports_the_full_display_size_and_orientation(orientation):
+    data = with_orientation(photo(640, 480, seed=orientation), orientation, "JPEG", quality=90)
+    size = 112
+    factor = jpeg_reduction(640, 480, size)
+    assert factor == 4
+    got = decode_resized(data, size, max_pixels=640 * 480)
+    full = old_path(data, size, max_pixels=640 * 480)
+    assert got[1:] == full[1:]  # the header's size, swapped for 5..8, is the decoded one
+    assert got[1:] == ((480, 640) if orientation >= 5 else (640, 480)) + (orientation,)
+    np.testing.assert_array_equal(got[0], reduced_reference(data, factor, orientation, size))
+    assert np.abs(got[0].astype(np.int16) - full[0]).mean() <= 1.5  # and oriented as the full decode
+
+
+def test_grey_and_cmyk_jpegs_come_out_as_rgb():
+    grey = pil_bytes(Image.fromarray(photo(900, 600)[..., 1]), "JPEG", quality=90)
+    out, width, height, _ = decode_resized(grey, 128)
+    assert out.shape == (128, 128, 3) and (width, height) == (900, 600)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert np.abs(out.astype(np.int16) - old_path(grey, 128)[0]).mean() <= 1.0
+    cmyk = pil_bytes(Image.fromarray(photo(900, 600)).convert("CMYK"), "JPEG", quality=90)
+    out = decode_resized(cmyk, 128)[0]
+    full = old_path(cmyk, 128)[0]
+    assert out.shape == (128, 128, 3)
+    assert np.abs(out.astype(np.int16) - full).mean() <= 1.0
+    assert np.abs(full.astype(np.int16) - resize_square(photo(900, 600), 128)).mean() <= 3  # RGB, not inverted
+
+
+@pytest.mark.parametrize("name", ["small JPEG", "PNG", "WebP", "large JPEG, reduce=False"])
+def test_everything_else_is_the_old_path_exactly(name):
+    encode = {"small JPEG": lambda: jpeg(photo(300, 200)),
+              "PNG": lambda: pil_bytes(Image.fromarray(photo(640, 480)), compress_level=1),
+              "WebP": lambda: pil_bytes(Image.fromarray(photo(640, 480)), "WEBP"),
+              "large JPEG, reduce=False": lambda: with_orientation(photo(1200, 900), 6, "JPEG", quality=90)}
+    data = encode[name]()
+    for size in (112, 224):  # the small JPEG is under twice either size: not reduced
+        assert_same(decode_resized(data, size, reduce=name != "large JPEG, reduce=False"), old_path(data, size))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims width x height."""
+    data = bytearray(jpeg(np.zeros((16, 16, 3), np.uint8)))
+    at = data.index(b"\xff\xc0")
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_pixel_bombs_are_refused_before_decoding(pixel_bomb):
+    """The message is the header check's: a decode of these files would fail otherwise."""
+    bomb = jpeg_claiming(60000, 60000)
+    assert image_size_from_header(bomb) == (60000, 60000) and jpeg_reduction(60000, 60000, 224) == 8
+    with pytest.raises(ImageDecodeError, match=r"image is 60000x60000 = 3600 MP, over the limit of 100 MP"):
+        decode_resized(bomb, 224, max_pixels=100_000_000)
+    with pytest.raises(ImageDecodeError, match=r"image is 20000x20000 = 400 MP, over the limit of 100 MP"):
+        decode_resized(pixel_bomb, 224, max_pixels=100_000_000)
+
+
+def test_pixel_limit_on_the_reduced_path_is_on_the_full_size():
+    data = jpeg(photo(1200, 900))
+    assert decode_resized(data, 224, max_pixels=1200 * 900)[1:3] == (1200, 900)
+    with pytest.raises(ImageDecodeError, match=r"1200x900 = 1.08 MP, over the limit"):
+        decode_resized(data, 224, max_pixels=1200 * 900 - 1)
+
+
+def test_broken_jpegs_raise_image_decode_error():
+    data = jpeg(photo(1200, 900))
+    with pytest.raises(ImageDecodeError, match="^empty file$"):
+        decode_resized(b"", 224)
+    for cut in (len(data) // 2, len(data) - 100):  # in the scan: the header is whole, so reduced
+        with pytest.raises(ImageDecodeError, match=rf"cannot decode image: unknown format or corrupt data "
+                                                   rf"\(JPEG, {cut + len(SECRET)} bytes\)") as error:
+            decode_resized(data[:cut] + SECRET, 224)
+        assert "TOPSECRET" not in str(error.value)
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):  # no frame header: the old path
+        decode_resized(data[:30], 224)
+    with pytest.raises(ImageDecodeError, match="cannot read the image size"):
+        decode_resized(data[:30], 224, max_pixels=10**8)
