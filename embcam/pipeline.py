@@ -193,7 +193,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
         identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
         state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
-        shape = None if state == "complete" else _output_shape(net, cfg, preprocessing.size)
+        shape = None if state == "complete" else output_shape(net, cfg, preprocessing.size)
     del net
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     if state == "complete":
@@ -565,7 +565,7 @@ def _with_absolute_paths(cfg: ExplainConfig) -> ExplainConfig:
 # --- driver-side checks and bookkeeping ---------------------------------------------------
 
 
-def _output_shape(net, cfg: ExplainConfig, size: int) -> dict:
+def output_shape(net, cfg: ExplainConfig, size: int) -> dict:
     """``dims``: (d, h, w) of the embedding and heatmap, from one probe image (a model or
     layer the job cannot explain fails here, before any work); ``path``: the path the
     embedding-map strategy takes on this model (``embcam.cam``)."""

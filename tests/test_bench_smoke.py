@@ -9,6 +9,7 @@ targets are recomputed here from the seconds it recorded.
 import copy
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from conftest import randomise_bn
 from test_cam_models import reference
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "cam_throughput.py"
+CATALOG_BENCH = BENCH.with_name("catalog_throughput.py")
 SPEC, SIZE, BATCH = "embcam:small-resnet+linear:16", 64, 8  # two classes of bench.IMAGES_PER_CLASS
 BOUND_FACTOR = 100  # the bench's float32 maps may be this many times further off than float32 by hand
 # the targets judged at batch 2: (method a, method b, threshold on rate(a) / rate(b))
@@ -35,8 +37,8 @@ SMALL_BATCH_TARGETS = {
 }
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("cam_throughput", BENCH)
+def load_bench(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -148,3 +150,54 @@ def test_class_mean_proxies_normalise_each_embedding_then_the_sum():
     # class 0: (0.6, 0.8) + (0, 1) = (0.6, 1.8) -> / sqrt(3.6); class 1: (1, 0)
     expected = torch.tensor([[0.6 / 3.6 ** 0.5, 1.8 / 3.6 ** 0.5], [1.0, 0.0]], dtype=torch.float32)
     assert torch.allclose(p, expected, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_catalog_benchmark_reports_what_it_measured(tmp_path):
+    """Four real `embcam explain` runs (self and mean proxies, 4 and 8 images) and the plain
+    loop: every figure follows from the seconds recorded, and each run did what it says. The
+    mean runs get auto's plan for a catalog of 10^8 images: their maps no longer fit the object
+    store (a 48 px small-resnet's are 576 bytes)."""
+    bench = load_bench(CATALOG_BENCH)
+    out = tmp_path / "catalog.json"
+    threads = torch.get_num_threads()
+    try:
+        bench.run(["--models", "embcam:small-resnet+linear:16", "--image-size", "48", "--sides", "48:64",
+                   "--images", "4", "8", "--batch-size", "4", "--classes", "2", "--catalog-rows", "100000000",
+                   "--json", str(out)],
+                  log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets it process-wide
+    report = json.loads(out.read_text())
+
+    assert set(report["machine"]) >= {"cpu", "cores", "torch", "gpu"}
+    assert report["config"]["plain_precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
+    rows = report["configurations"]
+    assert [(r["proxy"], r["plan"], r["job"]["strategy"]) for r in rows] == [
+        ("self", "one-pass", "auto"), ("mean", "stored-maps", "stored-maps")]
+    assert "smaller than the 48x48 image" in rows[1]["job"]["catalog_plan_reason"]
+    for r in rows:
+        for part in (r["job"], r["plain"]):
+            seconds = {int(n): statistics.median(t) for n, t in part["seconds"].items()}
+            assert sorted(seconds) == [4, 8] and all(t > 0 for t in seconds.values())
+            assert part["median_seconds"] == {str(n): t for n, t in seconds.items()}
+            per_image = (seconds[8] - seconds[4]) / 4
+            assert part["per_image_s"] == pytest.approx(per_image, rel=1e-12)
+            assert part["fixed_s"] == pytest.approx(seconds[4] - 4 * per_image, rel=1e-9, abs=1e-12)
+            assert part["images_per_s"] == (pytest.approx(1 / per_image, rel=1e-12) if per_image > 0 else None)
+        job, plain = r["job"], r["plain"]
+        expected = job["images_per_s"] / plain["images_per_s"] if job["images_per_s"] and plain["images_per_s"] \
+            else None
+        assert r["ratio"] == (pytest.approx(expected, rel=1e-12) if expected is not None else None)
+        assert sorted(run["images"] for run in job["runs"]) == [4, 8]
+        for run in job["runs"]:  # one run per size: its seconds are the ones fitted
+            assert job["seconds"][str(run["images"])] == [run["seconds"]]
+            summary = run["summary"]
+            assert summary["plan"] == r["plan"] and summary["plan_reason"]
+            assert summary["counts"]["ok"] == summary["counts"]["results"] == run["images"]
+            assert 0 < summary["wall_seconds"] < run["seconds"]  # the job's own clock starts after the process
+    self_row, mean_row = rows
+    assert self_row["mean_over_self"] is None and self_row["plain"] == mean_row["plain"]
+    self_per_image, mean_per_image = self_row["job"]["per_image_s"], mean_row["job"]["per_image_s"]
+    assert mean_row["mean_over_self"] == (pytest.approx(mean_per_image / self_per_image, rel=1e-12)
+                                          if min(self_per_image, mean_per_image) > 0 else None)

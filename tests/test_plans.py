@@ -198,7 +198,9 @@ def test_bf16_forward_against_float64(tmp_path):
     """The forward in bfloat16 (8 bits of mantissa) on CPU, the CAM arithmetic in float32,
     against the whole computation in float64. bf16 rounds each activation by up to 2^-9
     relative, so maps are not equal, but what users read off them must hold: the heatmap's
-    shape (Pearson r >= 0.98 per image) and the box ratio (within 0.03)."""
+    shape (Pearson r >= 0.999 per image) and the box ratio (within 0.01). Measured
+    (bench/precision_cost.py): r >= 0.99997 and |d ratio| <= 0.0011, so the bounds leave
+    room for other CPUs' bf16 kernels, and still fail a map that moves visibly."""
     manifest = generate_dataset(tmp_path, num_classes=4, images_per_class=4, min_side=64, max_side=96, seed=4)
     model, prep, _ = load_model(None, "embcam/assets/demo_model.pt")
     rows = manifest_batch(pq.read_table(manifest))
@@ -213,11 +215,11 @@ def test_bf16_forward_against_float64(tmp_path):
     assert not np.array_equal(got, reference)  # bf16 really ran
     for i in range(len(got)):
         r = np.corrcoef(got[i].ravel(), reference[i].ravel())[0, 1]
-        assert r >= 0.98, (i, r)
+        assert r >= 0.999, (i, r)
         box = [float(rows[c][i]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")]
         w, h = int(batch["width"][i]), int(batch["height"][i])
         ratio = heatmap_metrics(got[i], w, h, box)["ratio_bbox"]
-        assert abs(ratio - heatmap_metrics(reference[i], w, h, box)["ratio_bbox"]) <= 0.03
+        assert abs(ratio - heatmap_metrics(reference[i], w, h, box)["ratio_bbox"]) <= 0.01
 
 
 def test_precision_reaches_the_summary(ray_session, dataset, tmp_path):
