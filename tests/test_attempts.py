@@ -1,11 +1,21 @@
 """Rows that kill their worker, without Ray: a "death" here is an exception that escapes
 the stage between the marker being written and removed, exactly what a killed process
-leaves behind; each call after it is the retry Ray would make."""
+leaves behind; each call after it is the retry Ray would make. The fault hook
+(``EMBCAM_FAULT``) runs in a process of its own: it kills or holds the process it runs in."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
+import embcam.attempts
 from embcam.attempts import ISOLATE_AFTER, Attempts
 from embcam.runstate import RunFolder
+
+PACKAGE = os.path.dirname(embcam.attempts.__file__)
 
 
 class Death(BaseException):
@@ -92,3 +102,68 @@ def test_rows_dying_every_time_fail_whole_after_the_bound(tmp_path, rows):
             continue
     assert (out["status"] == "error").all()
     assert tries <= ISOLATE_AFTER + len(rows)
+
+
+@pytest.fixture
+def fault_process():
+    """Starts processes that make ``fault_point`` calls under an ``EMBCAM_FAULT``, then print
+    ``returned``; kills any still running at teardown. Each imports ``embcam.attempts``
+    alone (not the package's ``__init__``, which imports torch): it starts in well under a second."""
+    started = []
+
+    def start(faults: str, calls: str) -> subprocess.Popen:
+        code = (f"import sys, types\npackage = types.ModuleType('embcam')\npackage.__path__ = [{PACKAGE!r}]\n"
+                f"sys.modules['embcam'] = package\nfrom embcam.attempts import fault_point\n{calls}\n"
+                "print('returned')")
+        started.append(subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, EMBCAM_FAULT=faults),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.slow  # a subprocess (a quick one)
+def test_a_hold_blocks_its_worker_until_it_is_killed(tmp_path, fault_process):
+    held = tmp_path / "held"
+    worker = fault_process(f"model:b;commit:b:hold:{held}",
+                           "fault_point('commit', ['a']); fault_point('decode', ['b']); fault_point('commit', ['b'])")
+    deadline = time.monotonic() + 120  # a failure guard only: the hold itself never ends
+    while not held.exists():
+        assert worker.poll() is None, ("ended before the hold", worker.communicate())
+        assert time.monotonic() < deadline, "never reached the hold"
+        time.sleep(0.01)
+    assert worker.poll() is None  # held: the marker is written, and nothing ends the hold but a kill
+    os.kill(worker.pid, signal.SIGKILL)
+    out, _ = worker.communicate(timeout=120)
+    assert worker.returncode == -signal.SIGKILL and "returned" not in out
+
+
+@pytest.mark.slow  # a subprocess (a quick one)
+@pytest.mark.parametrize("faults, killed", [("commit:b", True), ("commit:a", False), ("model:b", False)])
+def test_a_kill_fault_kills_only_at_its_stage_and_row(fault_process, faults, killed):
+    worker = fault_process(faults, "fault_point('commit', ['b'])")
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == (-signal.SIGKILL if killed else 0), err
+    assert ("returned" in out) != killed
+
+
+@pytest.mark.slow  # a subprocess (a quick one)
+def test_a_once_fault_kills_the_first_time_only(tmp_path, fault_process):
+    faults = f"commit:b:once:{tmp_path / 'killed'}"
+    first = fault_process(faults, "fault_point('commit', ['b'])")
+    first.communicate(timeout=120)
+    assert first.returncode == -signal.SIGKILL and (tmp_path / "killed").exists()
+    again = fault_process(faults, "fault_point('commit', ['b'])")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and out.strip() == "returned", err
+
+
+@pytest.mark.slow  # a subprocess (a quick one)
+@pytest.mark.parametrize("faults", ["commit:b:hold", "commit:b:sometimes:/tmp/x"])
+def test_a_malformed_fault_is_refused_where_it_matches(fault_process, faults):
+    worker = fault_process(faults, "fault_point('commit', ['a']); fault_point('commit', ['b'])")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 1 and "ValueError: EMBCAM_FAULT: " in err

@@ -6,9 +6,14 @@ Each job here runs as its own `embcam explain` process with its own local Ray, s
 fault can be injected into its workers (EMBCAM_FAULT) and the driver can be killed. Every
 process of such a job carries a unique marker in its environment; the fixture kills them
 all at the end, the raylet and agents that outlive a killed driver included.
+
+A test that stops a job mid-run never races it: the job holds a worker on the last piece
+(``hold_last_piece``), so it cannot finish, and the test stops it once that worker is
+held and a piece is committed. Deadlines only turn a hang into a failure.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +71,7 @@ def jobs():
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
 
-    def finish(process, timeout=240):
+    def finish(process, timeout=600):  # a guard against a hang, far above a job's time on a loaded machine
         out, err = process.communicate(timeout=timeout)
         return process.returncode, out, err
 
@@ -86,6 +91,32 @@ def explain_argv(dataset, out, *extra) -> list[str]:
     manifest, checkpoint, _ = dataset
     return ["explain", "--manifest", str(manifest), "--out", str(out), "--checkpoint", str(checkpoint),
             "--batch-size", "8", "--block-rows", "8", "--no-progress", *map(str, extra)]
+
+
+def hold_last_piece(dataset, folder: Path) -> tuple[str, Path]:
+    """An ``EMBCAM_FAULT`` that holds for ever the worker committing the last piece's first
+    row (``commit`` is the last stage: pieces that reach it earlier are committed, that one
+    cannot be), and the marker file the worker creates once it is held. A job started with
+    it cannot finish until it is killed."""
+    manifest, _, rows = dataset
+    last = rows - 8  # the first row of the last piece (--block-rows 8)
+    image_id = pq.read_table(manifest, columns=["image_id"]).column("image_id")[last].as_py()
+    marker = folder / "held"
+    return f"commit:{image_id}:hold:{marker}", marker
+
+
+def pieces(out) -> list[Path]:
+    return list((Path(out) / "results").glob("part-*.parquet"))
+
+
+def wait_until(condition, driver, finish, what: str) -> None:
+    """Polls ``condition()`` while the (held) driver runs. Nothing here depends on how fast
+    the job is: a held job cannot end, and the deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + 600
+    while not condition():
+        assert driver.poll() is None, ("the job ended, though a worker was held", finish(driver))
+        assert time.monotonic() < deadline, f"still not {what} after 600 s"
+        time.sleep(0.05)
 
 
 def kill_all(marker: str) -> None:
@@ -120,14 +151,11 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     start, finish, crash = jobs
     rows = dataset[2]
     out = tmp_path / "run"
-    driver = start(dataset, out, "--proxy", "mean", "--strategy", "streaming")
-    deadline = time.time() + 180
-    while len(list((out / "results").glob("part-*.parquet"))) < 2:  # pass 2 has begun committing
-        assert driver.poll() is None, finish(driver)
-        assert time.time() < deadline
-        time.sleep(0.02)
+    hold, held = hold_last_piece(dataset, tmp_path)
+    driver = start(dataset, out, "--proxy", "mean", "--strategy", "streaming", fault=hold)
+    wait_until(lambda: held.exists() and pieces(out), driver, finish, "held with a piece of pass 2 committed")
     crash(driver)
-    done = sum(pq.read_metadata(p).num_rows for p in (out / "results").glob("part-*.parquet"))
+    done = sum(pq.read_metadata(p).num_rows for p in pieces(out))
     assert 0 < done < rows and not (out / "_SUCCESS").exists() and not (out / "summary.json").exists()
     proxies_written = (out / "proxies.parquet").stat().st_mtime_ns
 
@@ -181,18 +209,18 @@ def test_a_row_that_kills_its_worker_becomes_one_error_row(dataset, jobs, tmp_pa
 
 
 def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_session, dataset, jobs, tmp_path,
-                                                                         capsys):
+                                                                         tmp_path_factory, capsys):
     start, finish, crash = jobs
     manifest, checkpoint, rows = dataset
     run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                               batch_size=8), progress=False)
-    driver = start(dataset, tmp_path, "--proxy", "mean", "--overwrite")
-    deadline = time.time() + 180
-    while (tmp_path / "_SUCCESS").exists() or not list((tmp_path / "results").glob("part-*")):
-        assert driver.poll() is None and time.time() < deadline
-        time.sleep(0.02)
+    hold, held = hold_last_piece(dataset, tmp_path_factory.mktemp("hold"))  # outside the run folder
+    driver = start(dataset, tmp_path, "--proxy", "mean", "--overwrite", fault=hold)
+    wait_until(lambda: held.exists() and not (tmp_path / "_SUCCESS").exists() and pieces(tmp_path), driver,
+               finish, "held with a piece of the new run committed")
     crash(driver)
-    assert not (tmp_path / "summary.json").exists()
+    assert 0 < sum(pq.read_metadata(p).num_rows for p in pieces(tmp_path)) < rows
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "_SUCCESS").exists()
     report = ["report", str(tmp_path), "--out", str(tmp_path / "rep")]
     assert exit_status(report) == 2 and "is unfinished" in capsys.readouterr().err
     assert exit_status(report + ["--allow-partial"]) == 0 and "UNFINISHED" in capsys.readouterr().out
@@ -218,17 +246,19 @@ def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset,
     assert summary["counts"]["results"] == rows and summary["config"]["proxy"] == "self"
 
 
-def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(ray_session, dataset, jobs, tmp_path, capsys):
+def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(ray_session, dataset, jobs, tmp_path,
+                                                                    tmp_path_factory, capsys):
     start, finish, _ = jobs
     rows = dataset[2]
-    driver = start(dataset, tmp_path)
-    deadline = time.time() + 180
-    while not list((tmp_path / "results").glob("part-*.parquet")):
-        assert driver.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGINT)
+    hold, held = hold_last_piece(dataset, tmp_path_factory.mktemp("hold"))  # outside the run folder
+    driver = start(dataset, tmp_path, fault=hold)
+    wait_until(lambda: held.exists() and pieces(tmp_path), driver, finish, "held with a piece committed")
+    driver.send_signal(signal.SIGINT)  # the driver stops though a worker is held (Ray kills it)
     code, _, stderr = finish(driver)
     assert code == 130 and "interrupted;" in stderr and "Re-run the same command to resume" in stderr
+    said = re.search(rf"interrupted; (\d+) of {rows} rows are committed in {re.escape(str(tmp_path))}\.", stderr)
+    assert said, stderr
+    assert 0 < int(said[1]) <= sum(pq.read_metadata(p).num_rows for p in pieces(tmp_path)) < rows
     assert not (tmp_path / "_SUCCESS").exists()
     assert main(explain_argv(dataset, tmp_path)) == 0  # the same command, run in this process
     assert f"resuming {tmp_path}" in capsys.readouterr().err

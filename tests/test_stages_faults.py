@@ -1,10 +1,14 @@
 """The model stage under failures: a batch that raises is split until the failing rows are
-alone, and only they become error rows (no Ray: the stage is called directly)."""
+alone, and only they become error rows; pass 1's pieces leave out the rows that failed (no
+Ray: the stage and the commit are called directly)."""
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.models import Preprocessing, build_model
+from embcam.pipeline import _commit_pass1
+from embcam.runstate import PARTIALS, STATE, RunFolder, piece_name
 from embcam.stages import ExplainModel, ModelConfig
 
 
@@ -42,23 +46,31 @@ def test_a_batch_that_raises_is_split_and_only_the_bad_row_fails(tmp_path):
                                atol=1e-6 * float(ref.heatmaps.max()))
 
 
-def test_partials_fail_rows_without_a_direction_and_cover_every_run(tmp_path):
+def test_pass_one_pieces_cover_every_run_and_sum_only_ok_rows_with_a_direction(tmp_path):
+    """Pass 1 (the model's embeddings, then ``_commit_pass1``): one partial-sums piece per run
+    of consecutive manifest rows; failed rows and embeddings without a direction are left out."""
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
                     Preprocessing(32))
-    stage = ExplainModel(ModelConfig(checkpoint=str(tmp_path / "m.pt")), "mean", output="partials")
-    batch = _batch(6, 32)
-    batch["row"] = np.array([7, 8, 9, 20, 21, 30])  # three runs of consecutive rows
+    stage = ExplainModel(ModelConfig(checkpoint=str(tmp_path / "m.pt")), "mean", output="embeddings")
+    batch = _batch(7, 32)
+    batch["row"] = np.array([7, 8, 9, 20, 21, 30, 31])  # three runs of consecutive rows
+    batch["label"] = np.array(list("abababa"), dtype=object)
     batch["status"][4] = "error"
     out = stage(batch)
-    runs = sorted(set(zip(out["start"].tolist(), out["stop"].tolist())))
-    assert runs == [(7, 10), (20, 22), (30, 31)]
-    counts = {(s, e, lab): c for s, e, lab, c in zip(out["start"], out["stop"], out["label"], out["count"])}
-    assert counts[(7, 10, "a")] == 2 and counts[(7, 10, "b")] == 1
-    assert counts[(20, 22, "b")] == 1  # row 21 (label a) had failed before the model
+    out["embedding"][6] = 0.0  # row 31 (label a): no direction
+    run = RunFolder(str(tmp_path / "run"))
+    _commit_pass1(out, run, None, None)
+    assert sorted(run.pieces(STATE, PARTIALS)) == [(7, 10), (20, 22), (30, 32)]
+    sums, counts = {}, {}
+    for start, stop in run.pieces(STATE, PARTIALS):
+        for part in pq.read_table(run.join(STATE, PARTIALS, piece_name(start, stop))).to_pylist():
+            sums[(start, stop, part["label"])] = np.array(part["sum"])
+            counts[(start, stop, part["label"])] = part["count"]
+    assert counts == {(7, 10, "a"): 2, (7, 10, "b"): 1, (20, 22, "b"): 1, (30, 32, "b"): 1}  # row 21 had failed
     model, prep, _ = load_model(checkpoint=str(tmp_path / "m.pt"))
     with torch.no_grad():
         y = model(prep(torch.from_numpy(batch["image"]))).double().numpy()
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    total = {(s, e, lab): v for s, e, lab, v in zip(out["start"], out["stop"], out["label"], out["sum"])}
-    np.testing.assert_allclose(total[(7, 10, "a")], y[0] + y[2], rtol=1e-5, atol=1e-6)
+    unit = y / np.linalg.norm(y, axis=1, keepdims=True)
+    np.testing.assert_allclose(sums[(7, 10, "a")], unit[0] + unit[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sums[(30, 32, "b")], unit[5], rtol=1e-5, atol=1e-6)
