@@ -73,7 +73,8 @@ def test_hostile_rows_become_error_rows_and_the_rest_is_computed(ray_session, ho
     summary = run_explain(ExplainConfig(manifest=str(hostile / "manifest.parquet"), out=str(tmp_path),
                                         checkpoint=str(hostile / "model.pt"), read_timeout=1.0,
                                         batch_size=4), progress=False)
-    assert time.perf_counter() - started < 120  # nothing hangs: FIFO, /dev/zero, a dead endpoint
+    # nothing hangs (FIFO, /dev/zero, a dead endpoint): a guard far above a normal run's minute
+    assert time.perf_counter() - started < 900
     df = pd.read_parquet(tmp_path / "results").set_index("image_id")
     print(df[["status", "error"]].to_string())  # shown when an assertion below fails
     assert summary["counts"]["results"] == len(df) == 11

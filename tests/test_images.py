@@ -3,7 +3,6 @@
 import functools
 import io
 import struct
-import time
 import tracemalloc
 import zlib
 
@@ -213,18 +212,15 @@ def test_pixel_bomb_is_refused_from_its_header(pixel_bomb):
     assert len(pixel_bomb) < 4 << 20
     assert image_size_from_header(pixel_bomb) == (20000, 20000)
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         for decode in (decode_image, decode_mask):
             with pytest.raises(ImageDecodeError,
                                match=r"image is 20000x20000 = 400 MP, over the limit of 100 MP "
                                      r"\(--max-pixels\)"):
                 decode(pixel_bomb, max_pixels=100_000_000)
-        elapsed = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
     assert peak < 16 << 20  # decoding would take 400 MB (grey) and 1.2 GB (RGB)
 
 

@@ -140,6 +140,18 @@ def test_eight_connectivity_and_tie_to_first_component():
     assert pred_box(heatmap_metrics(tie, 10, 10)) == (1.0, 6.0, 3.0, 8.0)
 
 
+def test_ties_follow_opencv_two_row_block_order():
+    # OpenCV labels 2 x 2 blocks: rows are read in pairs 0-1, 2-3, ..., each pair column by column
+    hm = np.zeros((6, 8))
+    hm[0, 5:7] = 1.0  # 2 px, first in plain raster order
+    hm[1:3, 0] = 1.0  # 2 px, met first in block order (rows 0-1, column 0)
+    assert pred_box(heatmap_metrics(hm, 8, 6)) == (0.0, 1.0, 1.0, 3.0)
+    hm = np.zeros((6, 8))
+    hm[1, 5:7] = 1.0  # rows 0-1: met first, though the pixels start at an odd row
+    hm[2:4, 0] = 1.0  # rows 2-3 (first if the labelling started at row 1)
+    assert pred_box(heatmap_metrics(hm, 8, 6)) == (5.0, 1.0, 7.0, 2.0)
+
+
 def test_upsampled_ramp_hand_case_and_iou_sweep():
     # [[0, 1]] to width 8: columns 0, 0, .125, .375, .625, .875, 1, 1 (both rows)
     m = heatmap_metrics(np.array([[0.0, 1.0]]), 8, 2, bbox=(4, 0, 8, 2))
