@@ -32,7 +32,7 @@ from embcam.cli import main
 from embcam.datasets import generate_dataset
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
-from embcam.runstate import RunMismatch
+from embcam.runstate import RunFolder, RunMismatch, covered
 
 pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
 SIZE = 48
@@ -78,7 +78,8 @@ def jobs():
     def crash(process):
         """SIGKILL the driver, then (as a machine crash would) every process of its job: a
         killed driver's workers may otherwise commit their batches in flight for a moment."""
-        os.kill(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # else it died by itself (a fault on the driver)
+            os.kill(process.pid, signal.SIGKILL)
         process.wait()
         kill_all(marker)
 
@@ -264,3 +265,53 @@ def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(ray_session,
     assert f"resuming {tmp_path}" in capsys.readouterr().err
     df, summary = assert_complete(tmp_path, rows)
     assert summary["counts"]["ok"] == rows
+
+
+def test_stored_maps_plan_resumes_after_a_kill_in_each_pass(ray_session, dataset, jobs, tmp_path):
+    """Killed in pass 1, in the reduce and in pass 2, each time on a condition: each resume
+    redoes only what was in flight, and the run ends as one uninterrupted run would."""
+    start, finish, crash = jobs
+    manifest, checkpoint, rows = dataset
+    out = tmp_path / "run"
+    plan = ("--proxy", "mean", "--strategy", "stored-maps")
+    partials = out / "_embcam" / "partials"
+
+    def committed(folder):
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
+
+    hold, held = hold_last_piece(dataset, tmp_path / "pass1")  # pass 1's commit stage is "pass1"
+    (tmp_path / "pass1").mkdir()
+    driver = start(dataset, out, *plan, fault=hold.replace("commit:", "pass1:", 1))
+    wait_until(lambda: held.exists() and committed(partials), driver, finish, "held in pass 1 with a piece")
+    crash(driver)
+    pass1 = committed(partials)
+    assert 0 < covered(RunFolder(str(out)).pieces("_embcam", "partials"), rows) < rows
+    assert set(committed(out / "maps")) >= set(pass1) and not (out / "proxies.parquet").exists()
+
+    driver = start(dataset, out, *plan, fault="reduce:*")  # the driver dies as it starts the reduce
+    code, _, _ = finish(driver)
+    crash(driver)
+    assert code == -signal.SIGKILL and not (out / "proxies.parquet").exists()
+    assert covered(RunFolder(str(out)).pieces("_embcam", "partials"), rows) == rows
+    assert {name: committed(partials)[name] for name in pass1} == pass1  # pass 1's pieces were not redone
+
+    hold, held = hold_last_piece(dataset, tmp_path)
+    driver = start(dataset, out, *plan, fault=hold)
+    wait_until(lambda: held.exists() and pieces(out), driver, finish, "held in pass 2 with a piece")
+    crash(driver)
+    done = sum(pq.read_metadata(p).num_rows for p in pieces(out))
+    assert 0 < done < rows and committed(partials).keys() == set(committed(out / "maps"))
+    proxies_written = (out / "proxies.parquet").stat().st_mtime_ns
+
+    code, _, stderr = finish(start(dataset, out, *plan))
+    assert code == 0, stderr
+    df, summary = assert_complete(out, rows)
+    assert summary["plan"] == "stored-maps" and summary["counts"]["resumed"] >= done
+    assert list(summary["passes"]) == ["pass 2 of 2, heatmaps from the stored maps"]  # pass 1 was done
+    assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written and not (out / "maps").exists()
+    run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "fresh"), checkpoint=str(checkpoint),
+                              batch_size=8, block_rows=8, proxy="mean", strategy="stored-maps"), progress=False)
+    fresh = results(tmp_path / "fresh").set_index("image_id").loc[df.image_id]
+    np.testing.assert_array_equal(np.stack(df.heatmap), np.stack(fresh.heatmap))
+    counts = pd.read_parquet(out / "proxies.parquet")["count"].sum()
+    assert counts == pd.read_parquet(tmp_path / "fresh" / "proxies.parquet")["count"].sum() == rows
