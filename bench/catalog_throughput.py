@@ -15,9 +15,10 @@ What is timed, for each model and image size:
   its exit: Python and Ray start-up, the manifest check, the model load of the driver and
   of the worker, and every pass. Each run has its own local Ray, as a user's run has, with
   the default object store (see `--strategy` for why).
-- plain: in this process, with every core: load the model (`embcam.models.load_model`, the
-  model as built, in eval mode), then batch by batch read each file's bytes, decode
-  (`decode_image_oriented`, EXIF orientation applied), `resize_square` to the model's input
+- plain: in this process, with every core: load the model (`embcam.models.load_model`, then
+  `prepare_for_inference` as the job does, unless `--plain-model as-built`), then batch by
+  batch read each file's bytes, decode (`decode_image_oriented`, EXIF orientation applied),
+  `resize_square` to the model's input
   size, `preprocess` and `model(x)` under `torch.inference_mode()`. On CUDA the model and the
   batches are on the GPU, under autocast at `--plain-precision`. One untimed batch first, so
   both timed runs find torch warm (the job's runs are each a fresh process anyway). The job
@@ -89,6 +90,7 @@ import torch
 import embcam
 from embcam.datasets import generate_dataset
 from embcam.images import decode_image_oriented, decode_resized, resize_square
+from embcam.inference import prepare_for_inference
 from embcam.models import load_model
 from embcam.pipeline import JOB_STRATEGIES
 
@@ -145,12 +147,14 @@ def decoded(data: bytes, size: int, decode: str) -> np.ndarray:
 
 
 def plain_loop(entry: str, image_size: int | None, manifest: Path, batch_size: int, device: torch.device,
-               precision: str, decode: str = "full", limit: int | None = None) -> float:
-    """Seconds to load the model and embed the manifest's images (the first ``limit``)."""
+               precision: str, decode: str = "full", limit: int | None = None, prepared: bool = True) -> float:
+    """Seconds to load the model and embed the manifest's images (the first ``limit``).
+    ``prepared``: the model through ``prepare_for_inference`` (BatchNorm folded,
+    channels_last), as the job runs it, so that the ratio is the job's overhead alone."""
     start = time.perf_counter()
     spec, checkpoint = model_source(entry)
     model, preprocess, _ = load_model(spec, checkpoint, image_size)
-    model = model.to(device)
+    model = (prepare_for_inference(model) if prepared else model).to(device)
     uris = pq.read_table(manifest, columns=["uri"]).column("uri").to_pylist()[:limit]
     for i in range(0, len(uris), batch_size):
         pixels = np.stack([decoded((manifest.parent / uri).read_bytes(), preprocess.size, decode)
@@ -330,6 +334,9 @@ def parse_args(argv):
     p.add_argument("--plain-decode", choices=["full", "reduced"], default="full",
                    help="the plain loop's decode: full (decode_image_oriented + resize_square, default) or "
                         "reduced (decode_resized, the job's: large JPEGs decoded at a reduced scale)")
+    p.add_argument("--plain-model", choices=["prepared", "as-built"], default="prepared",
+                   help="the plain loop's model: prepared (prepare_for_inference: BatchNorm folded, channels_last, "
+                        "as the job runs it; default, so that the ratio is the job's overhead) or as-built")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotated", action="store_true", help="keep the generated boxes and masks in the manifest")
@@ -360,8 +367,9 @@ def bench_model(entry: str, sides: str, manifests: dict[int, Path], work: Path, 
                 log) -> list[dict]:
     """The plain loop and every proxy's job runs of one model on one dataset."""
     sizes = sorted(manifests)
+    prepared = args.plain_model == "prepared"
     plain_loop(entry, args.image_size, manifests[sizes[0]], args.batch_size, device, precision, args.plain_decode,
-               limit=args.batch_size)  # warm-up, untimed
+               limit=args.batch_size, prepared=prepared)  # warm-up, untimed
     plain = {n: [] for n in sizes}
     jobs = {proxy: dict(job_strategy(entry, manifests[sizes[-1]], proxy, args), runs=[],
                         seconds={n: [] for n in sizes})
@@ -369,7 +377,7 @@ def bench_model(entry: str, sides: str, manifests: dict[int, Path], work: Path, 
     for repeat in range(args.repeats):
         for n in sizes:
             plain[n].append(plain_loop(entry, args.image_size, manifests[n], args.batch_size, device, precision,
-                                       args.plain_decode))
+                                       args.plain_decode, prepared=prepared))
             log(f"plain {short_name(entry)} {sides} px, {n} images: {plain[n][-1]:.1f} s")
         for proxy, job in jobs.items():
             for n in sizes:
@@ -380,7 +388,8 @@ def bench_model(entry: str, sides: str, manifests: dict[int, Path], work: Path, 
                 job["seconds"][n].append(run["seconds"])
                 log(f"job {short_name(entry)} {sides} px, {proxy}, {n} images: {run['seconds']:.1f} s "
                     f"({run['summary']['plan']} plan)")
-    plain_fit = dict(fit(plain), device=str(device), precision=precision, decode=args.plain_decode)
+    plain_fit = dict(fit(plain), device=str(device), precision=precision, decode=args.plain_decode,
+                     model=args.plain_model)
     rows, self_fit = [], None
     for proxy, job in jobs.items():
         check_runs(job["runs"], proxy, job["strategy"])
