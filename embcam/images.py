@@ -300,7 +300,9 @@ def decode_mask(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     the colour value times alpha (composited over black).
     """
     array, _ = _imdecode(data, max_pixels)
-    values = _to_unit_float(array if array.ndim == 3 else array[:, :, None])
+    if array.ndim == 2:  # grey, the common case: no channel axis to reduce (which cost 4 ms at 800 px)
+        return _to_unit_float(array)
+    values = _to_unit_float(array)
     channels = values.shape[2]
     if channels in (1, 3):
         return np.ascontiguousarray(values.max(axis=2))
