@@ -140,30 +140,25 @@ def read_maps_piece(path: str, filesystem=None) -> dict:
     return piece
 
 
-def read_stored_rows(run: RunFolder, pieces: list[tuple[int, int]], start: int, stop: int) -> dict:
+def read_stored_rows(run: RunFolder, pieces: list[tuple[int, int]], start: int, stop: int,
+                     grid: tuple[int, int, int]) -> dict:
     """Manifest rows [start, stop) from the stored maps ``pieces`` (their row ranges, which
-    must cover it): ``status``, ``error``, ``embedding``, ``maps`` (float32, zero where the
-    image failed) and the image's ``width``, ``height`` and ``orientation`` (0 where null)."""
+    must cover it): ``status``, ``error``, ``embedding`` (n, d), ``maps`` (n, d, h, w) for
+    ``grid`` = (d, h, w), float32, zero where the image failed, and the image's ``width``,
+    ``height`` and ``orientation`` (0 where null)."""
     parts = []
     for a, b in pieces:
         if a < stop and b > start:
             piece = read_maps_piece(run.join(MAPS, piece_name(a, b)), run.fs)
             lo, hi = max(start, a) - a, min(stop, b) - a
-            parts.append({k: None if v is None else v[lo:hi] for k, v in piece.items()})
+            n = len(piece["status"])
+            if piece["maps"] is None:  # every image of the piece failed
+                piece["embedding"], piece["maps"] = np.zeros((n, grid[0]), np.float32), np.zeros((n, *grid), np.float32)
+            parts.append({k: v[lo:hi] for k, v in piece.items()})
     rows = sum(len(part["status"]) for part in parts)
     if rows != stop - start:
         raise RuntimeError(f"stored maps hold {rows} of manifest rows {start}-{stop}: pass 1 is incomplete")
-    grid = next(part["maps"].shape[1:] for part in parts if part["maps"] is not None) if any(
-        part["maps"] is not None for part in parts) else None
-    out = {}
-    for key in piece.keys():
-        if key in ("embedding", "maps"):
-            shape = (grid[:1] if key == "embedding" else grid) if grid else (0,)
-            out[key] = np.concatenate([part[key] if part[key] is not None
-                                       else np.zeros((len(part["status"]),) + shape, np.float32) for part in parts])
-        else:
-            out[key] = np.concatenate([part[key] for part in parts])
-    return out
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def _dense(column: pa.ChunkedArray, ok: np.ndarray, shape: tuple) -> np.ndarray:

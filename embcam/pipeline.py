@@ -357,8 +357,8 @@ class _Job:
         with self.progress.step(what, _rows_in(todo)):
             done = (ray.data.range(len(ranges), override_num_blocks=len(ranges))
                     .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
-                                 fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.image_root,
-                                          self.limits, proxies)))
+                                 fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.shape["dims"],
+                                          self.image_root, self.limits, proxies)))
             for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
                 self.progress.add(int(np.sum(batch["rows"])))
 
@@ -445,13 +445,13 @@ def _commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: st
 
 
 def _heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                               pieces: list, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
+                               pieces: list, grid: tuple, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
     """One range of pass 2 of the stored-maps plan: manifest rows + what pass 1 stored
     (decode outcome, size, embedding, E) -> heatmaps, metrics, a results piece."""
     start, stop = (int(v) for v in ranges[int(batch["id"][0])])
     rows = manifest_batch(copy.read(start, stop))
     fault_point("commit", rows["image_id"])
-    stored = read_stored_rows(run, pieces, start, stop)
+    stored = read_stored_rows(run, pieces, start, stop, grid)
     rows.update({k: stored[k] for k in ("status", "error", "embedding", "maps", "width", "height", "orientation")})
     rows["status"], rows["error"] = rows["status"].astype(object), rows["error"].astype(object)
     rows["mask_png"] = load_masks(rows, image_root, limits)

@@ -15,10 +15,11 @@ from torch import nn
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cam import cheapest_strategy, embedding_map_path
 from embcam.datasets import generate_dataset
+from embcam.maps import read_stored_rows, write_maps
 from embcam.metrics import heatmap_metrics
 from embcam.models import GeM, Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, choose_plan, run_explain
-from embcam.runstate import PARTIALS, STATE, RunFolder, covered
+from embcam.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
 from embcam.stages import ExplainModel, ModelConfig, load_images, manifest_batch
 
 SIZE = 48
@@ -227,3 +228,34 @@ def test_precision_reaches_the_summary(ray_session, dataset, tmp_path):
     assert summary["precision"] == "bf16" and summary["counts"]["ok"] == 29
     saved = json.loads((tmp_path / "_embcam" / "run.json").read_text())
     assert saved["precision"] == "bf16" and saved["identity"]["precision"] == "bf16"
+
+
+def test_stored_rows_of_a_range_across_pieces_and_of_a_piece_where_every_image_failed(tmp_path):
+    """Pass 2 reads any row range from pass 1's pieces, whatever their cuts; a piece whose
+    images all failed stores no maps, and its rows come back as zeros of the run's grid."""
+    run = RunFolder(str(tmp_path))
+    rng = np.random.default_rng(0)
+    grid = (3, 2, 2)
+
+    def piece(start, stop, ok=True):
+        n = stop - start
+        batch = {"image_id": np.array([f"i{r}" for r in range(start, stop)], dtype=object),
+                 "status": np.array(["ok" if ok else "error"] * n, dtype=object),
+                 "error": np.array([None if ok else "image: broken"] * n, dtype=object),
+                 "embedding": rng.normal(size=(n, 3)).astype(np.float32),
+                 "maps": rng.normal(size=(n, *grid)).astype(np.float32),
+                 "width": np.full(n, 40 + start, np.int32) * ok, "height": np.full(n, 30, np.int32) * ok,
+                 "orientation": np.full(n, 6, np.int32) * ok}
+        write_maps(run, batch, "float32", piece_name(start, stop))
+        return batch
+
+    written = [piece(0, 3), piece(3, 5, ok=False), piece(5, 9)]
+    pieces = run.pieces("maps")
+    got = read_stored_rows(run, pieces, 2, 7, grid)
+    assert got["status"].tolist() == ["ok", "error", "error", "ok", "ok"]
+    assert got["width"].tolist() == [40, 0, 0, 45, 45] and got["orientation"].tolist() == [6, 0, 0, 6, 6]
+    np.testing.assert_array_equal(got["maps"][0], written[0]["maps"][2])
+    np.testing.assert_array_equal(got["maps"][3:], written[2]["maps"][:2])
+    assert got["maps"].shape == (5, *grid) and not got["maps"][1:3].any() and not got["embedding"][1:3].any()
+    with pytest.raises(RuntimeError, match="stored maps hold 4 of manifest rows 5-10"):
+        read_stored_rows(run, pieces, 5, 10, grid)
