@@ -184,9 +184,10 @@ class ExplainModel:
         self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),
                                            compile_batch_size=model.compile_batch_size).to(self.device)
         self.proxy_mode, self.output, self.keep_maps = proxy_mode, output, keep_maps
-        if output == "maps" or keep_maps:
-            strategy = "embedding-map"  # E is formed anyway: its heatmaps come with it
         self.cam = EmbeddingCAM(self.model, model.target_layer, strategy, reshape=model.reshape)
+        # the E maps to return: the heatmaps' own when the strategy forms them, else one more computation
+        self.cam_maps = self.cam if strategy == "embedding-map" or not (output == "maps" or keep_maps) else (
+            EmbeddingCAM(self.model, model.target_layer, "embedding-map", reshape=model.reshape))
         self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
                          if top_k_channels else None)
         self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
@@ -252,7 +253,7 @@ class ExplainModel:
                 out["embedding"][ok] = self.model(x).float().cpu().numpy()
             return
         if self.output == "maps":
-            y, maps = self.cam.embedding_maps(x)
+            y, maps = self.cam_maps.embedding_maps(x)
             out["embedding"][ok] = y.float().cpu().numpy()
             out["maps"][ok] = maps.float().cpu().numpy()
             return
@@ -273,7 +274,8 @@ class ExplainModel:
         out["score"][ok] = (y * p).sum(-1).cpu().numpy()
         out["cosine"][ok] = (normalise(y) * normalise(p)).sum(-1).cpu().numpy()
         if self.keep_maps:
-            out["maps"][ok] = result.maps.float().cpu().numpy()
+            maps = result.maps if result.maps is not None else self.cam_maps.embedding_maps(x)[1]
+            out["maps"][ok] = maps.float().cpu().numpy()
         if self.cam_topk is not None:
             top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
             out["heatmap_topk"][ok] = top.heatmaps.float().cpu().numpy()
