@@ -5,6 +5,8 @@ end-to-end tests of `embcam show` and of the catalog report on a run without box
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -413,3 +415,13 @@ def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys):
     assert HOSTILE_LABEL in text and HOSTILE_ID in text and "none.jpg" in text
     assert HOSTILE_LABEL not in raw and HOSTILE_ID not in raw
     assert "&lt;script&gt;" in raw and "we&quot;ird&amp;id" in raw
+
+
+@pytest.mark.slow  # a subprocess
+def test_reading_results_does_not_import_torch():
+    """`embcam.results`, the report and the CLI's entry point read runs without loading
+    torch (1 GB and seconds of import); `from embcam import EmbeddingCAM` still works."""
+    code = ("import sys, embcam.results, embcam.report, embcam.cli; assert 'torch' not in sys.modules, 'torch'; "
+            "from embcam import EmbeddingCAM, load_model; assert 'torch' in sys.modules; print(EmbeddingCAM.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "EmbeddingCAM", done.stderr
