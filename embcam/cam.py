@@ -84,13 +84,13 @@ def embedding_map_path(model: nn.Module, target_layer: str | None = None, reshap
 
 def cheapest_strategy(path: str, proxies_per_image: int, embedding_dim: int, maps_needed: bool = False) -> str:
     """The cheaper of the two exact strategies for images explained against
-    ``proxies_per_image`` proxies each, on a model whose embedding-map path is ``path``.
+    ``proxies_per_image`` (P) proxies each, on a model whose embedding-map path is ``path``.
 
-    On the closed-form and pooled-Jacobian paths E comes with one plain forward (the
-    Jacobian, if any, is of a small head on a K-vector), so "embedding-map" costs no more
-    than inference. On the "vjp" path E costs d backward passes per image against P for
-    "autograd": E maps only when they are needed anyway, or when P >= d."""
-    if maps_needed or path != "vjp" or proxies_per_image >= embedding_dim:
+    On the closed form, E is one (K x d) product after a plain forward: as cheap as
+    inference, and no graph is recorded. Elsewhere E costs d vector-Jacobian products
+    (through the small head on "pooled-jacobian", from y to the target on "vjp") against
+    P backwards for "autograd": E maps only when they are needed anyway, or when P >= d."""
+    if maps_needed or path == "closed-form" or proxies_per_image >= embedding_dim:
         return "embedding-map"
     return "autograd"
 

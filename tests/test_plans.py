@@ -58,6 +58,12 @@ def gem_resnet():
     return GeMNet(), "trunk.7", "nchw", 64
 
 
+def convnext():
+    model = torchvision.models.convnext_tiny()
+    model.classifier[2] = nn.Linear(768, 8)  # LayerNorm2d, flatten, Linear after the pool
+    return model, "features", "nchw", 64
+
+
 def linear_resnet():
     model = torchvision.models.resnet18()
     model.fc = nn.Linear(512, 8)
@@ -65,7 +71,7 @@ def linear_resnet():
 
 
 @pytest.mark.parametrize("build, path", [(tiny_vit, "vjp"), (swin, "vjp"), (gem_resnet, "vjp"),
-                                         (linear_resnet, "closed-form")])
+                                         (convnext, "pooled-jacobian"), (linear_resnet, "closed-form")])
 def test_the_cheapest_strategy_gives_the_reference_heatmaps(float64, build, path):
     torch.manual_seed(0)
     model, layer, reshape, size = build()
@@ -73,7 +79,7 @@ def test_the_cheapest_strategy_gives_the_reference_heatmaps(float64, build, path
     assert embedding_map_path(model, layer, reshape) == path
     d = 8
     chosen = cheapest_strategy(path, 1, d)
-    assert chosen == ("autograd" if path == "vjp" else "embedding-map")
+    assert chosen == ("embedding-map" if path == "closed-form" else "autograd")
     assert cheapest_strategy(path, 1, d, maps_needed=True) == "embedding-map"  # E is needed: formed anyway
     assert cheapest_strategy(path, d, d) == "embedding-map"  # as many proxies as units: E is no dearer
     x = torch.randn(2, 3, size, size)
