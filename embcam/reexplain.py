@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .fetch import ReadLimits, read_bytes
-from .locations import has_scheme, resolve_uri
+from .fetch import ReadLimits
+from .locations import has_scheme
 from .maps import MapStore, read_maps_piece
 from .pairs import check_known, pair_counts, pairs_sha256, read_pairs, write_pairs
 from .proxies import load_proxy_bank, proxy_table
@@ -41,7 +41,7 @@ from .runstate import (
     identity_differences,
     piece_name,
 )
-from .stages import OK, compute_metrics, heatmaps_from_kept_maps, manifest_batch, reason, to_results
+from .stages import compute_metrics, heatmaps_from_kept_maps, load_masks, manifest_batch, to_results
 
 RESULT_INPUTS = ("status", "error", "width", "height", "orientation")
 
@@ -170,14 +170,7 @@ def _explained_piece(run: RunFolder, copy: ManifestCopy, start: int, stop: int, 
     n = rows.num_rows
     batch["embedding"] = maps["embedding"] if maps["embedding"] is not None else np.zeros((n, 1), np.float32)
     batch["maps"] = maps["maps"] if maps["maps"] is not None else np.zeros((n, 1, 1, 1), np.float32)
-    batch["mask_png"] = np.array([b""] * n, dtype=object)
-    for i in np.flatnonzero(batch["status"] == OK):
-        mask_uri = batch.get("mask_uri", [None] * n)[i]
-        if mask_uri is not None and mask_uri == mask_uri:
-            try:
-                batch["mask_png"][i] = read_bytes(resolve_uri(str(mask_uri), image_root), limits)
-            except Exception as exc:  # noqa: BLE001 - the row fails, the others go on
-                batch["status"][i], batch["error"][i] = "error", reason("mask", exc)
+    batch["mask_png"] = load_masks(batch, image_root, limits)
     return to_results(compute_metrics(heatmaps_from_kept_maps(batch, "bank", bank)))
 
 
