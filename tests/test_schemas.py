@@ -25,7 +25,8 @@ EXPECTED_COLUMNS = {
     "proxies": ["label", "proxy", "count"],
     "pairs": ["query_id", "match_id", "status", "error", "cosine", "query_heatmap", "match_heatmap",
               "heatmap_height", "heatmap_width"],
-    "maps": ["image_id", "status", "error", "embedding", "maps", "maps_channels", "heatmap_height", "heatmap_width"],
+    "maps": ["image_id", "status", "error", "embedding", "maps", "maps_channels", "heatmap_height", "heatmap_width",
+             "width", "height", "orientation"],
 }
 
 
