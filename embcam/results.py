@@ -214,7 +214,7 @@ def manifest_rows(path: str | os.PathLike, image_ids: Iterable[str]) -> dict[str
     """{image_id: {uri, bbox_x0..bbox_y1}} from the run's manifest copy, or for runs without
     one from the manifest its config names. Raises FileNotFoundError when neither is found."""
     ids = pa.array(sorted({str(i) for i in image_ids}), pa.string())
-    fs, files = _manifest_files(path)
+    fs, files = manifest_files(path)
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     if "image_id" not in dataset.schema.names or "uri" not in dataset.schema.names:
         raise ValueError(f"manifest of run {os.fspath(path)} lacks image_id or uri")
@@ -224,7 +224,7 @@ def manifest_rows(path: str | os.PathLike, image_ids: Iterable[str]) -> dict[str
             for r in table.to_pylist()}
 
 
-def _manifest_files(path: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
+def manifest_files(path: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
     run = RunFolder(os.fspath(path))
     copy = pads.dataset(run.join(STATE, MANIFEST), filesystem=run.fs, format="parquet").files \
         if run.exists(STATE, MANIFEST) else []

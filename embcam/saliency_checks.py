@@ -12,6 +12,9 @@
   area under that curve (:func:`trapezoid_auc`, fraction removed 0..1) is compared with
   random orders and with the uniform map (every pixel fades by the same share per step).
   Lower = more faithful.
+* Insertion (the same paper): the other way round, from the fully filled image, the
+  hottest pixels revealed first, with the same fills, orders and uniform map. Higher =
+  more faithful.
 
 An *explainer* is ``explain(model, x, proxies) -> (B, h, w)`` heatmaps for a normalised
 batch ``x``; ``proxies`` is a (B, d) tensor or ``"self"`` (each image's own normalised
@@ -256,6 +259,13 @@ def deleted_images(image: np.ndarray, fill: np.ndarray, order: np.ndarray | None
     return np.where(gone[..., None], fill, image)
 
 
+def inserted_images(image: np.ndarray, fill: np.ndarray, order: np.ndarray | None, steps: int) -> np.ndarray:
+    """(steps + 1, S, S, 3): the fill with ``image``'s pixels put back in ``order`` (first
+    first), step 0 all fill, the last step the image; None = the uniform map, every pixel
+    moved k / steps of the way from its fill back to the image at step k."""
+    return deleted_images(fill, image, order, steps)
+
+
 def deletion_fractions(side: int, steps: int, uniform: bool = False) -> np.ndarray:
     """The x axis: share of each pixel removed (uniform) or share of pixels removed."""
     if uniform:
@@ -289,16 +299,33 @@ def deletion(model: nn.Module, preprocess, pixels: np.ndarray, heatmaps: np.ndar
 
     Returns ``{"fractions": {method: (steps + 1,)}, "curves": {method: (N, steps + 1)},
     "auc": {method: (N,)}}`` with methods ``heatmap``, ``random``, ``uniform``."""
+    return _curves(model, preprocess, pixels, heatmaps, proxies, steps, fill, seed, random_orders, batch_size,
+                   progress, insert=False)
+
+
+def insertion(model: nn.Module, preprocess, pixels: np.ndarray, heatmaps: np.ndarray, proxies: Tensor, *,
+              steps: int = 16, fill: str = "blur", seed: int = 0, random_orders: int = 3,
+              batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Insertion curves, as :func:`deletion` (same arguments, the same orders for the same
+    ``seed``, the same result) but from the filled image, the pixels put back in order;
+    the x axis is the fraction revealed."""
+    return _curves(model, preprocess, pixels, heatmaps, proxies, steps, fill, seed, random_orders, batch_size,
+                   progress, insert=True)
+
+
+def _curves(model, preprocess, pixels, heatmaps, proxies, steps, fill, seed, random_orders, batch_size, progress,
+            insert: bool) -> dict:
     pixels = np.asarray(pixels, np.float64)
     n, side = len(pixels), pixels.shape[1]
     fills = fill_images(pixels, fill)
+    perturbed = inserted_images if insert else deleted_images
     curves = {m: np.zeros((n, steps + 1)) for m in ("heatmap", "random", "uniform")}
     for i in range(n):
         tie = np.random.default_rng([seed, 0, i])
         orders = [hottest_first(heatmaps[i], side, tie)]
         orders += [np.random.default_rng([seed, 1 + r, i]).permutation(side * side) for r in range(random_orders)]
-        stacks = [deleted_images(pixels[i], fills[i], order, steps) for order in orders]
-        stacks.append(deleted_images(pixels[i], fills[i], None, steps))
+        stacks = [perturbed(pixels[i], fills[i], order, steps) for order in orders]
+        stacks.append(perturbed(pixels[i], fills[i], None, steps))
         cos = embed_cosines(model, preprocess, np.concatenate(stacks), proxies[i], batch_size)
         cos = cos.reshape(len(stacks), steps + 1)
         curves["heatmap"][i], curves["uniform"][i] = cos[0], cos[-1]

@@ -1,12 +1,13 @@
-"""``embcam sanity RUN``: model-randomisation and deletion checks of an explain run's heatmaps.
+"""``embcam sanity RUN``: model-randomisation, deletion and insertion checks of an explain run's heatmaps.
 
 Reads the run's config (``summary.json``), loads its model (``embcam.models.load_model``:
 spec, checkpoint, image size and preprocessing), samples ``--images`` of its ok rows
 (sorted by image_id, then ``numpy.random.default_rng(seed).choice``), loads them as the
 job did (``embcam.stages.load_images``), takes the proxies the run used (``self``; the
-class proxies of ``proxies.parquet`` by each row's ``proxy_label``; onehot) and runs both
+class proxies of ``proxies.parquet`` by each row's ``proxy_label``; onehot) and runs the
 checks of :mod:`embcam.saliency_checks` in this process (no Ray). Writes
-``RUN/sanity/sanity.json``, ``cascade.png`` and ``deletion.png`` (or into ``--out``).
+``RUN/sanity/sanity.json``, ``cascade.png``, ``deletion.png`` and ``insertion.png`` (or
+into ``--out``).
 Definitions, the verdict and the choices: docs/design.md §7, "Sanity and faithfulness checks".
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .proxies import load_proxy_bank
 from .report.plot import draw_cascade, draw_curves, write_plot
 from .report.runs import read_summary
 from .results import as_the_job_meant, image_root_of, open_results, read_rows
-from .saliency_checks import FILLS, cam_explainer, cascade, deletion
+from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
 from .stages import OK, load_images, resolved_target
 
 THRESHOLD = 0.5  # the verdict: mean rho below this once the head and the last block are random
@@ -41,7 +42,7 @@ CRITERION = (f"pass when the mean Spearman rho between the trained model's heatm
 
 def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int = 0, steps: int = 16,
               fill: str = "blur", image_root: str | None = None, log=None) -> dict:
-    """Run both checks on ``run`` and write sanity.json and the plots; returns the JSON dict."""
+    """Run the checks on ``run`` and write sanity.json and the plots; returns the JSON dict."""
     if images < 1 or steps < 1:
         raise ValueError(f"--images and --steps must be >= 1, got {images} and {steps}")
     if fill not in FILLS:
@@ -77,20 +78,26 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
 
     # the job's own prepared model (BatchNorm folded, channels_last): the same embeddings to ~1e-6, faster
     prepared = prepare_for_inference(model, resolved_target(model, config.get("target_layer")))
-    curves = deletion(prepared, preprocess, pixels, stored, proxies, steps=steps, fill=fill, seed=seed,
-                      random_orders=RANDOM_ORDERS,
-                      progress=lambda k, n: log(f"deletion: image {k}/{n}") if k % 16 == 0 or k == n else None)
+
+    def curves_of(kind: str, check) -> dict:  # the same fills, orders and uniform map for both
+        return check(prepared, preprocess, pixels, stored, proxies, steps=steps, fill=fill, seed=seed,
+                     random_orders=RANDOM_ORDERS,
+                     progress=lambda k, n: log(f"{kind}: image {k}/{n}") if k % 16 == 0 or k == n else None)
+
+    curves, revealed = curves_of("deletion", deletion), curves_of("insertion", insertion)
     report = {
         "run": run, "model": spec, "target_layer": config.get("target_layer"), "proxy": proxy_mode,
         "images": len(ids), "unreadable": unreadable, "seed": seed,
         "randomisation": _randomisation(result, proxy_mode),
         "deletion": _deletion(curves, fill, steps),
+        "insertion": _insertion(revealed, fill, steps),
         "stored_heatmaps": {"max_abs_difference": difference, "max_value": scale,
                             "note": "the run's stored heatmaps against those recomputed here by the trained "
-                                    "model; the deletion check uses the stored ones"},
+                                    "model; the deletion and insertion checks use the stored ones"},
         "per_image": {"image_id": ids, "rho": _listed(result["rho"]),
-                      "auc": {m: _listed(v) for m, v in curves["auc"].items()}},
-        "files": {"cascade": "cascade.png", "deletion": "deletion.png"},
+                      "auc": {m: _listed(v) for m, v in curves["auc"].items()},
+                      "insertion_auc": {m: _listed(v) for m, v in revealed["auc"].items()}},
+        "files": {"cascade": "cascade.png", "deletion": "deletion.png", "insertion": "insertion.png"},
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     folder = Path(out) if out else Path(run) / "sanity"
@@ -103,6 +110,11 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
     write_plot(folder / "deletion.png", draw_curves(
         [{"name": METHOD_NAMES[m], "x": v["fractions"], "y": v["curve_mean"]} for m, v in d["methods"].items()],
         f"deletion ({fill} fill): mean cosine of the embedding to its proxy", "fraction of the image removed"))
+    d = report["insertion"]
+    write_plot(folder / "insertion.png", draw_curves(
+        [{"name": METHOD_NAMES[m], "x": v["fractions"], "y": v["curve_mean"]} for m, v in d["methods"].items()],
+        f"insertion (from the {fill} fill): mean cosine of the embedding to its proxy",
+        "fraction of the image revealed"))
     (folder / "sanity.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     report["folder"] = str(folder)
     return report
@@ -183,14 +195,26 @@ def _randomisation(result: dict, proxy_mode: str) -> dict:
     }
 
 
-def _deletion(curves: dict, fill: str, steps: int) -> dict:
+def _curve_summary(curves: dict, fill: str, steps: int) -> dict:
     auc = curves["auc"]
     methods = {m: {"name": METHOD_NAMES[m], "auc": _stats(auc[m]),
                    "fractions": curves["fractions"][m].tolist(),
                    "curve_mean": curves["curves"][m].mean(0).tolist()} for m in auc}
-    return {"fill": fill, "steps": steps, "random_orders": RANDOM_ORDERS, "methods": methods,
+    return {"fill": fill, "steps": steps, "random_orders": RANDOM_ORDERS, "methods": methods}
+
+
+def _deletion(curves: dict, fill: str, steps: int) -> dict:
+    auc = curves["auc"]
+    return {**_curve_summary(curves, fill, steps),
             "heatmap_below_random": float(np.mean(auc["heatmap"] < auc["random"])),
             "heatmap_below_uniform": float(np.mean(auc["heatmap"] < auc["uniform"]))}
+
+
+def _insertion(curves: dict, fill: str, steps: int) -> dict:
+    auc = curves["auc"]  # higher is better: the heatmap's order should bring the embedding back first
+    return {**_curve_summary(curves, fill, steps),
+            "heatmap_above_random": float(np.mean(auc["heatmap"] > auc["random"])),
+            "heatmap_above_uniform": float(np.mean(auc["heatmap"] > auc["uniform"]))}
 
 
 def format_report(report: dict) -> str:
@@ -209,8 +233,14 @@ def format_report(report: dict) -> str:
               "lower = more faithful):"]
     lines += [f"  {v['name']:<32} {cell(v['auc'])}" for v in d["methods"].values()]
     lines += [f"  EmbeddingCAM below random on {d['heatmap_below_random']:.0%} of the images, "
-              f"below uniform on {d['heatmap_below_uniform']:.0%}", "",
-              f"written: {report['folder']}/sanity.json, cascade.png, deletion.png"]
+              f"below uniform on {d['heatmap_below_uniform']:.0%}", ""]
+    i = report["insertion"]
+    lines += [f"insertion (from the {i['fill']} fill, {i['steps']} steps; area under the cosine to the proxy, "
+              "higher = more faithful):"]
+    lines += [f"  {v['name']:<32} {cell(v['auc'])}" for v in i["methods"].values()]
+    lines += [f"  EmbeddingCAM above random on {i['heatmap_above_random']:.0%} of the images, "
+              f"above uniform on {i['heatmap_above_uniform']:.0%}", "",
+              f"written: {report['folder']}/sanity.json, cascade.png, deletion.png, insertion.png"]
     return "\n".join(lines)
 
 
@@ -220,16 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="embcam sanity",
         description="Sanity and faithfulness checks of a run's heatmaps, in this process: model randomisation "
                     "(Adebayo et al. 2018: rank correlation with the trained model's maps as the model's blocks are "
-                    "re-initialised from the output down) and deletion (Petsiuk et al. 2018: cosine of the "
-                    "embedding to its proxy as the hottest pixels are removed, against random orders and the "
-                    "uniform map). Writes RUN/sanity/sanity.json, cascade.png, deletion.png.")
+                    "re-initialised from the output down), deletion and insertion (Petsiuk et al. 2018: cosine of "
+                    "the embedding to its proxy as the hottest pixels are removed, or revealed from the filled "
+                    "image, against random orders and the uniform map). Writes RUN/sanity/sanity.json, "
+                    "cascade.png, deletion.png, insertion.png.")
     parser.add_argument("run", metavar="RUN", help="a finished run folder (embcam explain --out RUN)")
     parser.add_argument("--images", type=int, default=64, metavar="N", help="ok images sampled (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample, the randomisation and the "
                         "random orders (default 0)")
-    parser.add_argument("--steps", type=int, default=16, metavar="K", help="deletion steps (default 16)")
+    parser.add_argument("--steps", type=int, default=16, metavar="K",
+                        help="deletion and insertion steps (default 16)")
     parser.add_argument("--fill", choices=FILLS, default="blur",
-                        help="what deleted pixels become: a blurred copy of the image or its mean colour")
+                        help="what deleted pixels become (and what insertion starts from): a blurred copy of "
+                             "the image or its mean colour")
     parser.add_argument("--out", metavar="DIR", help="where sanity.json and the plots go (default RUN/sanity)")
     parser.add_argument("--image-root", help="where the images are now, if not where the run read them")
     args = parser.parse_args(argv)

@@ -180,17 +180,38 @@ def test_threshold_sweep_and_best_over_t(runs):
     assert a["sweep"][3]["value"] == a["values"]["accuracy"]["value"]
 
 
+def test_wsol_columns_by_hand(runs):
+    """MaxBoxAccV2 on the runs' 4 x 4 maps (1 in the top-left cell) at 16 x 12: bilinear
+    upsampling gives H(x, y) = hx(x) hy(y) with hx = 1, 1, 7/8, 5/8, 3/8, 1/8, 0, ... and
+    hy = 1, 1, 2/3, 1/3, 0, ...; one component, so one box per threshold: (0, 0, 16, 12) at
+    tau = 0 and (0, 0, 6, 4) at tau = 0.01. img0 (box (4, 2, 12, 10)) has IoU 64/192 = 1/3 at
+    tau = 0 and less above; img1 (box (0, 0, 8, 6)) has IoU 1/4 at tau = 0 and 24/48 = 1/2 at
+    tau = 0.01, smaller boxes above. So a self run (img0 and img1) is right for one image of
+    two at best for delta = 0.3 (tau = 0) and 0.5 (tau = 0.01), never for 0.7; the mean run
+    (img0 only) for delta = 0.3 alone. No run's manifest has a mask: no PxAP."""
+    methods = by_key(table1(runs))
+    s, c = methods["self"]["wsol"], methods["mean"]["wsol"]
+    assert [p["accuracy"]["per_run"] for p in s["per_iou"]] == [[0.5, 0.5], [0.5, 0.5], [0.0, 0.0]]
+    assert [p["best_threshold"] for p in s["per_iou"]] == [[0.0, 0.0], [0.01, 0.01], [0.0, 0.0]]
+    assert s["maxboxacc_v2"]["mean"] == pytest.approx(1 / 3) and s["maxboxacc_v2"]["n_images"] == [2, 2]
+    assert [p["accuracy"]["mean"] for p in c["per_iou"]] == [1.0, 0.0, 0.0]
+    assert s["pxap"]["mean"] is None and c["pxap"]["n_runs"] == 0
+    assert table1(runs, wsol=False)["methods"][0]["wsol"] is None
+
+
 def test_markdown_layout(runs):
     md = render_markdown(table1(runs))
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| Method | Region"))
     assert header == ("| Method | Region | Uniform | All channels | Top-2 channels | "
-                      "Accuracy (IoU ≥ 0.5, t = 0.2) | Runs |")
+                      "Accuracy (IoU ≥ 0.5, t = 0.2) | MaxBoxAccV2 (BBox) / PxAP (Mask) | Runs |")
     assert ("| EmbeddingCAM (self proxy) | BBox | 0.312 ± 0.062 | 0.750 ± 0.125 | "
-            "0.438 ± 0.062 | 0.500 ± 0.000 | 2 |") in lines
-    assert "|  | Mask | 0.156 ± 0.031 | 0.500 ± 0.000 | 0.375 ± 0.125 |  |  |" in lines
+            "0.438 ± 0.062 | 0.500 ± 0.000 | 0.333 ± 0.000 | 2 |") in lines
+    assert "|  | Mask | 0.156 ± 0.031 | 0.500 ± 0.000 | 0.375 ± 0.125 |  | — |  |" in lines
     assert ("| EmbeddingCAM (mean proxy) | BBox | 0.250 ± 0.000 | 0.625 ± 0.000 | — | "
-            "1.000 ± 0.000 | 1 |") in lines
+            "1.000 ± 0.000 | 0.333 ± 0.000 | 1 |") in lines
+    assert ("| EmbeddingCAM (self proxy) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.000 ± 0.000 | 0.333 ± 0.000 | — | "
+            "0 / 0.01 / 0; 0 / 0.01 / 0 |") in lines
     assert "ddof = 0" in md
     sweep_line = next(line for line in lines
                       if line.startswith("| EmbeddingCAM (self proxy) | 0.500"))
@@ -274,6 +295,10 @@ def test_main_prints_markdown(runs, tmp_path, capsys):
     assert "| EmbeddingCAM (mean proxy) | BBox |" in stdout
     assert "Overlays skipped: not requested" in stdout
     assert stdout == (tmp_path / "cli" / "report.md").read_text() + "\n"
+    assert "## MaxBoxAccV2 and PxAP" in stdout
+    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol"]) == 0
+    plain = capsys.readouterr().out
+    assert "| EmbeddingCAM (mean proxy) | BBox |" in plain and "MaxBoxAccV2" not in plain
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert "no summary.json" in capsys.readouterr().err

@@ -184,6 +184,40 @@ def test_deletion_curve_by_hand():
     assert out["auc"]["heatmap"][0] == pytest.approx(trapezoids, abs=1e-6)
 
 
+def test_insertion_curve_by_hand():
+    """The deletion example the other way round: from the mean fill (red 87.5 everywhere),
+    the pixels come back hottest first: 100, then 50, then 200, then 0."""
+    pixels = np.zeros((1, 2, 2, 3))
+    pixels[0, :, :, 0] = [[200, 100], [50, 0]]
+    heat = np.array([[[0.1, 0.9], [0.5, 0.0]]])
+    out = sc.insertion(MeanRed(), Preprocessing(2, (0, 0, 0), (1, 1, 1)), pixels, heat, torch.tensor([[1.0, 0.0]]),
+                       steps=4, fill="mean", random_orders=2)
+    want = cos(np.array([87.5, (87.5 * 3 + 100) / 4, (87.5 * 2 + 100 + 50) / 4, (87.5 + 100 + 50 + 200) / 4,
+                         (200 + 100 + 50 + 0) / 4]))
+    np.testing.assert_allclose(out["curves"]["heatmap"][0], want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["fractions"]["heatmap"], [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(out["curves"]["uniform"][0], [cos(87.5)] * 5, rtol=0, atol=1e-6)  # mean kept
+    np.testing.assert_allclose(out["curves"]["random"][0][[0, -1]], [cos(87.5)] * 2, rtol=0, atol=1e-6)
+    trapezoids = 0.25 * sum((want[k] + want[k + 1]) / 2 for k in range(4))
+    assert out["auc"]["heatmap"][0] == pytest.approx(trapezoids, abs=1e-6)
+
+
+def test_insertion_is_deletion_run_backwards_with_the_same_orders():
+    """Insertion from the fill to the image is deletion from the fill towards the image:
+    step k of one is step k of the other with image and fill swapped, for every order
+    (the seeded random orders and ties included) and for the uniform map."""
+    rng = np.random.default_rng(3)
+    image, fill = rng.uniform(0, 255, (4, 4, 3)), rng.uniform(0, 255, (4, 4, 3))
+    for order in (rng.permutation(16), None):
+        inserted = sc.inserted_images(image, fill, order, 4)
+        np.testing.assert_array_equal(inserted, sc.deleted_images(fill, image, order, 4))
+        np.testing.assert_array_equal(inserted[0], fill)
+        np.testing.assert_allclose(inserted[-1], image, rtol=0, atol=1e-12)
+    ordered = sc.inserted_images(image, fill, np.arange(16)[::-1], 4)
+    np.testing.assert_array_equal(ordered[1].reshape(16, 3)[12:], image.reshape(16, 3)[12:])  # last pixels first
+    np.testing.assert_array_equal(ordered[1].reshape(16, 3)[:12], fill.reshape(16, 3)[:12])
+
+
 def test_trapezoid_auc():
     assert sc.trapezoid_auc([0, 0.25, 0.5, 1], [1, 0.5, 0.5, 0]) == pytest.approx(0.1875 + 0.125 + 0.125)
     rng = np.random.default_rng(1)
@@ -233,7 +267,17 @@ def test_command_writes_json_and_plots_and_the_report_shows_them(demo, tmp_path,
     for method, stats in saved["deletion"]["methods"].items():
         assert stats["auc"]["mean"] == pytest.approx(np.mean(saved["per_image"]["auc"][method]))
         assert stats["fractions"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-    for name in ("cascade", "deletion"):
+    inserted = saved["insertion"]
+    for method, stats in inserted["methods"].items():
+        assert stats["auc"]["mean"] == pytest.approx(np.mean(saved["per_image"]["insertion_auc"][method]))
+    above = np.mean(np.array(saved["per_image"]["insertion_auc"]["heatmap"])
+                    > np.array(saved["per_image"]["insertion_auc"]["random"]))
+    assert inserted["heatmap_above_random"] == pytest.approx(above)
+    # a mean-proxy run: step 0 of deletion is the image, the last step of insertion the image too
+    revealed = inserted["methods"]["heatmap"]["curve_mean"][-1]
+    assert revealed == pytest.approx(saved["deletion"]["methods"]["heatmap"]["curve_mean"][0], abs=1e-6)
+    assert "insertion (from the blur fill" in captured.out
+    for name in ("cascade", "deletion", "insertion"):
         assert cv2.imread(str(folder / f"{name}.png")).shape == (440, 760, 3)
 
     report = write_report([demo["run"]], str(tmp_path / "report"))
@@ -242,8 +286,10 @@ def test_command_writes_json_and_plots_and_the_report_shows_them(demo, tmp_path,
     assert "## Sanity and faithfulness" in markdown and "![cascade](sanity/0-run/cascade.png)" in markdown
     page = HtmlPage()
     page.feed((tmp_path / "report" / "report.html").read_text())
-    assert {"sanity/0-run/cascade.png", "sanity/0-run/deletion.png"} <= set(page.sources)
-    assert (tmp_path / "report" / "sanity" / "0-run" / "deletion.png").is_file()
+    assert {"sanity/0-run/cascade.png", "sanity/0-run/deletion.png", "sanity/0-run/insertion.png"} <= set(page.sources)
+    assert (tmp_path / "report" / "sanity" / "0-run" / "insertion.png").is_file()
+    assert "Insertion (Petsiuk et al. 2018): from the blur fill" in markdown
+    assert "![insertion](sanity/0-run/insertion.png)" in markdown
 
 
 def test_report_escapes_what_sanity_json_holds(tmp_path):

@@ -31,6 +31,9 @@ trained models.
   (``loc_correct``). The sweep gives the accuracy at every t of ``metrics.THRESHOLDS``
   (from ``iou_sweep``); "best over t" (MaxBoxAcc style) is each run's maximum over t
   (ties to the smallest t), then mean ± std across runs. Both are for the all-channels map.
+* MaxBoxAccV2 and PxAP (Choe et al., CVPR 2020; ``embcam.wsol``, docs/design.md §7): per run
+  from its stored heatmaps, boxes and masks, read again in a stream; degenerate maps count
+  (as incorrect / as H = 0); then mean ± std across runs. ``--no-wsol`` leaves them out.
 
 ``table1`` returns a JSON-ready dict (every number with its n); ``render_markdown``
 prints it. ``write_report`` writes ``report.md``, ``report.json`` and ``report.html``,
@@ -77,13 +80,15 @@ NO_ANNOTATIONS = "not shown: no run has a box or a mask (it measures heat agains
 
 def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: str | None = None,
                  allow_partial: bool = False, per_label: int = 4, labels: int = 12,
-                 outside: int = 12, spread: bool = True, pairs_shown: int = 24) -> dict:
+                 outside: int = 12, spread: bool = True, pairs_shown: int = 24, wsol: bool = True) -> dict:
     """Write report.md, report.json, report.html and their images into ``out_dir``.
 
     Returns the report: ``catalog`` (one ``catalog.catalog`` entry per run, its images
     with their ``file``), ``table1`` (the ``table1`` dict with an ``overlays`` entry, or
     None without annotations) and ``table1_note``. When the manifest or the images cannot
     be reached the numbers are still written and the report says why images are missing.
+    ``wsol=False``: Table 1 without MaxBoxAccV2 and PxAP (``embcam.wsol``: they read every
+    heatmap and mask of the runs again, 3-18 ms per image on one core; BENCHMARKS.md §1).
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
@@ -110,7 +115,7 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     report["sanity"] = [entry for k, run in enumerate(runs) if (entry := sanity_section(
         run, out, f"sanity/{k}-{safe_name(Path(run).name or 'run')}")) is not None]
     if annotated:
-        table, ok_ids = evaluate(runs, split, allow_partial)
+        table, ok_ids = evaluate(runs, split, allow_partial, wsol=wsol)
         table["overlays"] = write_overlays(table, ok_ids, out, overlays)
         write_plot(out / "sweep.png", draw_sweep(table))
         report["table1"] = table
@@ -136,7 +141,7 @@ def sanity_section(run: str, out: Path, folder: str) -> dict | None:
         raise ValueError(f"run {run}: {path} must hold an object with 'randomisation' and 'deletion' objects")
     entry = {k: v for k, v in saved.items() if k not in ("per_image", "files")}
     entry["run"], entry["files"] = run, {}
-    for name in ("cascade", "deletion"):  # fixed names: nothing read from the file picks a path
+    for name in ("cascade", "deletion", "insertion"):  # fixed names: nothing read from the file picks a path
         if (source / f"{name}.png").is_file():
             (out / folder).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / f"{name}.png", out / folder / f"{name}.png")
@@ -172,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
                              "query and match side by side with their heatmaps (default 24)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
+    parser.add_argument("--no-wsol", action="store_true",
+                        help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020), which read every heatmap "
+                             "and mask again (milliseconds per image: minutes to hours for millions of rows)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,
                               allow_partial=args.allow_partial, per_label=args.gallery,
                               labels=args.gallery_labels, outside=args.outside,
-                              spread=not args.no_spread, pairs_shown=args.pairs_shown)
+                              spread=not args.no_spread, pairs_shown=args.pairs_shown, wsol=not args.no_wsol)
     except (ValueError, OSError) as e:
         parser.exit(2, f"embcam report: error: {e}\n")
     print(render_report_markdown(report))

@@ -26,24 +26,69 @@ def _fmt(stat: dict, n_runs: int, suffix: str = "") -> str:
     return cell + suffix
 
 
+def _has_wsol(table: dict) -> bool:
+    return table["protocol"].get("wsol") is not None
+
+
 def _table1_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     k = table["top_k"]
+    wsol = _has_wsol(table)
     header = ["Method", "Region", "Uniform", "All channels",
               f"Top-{k} channels" if k is not None else "Top-k channels",
-              f"Accuracy (IoU ≥ {LOC_IOU:g}, t = {DEFAULT_THRESHOLD:g})", "Runs"]
+              f"Accuracy (IoU ≥ {LOC_IOU:g}, t = {DEFAULT_THRESHOLD:g})",
+              *(["MaxBoxAccV2 (BBox) / PxAP (Mask)"] if wsol else []), "Runs"]
     rows = []
     for m in table["methods"]:
         n = m["n_runs"]
         k_note = f" (k={m['top_k']})" if k is None and m["top_k"] is not None else ""
         for i, (region, label) in enumerate(REGIONS.items()):
             cells = m["rows"][region]
+            extra = []
+            if wsol:
+                w = m.get("wsol")
+                extra = ["—" if w is None else _fmt(w["maxboxacc_v2" if region == "bbox" else "pxap"], n)]
             rows.append([m["name"] if i == 0 else "", label, _fmt(cells["uniform"], n),
                          _fmt(cells["all"], n),
                          _fmt(cells["topk"], n, k_note if cells["topk"]["mean"] is not None
                               else ""),
-                         _fmt(m["accuracy"], n) if region == "bbox" else "",
+                         _fmt(m["accuracy"], n) if region == "bbox" else "", *extra,
                          str(n) if i == 0 else ""])
     return header, rows
+
+
+def _wsol_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    deltas = table["protocol"]["wsol_iou_thresholds"]
+    header = ["Method", *(f"BoxAcc (IoU ≥ {d:g}, best τ)" for d in deltas), "MaxBoxAccV2", "PxAP",
+              "Best τ per run (" + " / ".join(f"{d:g}" for d in deltas) + ")"]
+    rows = []
+    for m in table["methods"]:
+        w, n = m.get("wsol"), m["n_runs"]
+        if w is None:
+            rows.append([m["name"], *["—"] * (len(deltas) + 3)])
+            continue
+        best = zip(*(p["best_threshold"] for p in w["per_iou"]))
+        rows.append([m["name"], *(_fmt(p["accuracy"], n) for p in w["per_iou"]),
+                     _fmt(w["maxboxacc_v2"], n), _fmt(w["pxap"], n),
+                     "; ".join(" / ".join(f"{t:g}" for t in run) for run in best) or "—"])
+    return header, rows
+
+
+def _wsol_notes(table: dict) -> list[str]:
+    notes = [f"Protocol: {table['protocol']['wsol']}",
+             "Fractions (the paper prints percentages). Not the paper's CUB figures: see BENCHMARKS.md §1 for "
+             "what compares."]
+    degenerate = sum(sum(m["wsol"]["degenerate"]) for m in table["methods"] if m.get("wsol"))
+    if degenerate:
+        notes.append(f"{degenerate} degenerate map(s) counted as incorrect (boxes) and as H = 0 (PxAP).")
+    for r in table["runs"]:
+        if r.get("wsol_skipped") and r["wsol_skipped"] != "not requested":
+            notes.append(f"Run {r['run']}: no MaxBoxAccV2 or PxAP ({r['wsol_skipped']}).")
+    unreadable = [r for r in table["runs"] if r.get("wsol") and r["wsol"]["pxap"]["masks_unreadable"]]
+    for r in unreadable:
+        p = r["wsol"]["pxap"]
+        notes.append(f"Run {r['run']}: {p['masks_unreadable']} mask(s) could not be read now and are left out "
+                     f"of its PxAP (first: {p['mask_error']}).")
+    return notes
 
 
 def _sweep_rows(table: dict) -> tuple[list[str], list[list[str]]]:
@@ -128,14 +173,20 @@ def _sweep_title(table: dict) -> str:
     return f"Localisation accuracy over thresholds t ({which})"
 
 
+WSOL_TITLE = "MaxBoxAccV2 and PxAP (Choe et al. 2020)"
+
+
 def _table1_markdown(table: dict) -> list[str]:
     parts = ["## Table 1: mean heatmap ratio and localisation accuracy", "",
              md_table(*_table1_rows(table)), "", *_notes(table), "",
              f"## {_sweep_title(table)}", "",
              md_table(*_sweep_rows(table)), "",
              f"Accuracy = fraction of images with IoU ≥ {LOC_IOU:g}. "
-             f"Best over t: {table['protocol']['best_over_t']}.", "",
-             "## Runs", "", md_table(*_runs_rows(table)), ""]
+             f"Best over t: {table['protocol']['best_over_t']}.", ""]
+    if _has_wsol(table):
+        parts += [f"## {WSOL_TITLE}", "", md_table(*_wsol_rows(table)), "",
+                  *(p for n in _wsol_notes(table) for p in (_md_cell(n), ""))]
+    parts += ["## Runs", "", md_table(*_runs_rows(table)), ""]
     overlays = table.get("overlays")
     if overlays is not None:
         parts += ["## Overlays", "", _overlay_note(overlays), ""]
@@ -182,6 +233,8 @@ def _table1_html(table: dict) -> list[str]:
             "<img src='sweep.png' alt='accuracy versus threshold'>",
             html_table(*_sweep_rows(table)),
             f"<p>Best over t: {esc(table['protocol']['best_over_t'])}.</p>",
+            *([f"<h2>{esc(WSOL_TITLE)}</h2>", html_table(*_wsol_rows(table)),
+               *(f"<p>{esc(n)}</p>" for n in _wsol_notes(table))] if _has_wsol(table) else []),
             "<h2>Runs</h2>", html_table(*_runs_rows(table)),
             "<h2>Overlays</h2>",
             f"<p>{esc(_overlay_note(overlays))} Left: image; right: heatmap (min-max, "
@@ -347,6 +400,7 @@ def _mean_std(stat) -> str:
 
 def _sanity_texts(entry: dict) -> dict:
     r, d = entry["randomisation"], entry["deletion"]
+    ins = entry.get("insertion") if isinstance(entry.get("insertion"), dict) else {}  # older files have none
     steps = [s for s in r.get("steps") or [] if isinstance(s, dict)]
     methods = [m for m in (d.get("methods") or {}).values() if isinstance(m, dict)]
     verdict = str(r.get("verdict", "?")).upper()
@@ -368,11 +422,22 @@ def _sanity_texts(entry: dict) -> dict:
                           "tracked; area under that curve over the fraction removed (lower = more faithful). "
                           f"EmbeddingCAM below random on {_share(d.get('heatmap_below_random'))} and below "
                           f"uniform on {_share(d.get('heatmap_below_uniform'))} of the images."),
-        "deletion": (["Method", "AUC (mean ± std)", "Images"],
-                     [[str(m.get("name", "?")), _mean_std(m.get("auc")),
-                       str((m.get("auc") or {}).get("n", "—")) if isinstance(m.get("auc"), dict) else "—"]
-                      for m in methods]),
+        "deletion": _auc_rows(methods),
+        "insertion_note": None if not isinstance(entry.get("insertion"), dict) else (
+            f"Insertion (Petsiuk et al. 2018): from the {ins.get('fill', '?')} fill, the hottest pixels revealed "
+            f"first in {ins.get('steps', '?')} steps, the same orders and uniform map as deletion; area under the "
+            f"cosine over the fraction revealed (higher = more faithful). EmbeddingCAM above random on "
+            f"{_share(ins.get('heatmap_above_random'))} and above uniform on "
+            f"{_share(ins.get('heatmap_above_uniform'))} of the images."),
+        "insertion": _auc_rows([m for m in (ins.get("methods") or {}).values() if isinstance(m, dict)]),
     }
+
+
+def _auc_rows(methods: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return (["Method", "AUC (mean ± std)", "Images"],
+            [[str(m.get("name", "?")), _mean_std(m.get("auc")),
+              str((m.get("auc") or {}).get("n", "—")) if isinstance(m.get("auc"), dict) else "—"]
+             for m in methods])
 
 
 def _sanity_markdown(entry: dict) -> list[str]:
@@ -382,6 +447,9 @@ def _sanity_markdown(entry: dict) -> list[str]:
     parts += [f"![cascade]({files['cascade']})", ""] if files.get("cascade") else []
     parts += [_md_cell(t["deletion_note"]), "", md_table(*t["deletion"]), ""]
     parts += [f"![deletion]({files['deletion']})", ""] if files.get("deletion") else []
+    if t["insertion_note"]:
+        parts += [_md_cell(t["insertion_note"]), "", md_table(*t["insertion"]), ""]
+        parts += [f"![insertion]({files['insertion']})", ""] if files.get("insertion") else []
     return parts
 
 
@@ -393,6 +461,9 @@ def _sanity_html(entry: dict) -> list[str]:
     parts += [f"<img src='{esc(files['cascade'])}' alt='cascade'>"] if files.get("cascade") else []
     parts += [f"<p>{esc(t['deletion_note'])}</p>", html_table(*t["deletion"])]
     parts += [f"<img src='{esc(files['deletion'])}' alt='deletion curves'>"] if files.get("deletion") else []
+    if t["insertion_note"]:
+        parts += [f"<p>{esc(t['insertion_note'])}</p>", html_table(*t["insertion"])]
+        parts += [f"<img src='{esc(files['insertion'])}' alt='insertion curves'>"] if files.get("insertion") else []
     return parts
 
 

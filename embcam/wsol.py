@@ -1,0 +1,503 @@
+"""MaxBoxAccV2 and PxAP (Choe et al., CVPR 2020, "Evaluating Weakly Supervised Object
+Localization Methods Right"; code: clovaai/wsolevaluation), accumulated in a stream.
+
+Per image only counters are kept: for MaxBoxAccV2 one correct-count per (IoU threshold
+delta, map threshold tau), for PxAP one pixel count per score bin inside and outside the
+mask, so any number of images costs O(#thresholds) memory. :func:`evaluate_run` reads a
+finished run's results a row batch at a time (docs/design.md §7, "WSOL metrics").
+
+The map of an image is the one embcam's metrics use (``embcam.metrics``): the raw heatmap
+upsampled bilinearly (cv2.INTER_LINEAR, torch's align_corners=False) to the metrics grid
+(the image's size, downscaled to at most 512 px a side: :func:`embcam.metrics.grid_shape`),
+then min-max normalised to H in [0, 1]. A map that is not finite or constant is
+*degenerate*; it is treated as wsolevaluation treats it (its ``normalize_scoremap`` returns
+zeros): H = 0 everywhere.
+
+Thresholds: tau_k = k / 100 for k = 0..99 (boxes) and k = 0..100 (PxAP, whose curve also
+has the point tau = 1.0, as wsolevaluation's histogram does); a pixel is foreground at tau
+when H >= tau. Each pixel's *level* is the number of PxAP thresholds <= H (1..101), so it
+is foreground at tau_k exactly when level > k.
+
+MaxBoxAccV2. At each tau_k: every contour of the foreground (cv2.findContours, RETR_TREE,
+CHAIN_APPROX_SIMPLE: outer borders and hole borders) gives a box (cv2.boundingRect, pixel
+(i, j) covering [j, j+1) x [i, i+1)), scaled from the grid back to image pixels. The image
+is correct at (tau, delta) when any of its boxes has IoU >= delta with any ground-truth box
+(continuous area IoU, as ``embcam.metrics.box_iou``). Per delta in (0.3, 0.5, 0.7) the
+accuracy is the best over tau (ties to the smallest tau); MaxBoxAccV2 is their mean.
+A degenerate map gives no box: incorrect at every tau, but counted in the denominator.
+
+PxAP. Over all pixels of all images with a mask (binarised at 0.5, resized to the grid by
+nearest neighbour on pixel centres, as ``embcam.metrics``): TP_k, FP_k = mask / non-mask
+pixels with H >= tau_k, precision P_k = TP_k / (TP_k + FP_k), recall R_k = TP_k / #mask
+pixels. PxAP = sum_k P_k (R_k - R_{k+1}) for k = 0..100 with R_101 = 0 (nothing predicted
+above 1), skipping thresholds with no predicted pixel: wsolevaluation's
+``MaskEvaluator.compute`` (precision[1:] * diff(recall) over its descending thresholds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embcam.boxes import BBOX_COLUMNS, Box, checked_bbox
+from embcam.metrics import MAX_GRID_SIDE, grid_shape
+
+BOX_THRESHOLDS: tuple[float, ...] = tuple(k / 100 for k in range(100))  # 0, 0.01, ..., 0.99
+PXAP_THRESHOLDS: tuple[float, ...] = BOX_THRESHOLDS + (1.0,)
+IOU_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7)
+_EDGES = np.array(PXAP_THRESHOLDS)
+_EDGES_PADDED = np.append(_EDGES, np.inf)  # index 101: above every threshold
+LEVELS = len(PXAP_THRESHOLDS) + 1  # level values 0..101 (0 only for a negative H, never after min-max)
+DEGENERATE_LEVEL = 1  # H = 0: foreground at tau = 0 only
+
+
+# --- one image ----------------------------------------------------------------------------------
+
+
+def grid_levels(heatmap, width: int, height: int, max_side: int = MAX_GRID_SIDE) -> np.ndarray | None:
+    """(gh, gw) uint8 levels of the normalised map on the metrics grid (see the module
+    docstring); None when the map is degenerate."""
+    raw = np.asarray(heatmap, dtype=np.float64)
+    if raw.ndim != 2 or raw.size == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {raw.shape}")
+    gw, gh = grid_shape(width, height, max_side)
+    if not np.isfinite(raw).all():
+        return None
+    up = cv2.resize(np.ascontiguousarray(raw), (gw, gh), interpolation=cv2.INTER_LINEAR)
+    lo, hi = float(up.min()), float(up.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):  # embcam.metrics' degeneracy test
+        return None
+    up -= lo
+    up /= hi - lo  # the maximum becomes exactly 1.0 (x / x)
+    return levels_of(up)
+
+
+def levels_of(h: np.ndarray) -> np.ndarray:
+    """uint8 number of PXAP_THRESHOLDS <= h for h in [0, 1]: ``searchsorted(thresholds, h,
+    "right")``, computed as floor(100 h) + 1 and corrected where 100 h rounded across a
+    threshold (k / 100 is not exact in binary)."""
+    c = (h * 100).astype(np.uint8)  # floor, 0..100
+    level = c + np.uint8(1)
+    level += (h >= _EDGES_PADDED[c + 1]).view(np.uint8)
+    level -= (h < _EDGES_PADDED[c]).view(np.uint8)
+    return level
+
+
+def grid_mask(mask, width: int, height: int, max_side: int = MAX_GRID_SIDE) -> np.ndarray:
+    """The (height, width) mask in [0, 1] binarised at 0.5 on the metrics grid, nearest
+    neighbour on pixel centres (grid row i reads source row floor((i + 0.5) * height / gh))."""
+    m = np.asarray(mask)
+    if m.shape != (height, width):
+        raise ValueError(f"mask shape {m.shape} does not match the image (height, width) = {(height, width)}")
+    gw, gh = grid_shape(width, height, max_side)
+    if (gh, gw) != (height, width):
+        rows = np.minimum(((np.arange(gh) + 0.5) * (height / gh)).astype(np.intp), height - 1)
+        cols = np.minimum(((np.arange(gw) + 0.5) * (width / gw)).astype(np.intp), width - 1)
+        m = m[rows][:, cols]
+    return m >= 0.5
+
+
+def contour_boxes(binary: np.ndarray) -> np.ndarray:
+    """(n, 4) int64 boxes (x0, y0, x1, y1) of every contour of a binary image (RETR_TREE:
+    outer and hole borders)."""
+    contours = cv2.findContours(np.ascontiguousarray(binary, dtype=np.uint8), cv2.RETR_TREE,
+                                cv2.CHAIN_APPROX_SIMPLE)[0]
+    boxes = np.array([cv2.boundingRect(c) for c in contours], dtype=np.int64).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
+TILES = 8  # thresholds searched by one findContours call (see threshold_boxes)
+
+
+def threshold_boxes(levels: np.ndarray, count: int = len(BOX_THRESHOLDS),
+                    min_area: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The contour boxes of the foreground at tau_0 .. tau_{count-1}, on the grid.
+
+    Returns (boxes (n, 4) int64 (x0, y0, x1, y1), owner (n,) int64: the threshold index of
+    each box). The same boxes as one findContours per threshold on the whole grid, faster:
+
+    * a threshold that no pixel's level separates from the one before has its boxes;
+    * foregrounds are nested (tau rising), so each is searched only inside the bounding
+      rectangle of an earlier one (the union of its outer boxes; hole borders lie inside);
+    * ``TILES`` thresholds are searched by one findContours call, their foregrounds
+      stacked one above the other with a background row between them (no contour can
+      cross it, and it joins the outside as the image border does).
+
+    ``min_area``: stop (no boxes for the remaining thresholds) once that rectangle, which
+    holds every later box, is smaller than this many grid pixels.
+    """
+    gh, gw = levels.shape
+    hist = np.bincount(levels.ravel(), minlength=LEVELS)
+    changes = [k for k in range(count) if k == 0 or hist[k]]  # pixels at level k leave between tau_{k-1} and tau_k
+    x0, y0, x1, y1 = 0, 0, gw, gh
+    searched: list[int] = []  # the thresholds searched, ascending
+    parts: list[np.ndarray] = []  # their boxes, (x0, y0, x1, y1, index into searched)
+    for start in range(0, len(changes), TILES):
+        if (x1 - x0) * (y1 - y0) < min_area:
+            break
+        ks = changes[start:start + TILES]
+        crop = levels[y0:y1, x0:x1]
+        ch, cw = crop.shape
+        mosaic = np.zeros((len(ks), ch + 1, cw), np.uint8)
+        np.greater(crop[None], np.array(ks, np.uint8)[:, None, None], out=mosaic[:, :ch].view(bool))
+        rects = np.array([cv2.boundingRect(c) for c in cv2.findContours(
+            mosaic.reshape(-1, cw), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]], np.int64).reshape(-1, 4)
+        tile = rects[:, 1] // (ch + 1)
+        box = np.stack([rects[:, 0] + x0, rects[:, 1] - tile * (ch + 1) + y0,
+                        rects[:, 0] + rects[:, 2] + x0, rects[:, 1] - tile * (ch + 1) + rects[:, 3] + y0,
+                        tile + len(searched)], 1)
+        parts.append(box)
+        searched += ks
+        top = box[tile == len(ks) - 1]  # the highest threshold searched: its rectangle holds the next ones
+        if len(top):
+            x0, y0, x1, y1 = int(top[:, 0].min()), int(top[:, 1].min()), int(top[:, 2].max()), int(top[:, 3].max())
+        else:
+            x0 = y0 = x1 = y1 = 0
+    table = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+    # every threshold takes the boxes of the last one searched at or below it (none after a stop)
+    stop = count if len(searched) == len(changes) else changes[len(searched)]
+    index = np.searchsorted(searched, np.arange(stop), side="right") - 1
+    order = np.argsort(table[:, 4], kind="stable")
+    table = table[order]
+    first = np.searchsorted(table[:, 4], np.arange(len(searched) + 1))
+    sizes = first[index + 1] - first[index]
+    owner = np.repeat(np.arange(stop), sizes)
+    # row of each box: its threshold's first row plus its rank within the threshold
+    rows = np.repeat(first[index], sizes) + np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return table[rows, :4], owner
+
+
+def box_ious(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(n, m) continuous area IoU of (n, 4) and (m, 4) boxes (x0, y0, x1, y1); 0 for an empty union."""
+    boxes, gt = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
+    iw = np.minimum(boxes[:, None, 2], gt[None, :, 2]) - np.maximum(boxes[:, None, 0], gt[None, :, 0])
+    ih = np.minimum(boxes[:, None, 3], gt[None, :, 3]) - np.maximum(boxes[:, None, 1], gt[None, :, 1])
+    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    union = area(boxes)[:, None] + area(gt)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def best_ious(levels: np.ndarray, width: int, height: int, gt_boxes,
+              count: int = len(BOX_THRESHOLDS), floor: float = 0.0) -> np.ndarray:
+    """(count,) the best IoU of any contour box at tau_k with any ground-truth box (image
+    pixels). ``floor`` > 0: a best IoU below it may come back as 0 (the thresholds whose
+    boxes are all too small to reach it are not searched: IoU(B, G) <= area(B) / area(G))."""
+    gh, gw = levels.shape
+    gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    sx, sy = width / gw, height / gh
+    smallest = float(((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).min())
+    # (1 - 1e-9): rounding never stops the search at a box whose IoU could equal the floor
+    boxes, owner = threshold_boxes(levels, count, min_area=floor * smallest / (sx * sy) * (1 - 1e-9))
+    best = np.zeros(count)
+    if len(boxes):
+        np.maximum.at(best, owner, box_ious(boxes * np.array([sx, sy, sx, sy]), gt).max(1))
+    return best
+
+
+# --- accumulators -------------------------------------------------------------------------------
+
+
+class MaxBoxAccV2:
+    """Correct counts per (delta, tau) over the images added; ``result()`` gives MaxBoxAccV2."""
+
+    def __init__(self, iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
+                 thresholds: Sequence[float] = BOX_THRESHOLDS):
+        if tuple(thresholds) != BOX_THRESHOLDS[:len(thresholds)]:
+            raise ValueError("thresholds must be the first n of BOX_THRESHOLDS (k / 100)")
+        self.iou_thresholds = tuple(float(d) for d in iou_thresholds)
+        self.thresholds = tuple(thresholds)
+        self.correct = np.zeros((len(self.iou_thresholds), len(self.thresholds)), np.int64)
+        self.images = 0
+        self.degenerate = 0
+
+    def add_ious(self, best: np.ndarray) -> None:
+        """One image, given its best IoU at each tau (:func:`best_ious`)."""
+        best = np.asarray(best, np.float64)
+        self.correct += best[None, :] >= np.array(self.iou_thresholds)[:, None]
+        self.images += 1
+
+    def add_degenerate(self) -> None:
+        """One image with a degenerate map: incorrect at every tau."""
+        self.images += 1
+        self.degenerate += 1
+
+    def merge(self, other: MaxBoxAccV2) -> MaxBoxAccV2:
+        if (other.iou_thresholds, other.thresholds) != (self.iou_thresholds, self.thresholds):
+            raise ValueError("cannot merge MaxBoxAccV2 accumulators with different thresholds")
+        self.correct += other.correct
+        self.images += other.images
+        self.degenerate += other.degenerate
+        return self
+
+    def result(self) -> dict:
+        """{"value": mean over delta of the best accuracy over tau (None without images),
+        "per_iou": [{"iou", "accuracy", "threshold"}], "images", "degenerate",
+        "thresholds", "accuracy": per delta the accuracy at every tau}."""
+        out = {"value": None, "per_iou": [], "images": self.images, "degenerate": self.degenerate,
+               "thresholds": list(self.thresholds), "accuracy": []}
+        if not self.images:
+            return out
+        accuracy = self.correct / self.images
+        for d, row in zip(self.iou_thresholds, accuracy):
+            k = int(np.argmax(row))  # first maximum: the smallest tau
+            out["per_iou"].append({"iou": d, "accuracy": float(row[k]), "threshold": self.thresholds[k]})
+        out["accuracy"] = accuracy.tolist()
+        out["value"] = float(np.mean([p["accuracy"] for p in out["per_iou"]]))
+        return out
+
+
+class PxAP:
+    """Pixel counts per level inside and outside the masks; ``result()`` gives PxAP."""
+
+    def __init__(self):
+        self.inside = np.zeros(LEVELS, np.int64)
+        self.outside = np.zeros(LEVELS, np.int64)
+        self.images = 0
+        self.degenerate = 0
+
+    def add_levels(self, levels: np.ndarray | None, mask: np.ndarray) -> None:
+        """One image: its levels (None: degenerate, H = 0) and its grid mask (bool, same shape)."""
+        mask = np.asarray(mask, bool)
+        if levels is None:
+            self.degenerate += 1
+            inside = np.zeros(LEVELS, np.int64)
+            inside[DEGENERATE_LEVEL] = mask.sum()
+            total = np.zeros(LEVELS, np.int64)
+            total[DEGENERATE_LEVEL] = mask.size
+        else:
+            if levels.shape != mask.shape:
+                raise ValueError(f"levels {levels.shape} and mask {mask.shape} differ in shape")
+            inside = np.bincount(levels[mask], minlength=LEVELS)
+            total = np.bincount(levels.ravel(), minlength=LEVELS)
+        self.inside += inside
+        self.outside += total - inside
+        self.images += 1
+
+    def merge(self, other: PxAP) -> PxAP:
+        self.inside += other.inside
+        self.outside += other.outside
+        self.images += other.images
+        self.degenerate += other.degenerate
+        return self
+
+    def curve(self) -> dict:
+        """TP, FP, precision (NaN where nothing is predicted) and recall at each tau of PXAP_THRESHOLDS."""
+        # foreground at tau_k: level > k, i.e. levels k+1 .. LEVELS-1
+        tp = np.cumsum(self.inside[::-1])[::-1][1:]
+        fp = np.cumsum(self.outside[::-1])[::-1][1:]
+        positives = int(self.inside.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = tp / (tp + fp)
+        recall = tp / positives if positives else np.full(len(tp), np.nan)
+        return {"thresholds": list(PXAP_THRESHOLDS), "tp": tp, "fp": fp, "precision": precision,
+                "recall": recall, "positives": positives}
+
+    def result(self) -> dict:
+        """{"value": PxAP (None without images or mask pixels), "images", "degenerate",
+        "mask_pixels", "pixels"}."""
+        c = self.curve()
+        out = {"value": None, "images": self.images, "degenerate": self.degenerate,
+               "mask_pixels": c["positives"], "pixels": int(self.inside.sum() + self.outside.sum())}
+        if c["positives"]:
+            next_recall = np.append(c["recall"][1:], 0.0)
+            predicted = (c["tp"] + c["fp"]) > 0
+            out["value"] = float(np.sum((c["precision"] * (c["recall"] - next_recall))[predicted]))
+        return out
+
+
+class WsolAccumulator:
+    """MaxBoxAccV2 over the images with a box, PxAP over those with a mask."""
+
+    def __init__(self, max_side: int = MAX_GRID_SIDE):
+        self.max_side = max_side
+        self.boxes = MaxBoxAccV2()
+        self.pixels = PxAP()
+
+    def add(self, heatmap, width: int, height: int, bbox: Box | Sequence[Box] | None = None,
+            mask: np.ndarray | None = None) -> None:
+        """One image: its raw heatmap, its size, its ground-truth box(es) in image pixels
+        (one (x0, y0, x1, y1) or several) and its mask ((height, width) values in [0, 1])."""
+        if bbox is None and mask is None:
+            return
+        levels = grid_levels(heatmap, width, height, self.max_side)
+        if bbox is not None:
+            gt = np.asarray(bbox, np.float64).reshape(-1, 4)
+            gt = np.array([checked_bbox(b, width, height) for b in gt])
+            if levels is None:
+                self.boxes.add_degenerate()
+            else:
+                self.boxes.add_ious(best_ious(levels, width, height, gt, len(self.boxes.thresholds),
+                                              floor=min(self.boxes.iou_thresholds)))
+        if mask is not None:
+            self.pixels.add_levels(levels, grid_mask(mask, width, height, self.max_side))
+
+    def merge(self, other: WsolAccumulator) -> WsolAccumulator:
+        self.boxes.merge(other.boxes)
+        self.pixels.merge(other.pixels)
+        return self
+
+    def result(self) -> dict:
+        return {"maxboxacc_v2": self.boxes.result(), "pxap": self.pixels.result()}
+
+
+# --- a run, in a stream ---------------------------------------------------------------------------
+
+RESULT_COLUMNS = ["image_id", "width", "height", "heatmap", "heatmap_height", "heatmap_width"]
+
+
+class ManifestAnnotations:
+    """The boxes and mask uris of a run's manifest (its copy in the run folder, else the
+    manifest its config names), looked up by image_id: only annotated rows are kept, as
+    an 8-byte id hash (sorted), the ids (to confirm a hash match), 4 float64 box values
+    and the mask uri per row."""
+
+    def __init__(self, run: str):
+        import pyarrow.dataset as pads
+
+        from embcam.results import manifest_files  # the run's manifest copy or its config's manifest
+
+        fs, files = manifest_files(run)
+        dataset = pads.dataset(files, filesystem=fs, format="parquet")
+        names = set(dataset.schema.names)
+        box_cols = [c for c in BBOX_COLUMNS if c in names]
+        if len(box_cols) not in (0, 4):
+            raise ValueError(f"manifest of run {run} has only some box columns ({', '.join(box_cols)})")
+        columns = ["image_id", *box_cols, *(["mask_uri"] if "mask_uri" in names else [])]
+        annotated = None
+        if box_cols:
+            annotated = pc.field("bbox_x0").is_valid()
+        if "mask_uri" in names:
+            has_mask = pc.field("mask_uri").is_valid()
+            annotated = has_mask if annotated is None else annotated | has_mask
+        hashes, ids, boxes, masks = [np.zeros(0, np.uint64)], [pa.array([], pa.string())], [np.zeros((0, 4))], []
+        if annotated is not None:  # a batch at a time: no copy of the whole manifest, only what is kept
+            for batch in dataset.to_batches(columns=columns, filter=annotated, batch_size=65536):
+                hashes.append(_id_hashes(batch.column("image_id")))
+                ids.append(batch.column("image_id").cast(pa.string()))
+                boxes.append(np.stack([batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                                       for c in box_cols], 1) if box_cols else np.full((batch.num_rows, 4), np.nan))
+                masks.append(batch.column("mask_uri").cast(pa.string()) if "mask_uri" in names
+                             else pa.nulls(batch.num_rows, pa.string()))
+        hashes = np.concatenate(hashes)
+        order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[order]
+        self.ids = pa.chunked_array(ids).take(pa.array(order)).combine_chunks()
+        self.boxes = np.concatenate(boxes)[order]
+        self.mask_uris = (pa.chunked_array(masks, pa.string()).take(pa.array(order)).combine_chunks()
+                          if masks else pa.nulls(0, pa.string()))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def find(self, ids: pa.Array) -> np.ndarray:
+        """Row of each id in this index, -1 where the manifest has no annotation for it."""
+        hashes = _id_hashes(ids)
+        rows = np.searchsorted(self.hashes, hashes)
+        rows[rows >= len(self.hashes)] = 0
+        hit = (self.hashes[rows] == hashes) if len(self.hashes) else np.zeros(len(hashes), bool)
+        if hit.any():  # confirm the id itself; a 64-bit hash collision searches its equal-hash run
+            same = pc.equal(self.ids.take(pa.array(rows)), ids).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(hit & ~same):
+                lo, hi = (np.searchsorted(self.hashes, hashes[i], side) for side in ("left", "right"))
+                match = [r for r in range(lo, hi) if self.ids[r].as_py() == ids[i].as_py()]
+                rows[i] = match[0] if match else -1
+                same[i] = bool(match)
+            hit &= same
+        return np.where(hit, rows, -1)
+
+
+def _id_hashes(ids) -> np.ndarray:
+    import pandas as pd  # its vectorised string hash (as embcam.manifest's duplicate check)
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return pd.util.hash_array(np.asarray(ids.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object))
+
+
+def _read_limits(run: str, root: str | None):
+    from embcam.fetch import ReadLimits
+    from embcam.results import run_config
+
+    config = run_config(run)
+    prefixes = config.get("allowed_prefixes")
+    return ReadLimits(max_bytes=config.get("max_bytes") or ReadLimits.max_bytes,
+                      max_pixels=config.get("max_pixels") or ReadLimits.max_pixels,
+                      read_timeout=config.get("read_timeout") or ReadLimits.read_timeout,
+                      allowed_prefixes=None if prefixes is None else tuple(p for p in (root, *prefixes) if p))
+
+
+def evaluate_run(run: str, split: str | None = None, *, image_root: str | None = None,
+                 batch_rows: int = 1024, max_side: int = MAX_GRID_SIDE) -> dict:
+    """MaxBoxAccV2 and PxAP of a run's ``heatmap`` column over its ok rows (of ``split``).
+
+    Reads ``RUN/results`` ``batch_rows`` rows at a time (the heatmaps only as a batch
+    goes), the boxes and mask uris from the run's manifest, and each mask file once
+    (``image_root``: where the masks are now, default the run's image root). A mask that
+    cannot be read now leaves its image out of PxAP (counted, first reason kept).
+    Returns ``{"maxboxacc_v2", "pxap"}`` (:meth:`MaxBoxAccV2.result`, :meth:`PxAP.result`
+    plus ``masks_unreadable`` and ``mask_error``), ``rows`` (ok rows read), ``max_side``
+    and ``seconds``."""
+    from embcam.fetch import read_bytes
+    from embcam.images import decode_mask
+    from embcam.locations import resolve_uri
+    from embcam.results import image_root_of, open_results
+
+    started = time.perf_counter()
+    annotations = ManifestAnnotations(run)
+    root = image_root or image_root_of(run)
+    limits = _read_limits(run, root)
+    acc = WsolAccumulator(max_side)
+    rows, unreadable, first_error = 0, 0, None
+    if len(annotations):
+        wanted = pc.field("status") == "ok"
+        if split is not None:
+            wanted = wanted & (pc.field("split") == split)
+        dataset = open_results(run, columns=RESULT_COLUMNS, filter=wanted)
+        for batch in dataset.to_batches(columns=RESULT_COLUMNS, batch_size=batch_rows):
+            rows += batch.num_rows
+            found = annotations.find(batch.column("image_id"))
+            if not (found >= 0).any():
+                continue
+            heat = batch.column("heatmap")
+            offsets = heat.offsets.to_numpy()
+            values = heat.values.to_numpy(zero_copy_only=False)
+            sizes = {c: batch.column(c).to_numpy(zero_copy_only=False)
+                     for c in ("width", "height", "heatmap_height", "heatmap_width")}
+            for i in np.flatnonzero(found >= 0):
+                image_id = batch.column("image_id")[i].as_py()
+                if not heat[i].is_valid:
+                    raise ValueError(f"run {run}: ok row image_id {image_id!r} has no heatmap")
+                h, w = int(sizes["heatmap_height"][i]), int(sizes["heatmap_width"][i])
+                width, height = int(sizes["width"][i]), int(sizes["height"][i])
+                raw = values[offsets[i]:offsets[i + 1]]
+                if raw.size != h * w:
+                    raise ValueError(f"run {run}: heatmap of image_id {image_id!r} has {raw.size} values, "
+                                     f"heatmap_height x heatmap_width = {h} x {w}")
+                r = found[i]
+                box = None if np.isnan(annotations.boxes[r]).any() else annotations.boxes[r]
+                mask = None
+                uri = annotations.mask_uris[r].as_py()
+                if uri is not None:
+                    try:
+                        mask = decode_mask(read_bytes(resolve_uri(uri, root), limits), limits.max_pixels)
+                        if mask.shape != (height, width):
+                            raise ValueError(f"mask {uri} is {mask.shape[1]}x{mask.shape[0]}, the image "
+                                             f"{width}x{height}")
+                    except (OSError, ValueError) as exc:
+                        unreadable += 1
+                        first_error = first_error or f"image_id {image_id!r}: {exc}"
+                        mask = None
+                acc.add(raw.reshape(h, w), width, height, box, mask)
+    out = acc.result()
+    out["pxap"].update(masks_unreadable=unreadable, mask_error=first_error)
+    out.update(rows=rows, max_side=max_side, seconds=round(time.perf_counter() - started, 3))
+    return out
+
