@@ -30,7 +30,10 @@ def explained_by_hand(root, manifest, spec, size, target, to_map):
 
 
 def job(root, manifest, out, **kw):
-    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(out), batch_size=4, **kw), progress=False)
+    """The job's results; every JPEG decoded at full size, as the reference decodes them (at
+    32 px the job would decode these 64-96 px images at 1/2 scale: images.decode_resized)."""
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(out), batch_size=4, full_decode=True, **kw),
+                          progress=False)
     df = pd.read_parquet(out / "results").sort_values("image_id")
     assert summary["counts"]["ok"] == len(df) == 6
     heat = np.stack(df.heatmap).reshape(len(df), int(df.heatmap_height.iloc[0]), int(df.heatmap_width.iloc[0]))
