@@ -68,8 +68,10 @@ def jobs():
         if fault:
             env["EMBCAM_FAULT"] = fault
         cmd = [sys.executable, "-m", "embcam.cli", *explain_argv(dataset, out, *extra)]
+        # SIGINT back to its default in the child: a shell running the suite in the background
+        # starts it ignored, and an ignored SIGINT stays ignored across exec (no Ctrl-C to test)
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def finish(process, timeout=600):  # a guard against a hang, far above a job's time on a loaded machine
         out, err = process.communicate(timeout=timeout)
