@@ -93,12 +93,12 @@ from embcam.images import decode_image_oriented, decode_resized, resize_square
 from embcam.inference import prepare_for_inference
 from embcam.models import load_model
 from embcam.pipeline import JOB_STRATEGIES
+from embcam.stages import PRECISIONS
 
 MODELS = ["torchvision:resnet50+linear:128", "torchvision:vit_b_16+linear:128", "torchvision:convnext_tiny+identity"]
 CATALOG_COLUMNS = ["image_id", "uri", "label"]
 PROXIES = ["self", "mean"]
 RAY_STORE_SHARE = 0.3  # Ray's default object store: this share of the node's memory
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUMMARY_KEYS = re.compile(r"cam|precision|device|pass")  # summary.json fields reported when present
 
 
@@ -137,7 +137,7 @@ def model_source(entry: str) -> tuple[str | None, str | None]:
 
 def autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def decoded(data: bytes, size: int, decode: str) -> np.ndarray:

@@ -10,19 +10,12 @@ CPU-only machine) embeds and explains, and CPU tasks compute metrics and commit 
 batch's rows as a piece named by its rows. A re-run of the same command computes only
 the rows no piece covers.
 
-User code (``--model package.module:factory``) reaches the workers only through Ray's
-runtime environment: ``py_modules`` and ``working_dir``, given to ``ray.init`` when embcam
-starts or connects to Ray; the driver, which builds the model once to fail fast, imports
-the same modules for that build only. Data (a manifest, a checkpoint) never names code.
+User code reaches the workers through Ray's runtime environment (``embcam.user_code``);
+what the console shows is ``embcam.console``'s.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import json
 import logging
 import os
 import platform
@@ -36,15 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, user_code
 from .attempts import Attempts, fault_point
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
+from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
-from .locations import default_image_root, has_scheme
+from .locations import default_image_root
 from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
-from .models import BUILTIN_SOURCES, load_model
+from .models import load_model
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
@@ -170,9 +164,9 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None, verbose: bo
 
     ``progress``: Ray Data's progress bars where stdout and stderr are terminals, else a line
     every few seconds through ``log`` (rows done / total, images/s). Unless ``verbose``, Ray's
-    INFO lines and the known-false warnings of ``_RayNoise`` stay off the console for the
+    INFO lines and the known-false warnings of ``console.RayNoise`` stay off the console for the
     call (Ray's log files keep them); ``verbose`` leaves Ray's console output as Ray makes it."""
-    with _quiet_ray(not verbose):
+    with quiet_ray(not verbose):
         return _run_explain(cfg, progress, log, verbose)
 
 
@@ -183,13 +177,13 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
     if cfg.working_dir:  # the workers run in their copy of it: no path may depend on the cwd
-        cfg = _with_absolute_paths(cfg)
-    runtime_env = _runtime_env(cfg)
+        cfg = user_code.with_absolute_paths(cfg)
+    runtime_env = user_code.runtime_env(cfg)
     pairs = read_pairs(cfg.pairs) if cfg.pairs else None
     scan = _scanned_manifest(cfg, pairs)      # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     run = RunFolder(cfg.out)
-    with _importable(cfg.py_modules, cfg.working_dir):
+    with user_code.importable(cfg.py_modules, cfg.working_dir):
         net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
         identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
         state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
@@ -206,7 +200,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         ray.init(address=cfg.address, runtime_env=runtime_env or None, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True,
                  logging_level=logging.INFO if verbose else logging.WARNING)
-    bars = progress and (verbose or _on_terminal())   # verbose: Ray's own choice, as before
+    bars = progress and (verbose or on_terminal())   # verbose: Ray's own choice, as before
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bars
     ctx.print_on_execution_start = progress and verbose
@@ -309,8 +303,11 @@ class _Job:
     def commit(self, ds, fn, *args) -> None:
         """Run ``ds`` to the end through ``fn``, which commits each batch's rows as pieces
         and returns their count (progress on the way)."""
-        done = ds.map_batches(fn, fn_args=args, batch_format="numpy", num_cpus=1,
-                              batch_size=self.copy.block_rows)  # about one piece per block
+        self.drain(ds.map_batches(fn, fn_args=args, batch_format="numpy", num_cpus=1,
+                                  batch_size=self.copy.block_rows))  # about one piece per block
+
+    def drain(self, done) -> None:
+        """Run ``done`` (batches of committed row counts) to the end, counting progress."""
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             self.progress.add(int(np.sum(batch["rows"])))
 
@@ -355,12 +352,10 @@ class _Job:
         self.passes[what] = {"output": "heatmaps", "strategy": "embedding-map", "cam_path": "stored maps"}
         ranges = np.asarray(todo, np.int64).reshape(-1, 2)
         with self.progress.step(what, _rows_in(todo)):
-            done = (ray.data.range(len(ranges), override_num_blocks=len(ranges))
-                    .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
-                                 fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.shape["dims"],
-                                          self.image_root, self.limits, proxies)))
-            for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
-                self.progress.add(int(np.sum(batch["rows"])))
+            self.drain(ray.data.range(len(ranges), override_num_blocks=len(ranges))
+                       .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
+                                    fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.shape["dims"],
+                                             self.image_root, self.limits, proxies)))
 
     def kept_maps_pass(self) -> None:
         """One model pass keeping every image's E map until the reduce (small runs only)."""
@@ -453,7 +448,6 @@ def _heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarr
     fault_point("commit", rows["image_id"])
     stored = read_stored_rows(run, pieces, start, stop, grid)
     rows.update({k: stored[k] for k in ("status", "error", "embedding", "maps", "width", "height", "orientation")})
-    rows["status"], rows["error"] = rows["status"].astype(object), rows["error"].astype(object)
     rows["mask_png"] = load_masks(rows, image_root, limits)
     explained = compute_metrics(heatmaps_from_kept_maps(rows, "mean", proxies))
     run.write_table(to_results(explained), RESULTS, piece_name(start, stop))
@@ -471,95 +465,14 @@ def _add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyA
 PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
 
 
-# --- user code: to the workers through Ray's runtime_env, importable on the driver -------
-
-SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
-
-
-def _runtime_env(cfg: ExplainConfig) -> dict:
-    """Ray's ``runtime_env`` for the user code named by ``--py-modules`` / ``--working-dir``.
-    Refused, in one line, where Ray would not ship it: to a Ray this process already
-    joined (a job's runtime_env is fixed by its ``ray.init``), or when a submitted job
-    already has the same field (Ray refuses to merge them)."""
-    import ray
-
-    env = {}
-    if cfg.py_modules:
-        env["py_modules"] = [os.path.abspath(path) for path in cfg.py_modules]
-    if cfg.working_dir:
-        env["working_dir"] = os.path.abspath(cfg.working_dir)
-    submitted = json.loads(os.environ.get(SUBMITTED_JOB_CONFIG) or "{}").get("runtime_env") or {}
-    for key in sorted(set(env) & set(submitted)):
-        raise ValueError(f"--{key.replace('_', '-')}: this job was submitted with its own {key} "
-                         "(ray job submit), which Ray does not merge with another: name it in one place only")
-    if env and ray.is_initialized():
-        raise ValueError("--py-modules/--working-dir: Ray is already initialised in this process, so they "
-                         "cannot reach its workers: pass them to your own ray.init(runtime_env=...) instead")
-    return env
-
-
-class _NamedModules(importlib.abc.MetaPathFinder):
-    """Finds exactly the top-level modules that ``--py-modules`` names (a package folder
-    or a .py file), and nothing else in the folders that hold them."""
-
-    def __init__(self, paths: list[str]):
-        self.folders = {}
-        for path in paths:
-            path = os.path.abspath(path).rstrip(os.sep)
-            name = os.path.basename(path)
-            self.folders[name[:-3] if name.endswith(".py") else name] = os.path.dirname(path)
-
-    def find_spec(self, fullname, path=None, target=None):
-        folder = self.folders.get(fullname)
-        return None if folder is None else importlib.machinery.PathFinder.find_spec(fullname, [folder])
-
-
-@contextlib.contextmanager
-def _importable(py_modules: list[str] | None, working_dir: str | None):
-    """The user code importable in this process for the block, as Ray makes it on every
-    worker: each ``py_modules`` entry by its name, the ``working_dir`` on the path."""
-    finder = _NamedModules(py_modules or [])
-    sys.meta_path.insert(0, finder)
-    folder = os.path.abspath(working_dir) if working_dir else None
-    if folder:
-        sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(finder)
-        if folder:
-            sys.path.remove(folder)
-
-
 def _driver_model(cfg: ExplainConfig):
     """The model, built once on the driver so that a bad spec or checkpoint fails before
     any work; user code this process cannot find fails in one line that says how to ship it."""
-    missing = _missing_user_module(cfg.model)
+    missing = user_code.missing_user_module(cfg.model)
     if missing:
         raise ValueError(f"--model {cfg.model}: no module named {missing!r} here: ship your code with "
                          "--py-modules PATH or --working-dir DIR, or install it on every node")
     return load_model(cfg.model, cfg.checkpoint, cfg.image_size)
-
-
-def _missing_user_module(spec: str | None) -> str | None:
-    """The top-level module of a ``package.module:factory`` spec when it cannot be found
-    (found, not imported: importing is the model loader's job)."""
-    source = (spec or "").partition(":")[0]
-    if not source or ":" not in spec or source in (*BUILTIN_SOURCES, "torchscript"):
-        return None
-    top = source.split(".")[0]
-    return top if importlib.util.find_spec(top) is None else None
-
-
-def _with_absolute_paths(cfg: ExplainConfig) -> ExplainConfig:
-    """``cfg`` with every local path made absolute against this process's cwd."""
-    def local(path):
-        return path if path is None or has_scheme(path) else os.path.abspath(os.path.expanduser(path))
-
-    prefixes = None if cfg.allowed_prefixes is None else [local(p) for p in cfg.allowed_prefixes]
-    return replace(cfg, manifest=local(cfg.manifest), out=local(cfg.out), image_root=local(cfg.image_root),
-                   checkpoint=local(cfg.checkpoint), proxies=local(cfg.proxies), allowed_prefixes=prefixes,
-                   py_modules=[local(p) for p in cfg.py_modules or []] or None, working_dir=local(cfg.working_dir))
 
 
 # --- driver-side checks and bookkeeping ---------------------------------------------------
@@ -788,59 +701,3 @@ def _summary(cfg, run, spec, saved, passes, gpus, manifest_rows, resumed, wall) 
 
 def _rows_in(ranges: list[tuple[int, int]]) -> int:
     return sum(stop - start for start, stop in ranges)
-
-
-def _on_terminal() -> bool:
-    """Ray Data draws its bars on stderr, and only where stdout is a terminal."""
-    return sys.stdout.isatty() and sys.stderr.isatty()
-
-
-class _RayNoise(logging.Filter):
-    """Ray's console lines that are false or moot for an embcam run (the log files keep them)."""
-
-    MESSAGES = (
-        # Ray Data checks one snapshot of ray.available_resources() as Dataset.materialize()
-        # starts. Right after an earlier dataset finishes, the CPUs of its actors and tasks
-        # still count as taken while Ray releases them, so the warning fires and the dataset
-        # then runs (seen in this project's runs 0.1-0.5 s after a pass ended). The requests
-        # themselves fit the cluster: see _actor_options.
-        "The Dataset job will hang unless more CPUs are freed up",
-        # embcam turned the bars off itself (no terminal, or --no-progress) and shows its own line
-        "Progress bars disabled",
-        # Ray >= 2.59 says so on every local start: token authentication is its default
-        "Token authentication is enabled for this Ray cluster",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in self.MESSAGES)
-
-
-RAY_DATA_LOGGER = "ray.data"
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-@contextlib.contextmanager
-def _quiet_ray(quiet: bool):
-    """While the block runs: Ray Data's console handlers show warnings and errors only, and
-    none of ``_RayNoise``. Ray Data's log file (in the Ray session folder) keeps every line."""
-    if not quiet:
-        yield
-        return
-    import ray.data  # noqa: F401  (configures the ray.data logger and its handlers)
-
-    noise = _RayNoise()
-    consoles = [h for h in logging.getLogger(RAY_DATA_LOGGER).handlers if isinstance(h, logging.StreamHandler)]
-    levels = [h.level for h in consoles]
-    auth = logging.getLogger(RAY_AUTH_LOGGER)
-    for handler in consoles:
-        handler.setLevel(max(handler.level, logging.WARNING))
-        handler.addFilter(noise)
-    auth.addFilter(noise)
-    try:
-        yield
-    finally:
-        auth.removeFilter(noise)
-        for handler, level in zip(consoles, levels):
-            handler.removeFilter(noise)
-            handler.setLevel(level)

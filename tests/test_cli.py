@@ -180,7 +180,7 @@ def test_error_line():
 def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
     import ray.data  # noqa: F401  (creates Ray Data's console handlers)
 
-    from embcam.pipeline import RAY_DATA_LOGGER, _quiet_ray
+    from embcam.console import RAY_DATA_LOGGER, quiet_ray
 
     # Read what Ray Data's own console handlers print: they hold the stderr of whenever
     # Ray Data was first imported, so capsys does not see them after another test did.
@@ -192,7 +192,7 @@ def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
         h.stream = stream  # not setStream: it flushes the old stream, maybe an earlier test's closed capture
     try:
         data = logging.getLogger("ray.data.dataset")  # one of Ray Data's loggers
-        with _quiet_ray(True):
+        with quiet_ray(True):
             data.info("an INFO line")
             data.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
                          "will hang unless more CPUs are freed up.")

@@ -176,10 +176,10 @@ def test_bad_paths_fail_fast_in_one_line(code, dataset, tmp_path, capsys):
 def test_the_driver_imports_only_what_is_named(code):
     """Naming pkgs/mymodels makes `mymodels` importable for the build, not its neighbours,
     and nothing stays on the path afterwards."""
-    from embcam.pipeline import _importable
+    from embcam.user_code import importable
 
     path, meta_path = list(sys.path), list(sys.meta_path)
-    with _importable([str(code / "pkgs" / "mymodels")], None):
+    with importable([str(code / "pkgs" / "mymodels")], None):
         assert importlib.util.find_spec("mymodels") is not None
         assert importlib.util.find_spec("unrelated") is None
     assert sys.path == path and sys.meta_path == meta_path
