@@ -57,7 +57,6 @@ proxy score is differentiated for a test image).
 """
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,6 +64,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -73,14 +73,12 @@ from .cam import RESHAPES, EmbeddingCAM, normalise
 from .cli import OneLineParser, error_line
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
+from .lifecycle import RunLifecycle, build_summary
 from .locations import default_image_root
 from .manifest import read_manifest
 from .models import load_model
 from .progress import Progress
-from .results import summarise
 from .runstate import (
-    DONE,
-    IDENTITY,
     RESULTS,
     STATE,
     SUMMARY,
@@ -88,12 +86,15 @@ from .runstate import (
     RunFolder,
     covered,
     file_sha256,
+    pending_blocks,
     piece_name,
 )
 from .stages import OK, compute_metrics, load_images, manifest_batch, resolved_target, to_results
 
 PROXY_KIND = "chen"
-CHEN = "chen"  # RUN/_embcam/chen/: the training weights and the transfer of each test row
+CHEN = "chen"  # RUN/_embcam/chen/: the training weights, and the transfer of each test row ...
+TRAIN_WEIGHTS, TRAIN_STATS = "train_weights.parquet", "train.json"
+TRANSFER = "transfer"  # ... in pieces named as the results pieces
 HINGE_MARGINS = (0.0, 0.2)  # margins at which summary.json reports the share of zero-gradient triplets
 
 
@@ -354,12 +355,11 @@ def explain_rows(cam: EmbeddingCAM, batch: dict, images: _Images, bank: Transfer
 
 def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
     """Compute the baseline over ``cfg.manifest`` and write the run folder ``cfg.out``;
-    returns the summary (also in ``cfg.out/summary.json``)."""
+    returns the summary (also in ``cfg.out/summary.json``). A re-run of the same command
+    resumes: the training weights once written, and the test pieces already committed,
+    are kept."""
     started = time.time()
     cfg.check()
-    run = RunFolder(cfg.out)
-    if not cfg.overwrite and (run.identity is not None or run.exists(SUMMARY) or run.pieces(RESULTS)):
-        raise FileExistsError(f"{cfg.out} already holds a run: pass --overwrite to replace it, or choose a new --out")
     table = read_manifest(cfg.manifest)
     train = _rows_of_split(table, cfg.train_split, cfg.manifest, "weights come from training triplets")
     test = _rows_of_split(table, cfg.eval_split, cfg.manifest, "baseline explains these rows")
@@ -367,60 +367,67 @@ def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
         raise ValueError(f"manifest {cfg.manifest}: column 'label' is null in every row of split "
                          f"{cfg.train_split!r}; training triplets need labels")
     net, preprocessing, spec = load_model(cfg.model, cfg.checkpoint, cfg.image_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = prepare_for_inference(net, resolved_target(net, cfg.target_layer)).to(device)
-    cam = EmbeddingCAM(model, cfg.target_layer, "autograd", reshape=cfg.reshape)
-    image_root = cfg.image_root or default_image_root(cfg.manifest)
-    images = _Images(preprocessing, image_root, device)
-    shown = Progress((lambda line: print(line, file=sys.stderr, flush=True)) if progress else None,
-                     prefix="embcam chen-baseline")
-    bank, train_stats = training_bank(cam, train, images, cfg, shown)
-    train_stats["seconds"] = round(time.time() - started, 3)
-
     config = cfg.as_run_config(spec)
-    run.clear()
-    copy = ManifestCopy(run, cfg.batch_size)
-    copy.write(test)
-    copy.close()
-    identity = {"manifest": {"path": cfg.manifest, "rows": test.num_rows, "split": cfg.eval_split},
+    identity = {"manifest": {"path": cfg.manifest, "rows": test.num_rows, "split": cfg.eval_split,
+                             "train_split": cfg.train_split, "train_rows": train.num_rows},
                 "model": {"spec": spec, "checkpoint_sha256": file_sha256(cfg.checkpoint)},
-                "proxy": PROXY_KIND, "top_k_channels": cfg.top_k_channels, "embcam": __version__}
-    run.write_json({"identity": identity, "config": config, "plan": "chen-weight-transfer",
-                    "rows": test.num_rows, "block_rows": cfg.batch_size,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, STATE, IDENTITY)
-    run.write_table(_bank_table(bank), STATE, CHEN, "train_weights.parquet")
+                "proxy": PROXY_KIND, "top_k_channels": cfg.top_k_channels, "target_layer": cfg.target_layer,
+                "reshape": cfg.reshape, "image_size": preprocessing.size,
+                "triplets_per_image": cfg.triplets_per_image, "seed": cfg.seed, "embcam": __version__}
+    with RunLifecycle(cfg.out, identity, cfg.overwrite) as life:
+        run = life.run
+        if life.state == "complete":
+            return dict(run.read_json(SUMMARY), already_complete=True)
+        life.prepare()
+        if life.state == "fresh":
+            copy = ManifestCopy(run, cfg.batch_size)
+            copy.write(test)
+            copy.close()
+        saved = life.record({"config": config, "plan": "chen-weight-transfer", "rows": test.num_rows,
+                             "block_rows": cfg.batch_size})
+        copy = ManifestCopy(run, saved["block_rows"])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = prepare_for_inference(net, resolved_target(net, cfg.target_layer)).to(device)
+        cam = EmbeddingCAM(model, cfg.target_layer, "autograd", reshape=cfg.reshape)
+        images = _Images(preprocessing, cfg.image_root or default_image_root(cfg.manifest), device)
+        shown = Progress((lambda line: print(line, file=sys.stderr, flush=True)) if progress else None,
+                         prefix="embcam chen-baseline")
+        if run.exists(STATE, CHEN, TRAIN_WEIGHTS):
+            bank, train_stats = _read_bank(run), run.read_json(STATE, CHEN, TRAIN_STATS)
+        else:
+            bank, train_stats = training_bank(cam, train, images, cfg, shown)
+            train_stats["seconds"] = round(time.time() - started, 3)
+            run.write_json(train_stats, STATE, CHEN, TRAIN_STATS)
+            run.write_table(_bank_table(bank), STATE, CHEN, TRAIN_WEIGHTS)  # the marker that they are done
 
-    sources, test_started = [], time.time()
-    with shown.step(f"test images ({cfg.eval_split}), transferred weights, top-{cfg.top_k_channels}", test.num_rows):
-        for start in range(0, test.num_rows, cfg.batch_size):
-            stop = min(test.num_rows, start + cfg.batch_size)
-            out, source = explain_rows(cam, manifest_batch(copy.read(start, stop)), images, bank, cfg.top_k_channels)
-            run.write_table(to_results(compute_metrics(out)), RESULTS, piece_name(start, stop))
-            sources += [{"image_id": str(i), "source_image_id": s} for i, s in zip(out["image_id"], source)]
-            shown.add(stop - start)
-    run.write_table(pa.Table.from_pylist(sources, schema=pa.schema([("image_id", pa.string()),
-                                                                    ("source_image_id", pa.string())])),
-                    STATE, CHEN, "transfer.parquet")
-    test_seconds = round(time.time() - test_started, 3)
-    summary = dict(_summary(run, config, spec, train_stats, test.num_rows, time.time() - started),
-                   test_seconds=test_seconds)
-    run.write_json(summary, SUMMARY)
-    run.write_bytes(b"", DONE)  # the completion marker, last
-    return summary
+        resumed = covered(run.pieces(RESULTS), test.num_rows)
+        todo = pending_blocks(run.pieces(RESULTS), test.num_rows, saved["block_rows"])
+        test_started = time.time()
+        with shown.step(f"test images ({cfg.eval_split}), transferred weights, top-{cfg.top_k_channels}",
+                        test.num_rows - resumed):
+            for start, stop in todo:
+                out, source = explain_rows(cam, manifest_batch(copy.read(start, stop)), images, bank,
+                                           cfg.top_k_channels)
+                run.write_table(pa.table({"image_id": pa.array([str(i) for i in out["image_id"]], pa.string()),
+                                          "source_image_id": pa.array(source, pa.string())}),
+                                STATE, CHEN, TRANSFER, piece_name(start, stop))
+                run.write_table(to_results(compute_metrics(out)), RESULTS, piece_name(start, stop))
+                shown.add(stop - start)
+        return life.finish(build_summary(
+            run, test.num_rows, time.time() - started, resumed, config=config, model=spec,
+            plan="chen-weight-transfer", identity=identity, run_id=saved["run_id"], train=train_stats,
+            test_seconds=round(time.time() - test_started, 3)))
 
 
-def _summary(run: RunFolder, config: dict, spec: str, train_stats: dict, rows: int, wall: float) -> dict:
-    """Counts and mean metrics, read back from what was written."""
-    pieces = run.pieces(RESULTS)
-    if covered(pieces, rows) != rows:
-        raise RuntimeError(f"results cover {covered(pieces, rows)} of {rows} rows")
-    counts, means = summarise(run)
-    return {
-        "config": config, "model": spec, "plan": "chen-weight-transfer", "counts": {"manifest": rows, **counts},
-        "train": train_stats, "metrics": means, "wall_seconds": round(wall, 3),
-        "versions": {"embcam": __version__, "torch": torch.__version__, "pyarrow": pa.__version__,
-                     "python": platform.python_version()},
-    }
+def _read_bank(run: RunFolder) -> TransferBank:
+    table = pq.read_table(run.join(STATE, CHEN, TRAIN_WEIGHTS), filesystem=run.fs)
+
+    def tensor(column: str) -> Tensor:
+        return torch.from_numpy(np.stack(table.column(column).to_numpy(zero_copy_only=False)).astype(np.float32))
+
+    return TransferBank(np.array(table.column("image_id").to_pylist(), dtype=object),
+                        np.array(table.column("label").to_pylist(), dtype=object),
+                        tensor("embedding"), tensor("weights"))
 
 
 def format_summary(summary: dict) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
+from .lifecycle import RunLifecycle, build_summary
 from .locations import default_image_root
 from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
@@ -42,11 +42,8 @@ from .models import load_model
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
-from .results import summarise
 from .runstate import (
     ATTEMPTS,
-    DONE,
-    IDENTITY,
     MAPS,
     PAIRS,
     PARTIALS,
@@ -56,10 +53,8 @@ from .runstate import (
     SUMMARY,
     ManifestCopy,
     RunFolder,
-    RunMismatch,
     covered,
     file_sha256,
-    identity_differences,
     pending_blocks,
     piece_name,
 )
@@ -171,8 +166,6 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None, verbose: bo
 
 
 def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict:
-    import ray
-
     started = time.time()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
@@ -182,20 +175,28 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     pairs = read_pairs(cfg.pairs) if cfg.pairs else None
     scan = _scanned_manifest(cfg, pairs)      # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
-    run = RunFolder(cfg.out)
     with user_code.importable(cfg.py_modules, cfg.working_dir):
         net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
-        identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
-        state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
-        shape = None if state == "complete" else output_shape(net, cfg, preprocessing.size)
-    del net
-    image_root = cfg.image_root or default_image_root(cfg.manifest)
-    if state == "complete":
-        summary = run.read_json(SUMMARY)
-        log(f"embcam explain: {cfg.out} already holds this run, complete "
-            f"({summary['counts']['results']} rows): nothing to do")
-        return dict(summary, already_complete=True)
+    identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
+    with RunLifecycle(cfg.out, identity, cfg.overwrite) as life:  # busy, or another configuration's: refused now
+        if life.state == "complete":
+            summary = life.run.read_json(SUMMARY)
+            log(f"embcam explain: {cfg.out} already holds this run, complete "
+                f"({summary['counts']['results']} rows): nothing to do")
+            return dict(summary, already_complete=True)
+        with user_code.importable(cfg.py_modules, cfg.working_dir):
+            shape = output_shape(net, cfg, preprocessing.size)
+        del net
+        return _explain(cfg, life, scan, spec, preprocessing.size, shape, bank, pairs, runtime_env,
+                        progress, log, verbose, started)
 
+
+def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env, progress, log, verbose, started):
+    """The run, from Ray's start to the summary, with the lease on ``--out`` held."""
+    import ray
+
+    run = life.run
+    image_root = cfg.image_root or default_image_root(cfg.manifest)
     if not ray.is_initialized():
         ray.init(address=cfg.address, runtime_env=runtime_env or None, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True,
@@ -205,31 +206,32 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     ctx.enable_progress_bars = bars
     ctx.print_on_execution_start = progress and verbose
     gpus = _gpus(cfg.num_gpus)
-    if note:
-        log(f"embcam explain: {note}")
-    _prepare(run, state)                              # from here on --out changes
+    if life.note:
+        log(f"embcam explain: {life.note}")
+    life.prepare()                                    # from here on --out changes
+    if life.state == "resume":
+        _drop_unmarked_maps(run)
 
-    if state == "fresh":
+    facts = {}
+    if life.state == "fresh":
         block_rows = cfg.block_rows or max(cfg.batch_size, min(8 * cfg.batch_size, -(-scan.rows // 8)))
         store = ray.cluster_resources().get("object_store_memory", 0)
-        plan, reason = choose_plan(cfg, scan.rows, shape, preprocessing.size, store)
+        plan, reason = choose_plan(cfg, scan.rows, shape, image_size, store)
         device, precision = _device_and_precision(cfg.precision, gpus)
         _copy_manifest(cfg, run, block_rows, pairs)
-        run.write_json({"identity": identity, "config": asdict(cfg), "plan": plan, "plan_reason": reason,
-                        "device": device, "precision": precision, "rows": scan.rows, "block_rows": block_rows,
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                       STATE, IDENTITY)               # written last: the run exists from here on
-    saved = run.read_json(STATE, IDENTITY)
+        facts = {"config": asdict(cfg), "plan": plan, "plan_reason": reason, "device": device,
+                 "precision": precision, "rows": scan.rows, "block_rows": block_rows}
+    saved = life.record(facts)
     plan, block_rows = saved["plan"], saved["block_rows"]
     resumed = covered(run.pieces(RESULTS), scan.rows)
-    if state == "resume":
+    if life.state == "resume":
         log(f"embcam explain: resuming {cfg.out}: {resumed} of {scan.rows} rows already done "
             f"({plan} plan)")
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
-               ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
+               ModelConfig(spec, cfg.checkpoint, cfg.target_layer, image_size,
                            cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"]),
-               shape, cfg.limits(image_root), image_root, gpus,
+               shape, cfg.limits(image_root), image_root, gpus, life.attempt,
                Progress(log if progress and not bars else None))
     proxies = bank
     if plan != "one-pass":
@@ -254,25 +256,27 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         job.pairs_pass(pairs)
         if not cfg.keep_maps:  # written for the pairs only
             run.delete(MAPS)
-    summary = _summary(cfg, run, spec, saved, job.passes, gpus, scan.rows, resumed, time.time() - started)
-    run.write_json(summary, SUMMARY)
-    run.write_bytes(b"", DONE)                        # the completion marker, last
-    run.delete(STATE, ATTEMPTS)
-    return summary
+    job.markers.delete(STATE, ATTEMPTS)
+    return life.finish(build_summary(
+        run, scan.rows, time.time() - started, resumed, {"pairs": pair_counts(run)} if cfg.pairs else None,
+        config=asdict(cfg), model=spec, plan=saved["plan"], plan_reason=saved["plan_reason"], passes=job.passes,
+        precision=saved["precision"], identity=saved["identity"], run_id=saved["run_id"],
+        devices={"gpus": gpus, "model": saved["device"]}))
 
 
 class _Job:
     """The Ray Data passes of one run, over the row ranges not yet committed."""
 
-    def __init__(self, cfg, run, copy, rows, model_cfg, shape, limits, image_root, gpus, progress):
+    def __init__(self, cfg, run, copy, rows, model_cfg, shape, limits, image_root, gpus, attempt, progress):
         self.cfg, self.run, self.copy, self.rows, self.model_cfg = cfg, run, copy, rows, model_cfg
         self.shape, self.limits, self.image_root, self.progress = shape, limits, image_root, progress
         self.actor = _actor_options(gpus, cfg.batch_size)
         # E maps are stored when kept, and for the pairs (which read them back) in full precision
         self.maps_dtype = cfg.maps_dtype if cfg.keep_maps else "float32" if cfg.pairs else None
-        # the model stage's worker-death markers: on each node's own disk (see embcam.attempts)
+        # the model stage's worker-death markers: on each node's own disk (see embcam.attempts),
+        # in a folder of this attempt's own, which no later attempt reads
         self.markers = run if run.local else RunFolder(os.path.join(
-            tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16]))
+            tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16], attempt))
         self.passes: dict[str, dict] = {}  # what each model pass computed, and how (for the summary)
 
     def loaded(self, pending: list[tuple[int, int]]):
@@ -547,43 +551,10 @@ def _identity(cfg: ExplainConfig, scan, spec: str, image_size: int, pairs: pa.Ta
     }
 
 
-def _run_state(run: RunFolder, cfg: ExplainConfig, identity: dict) -> tuple[str, str | None]:
-    """('fresh' | 'resume' | 'complete', a note) for this configuration against what
-    ``--out`` holds; refuses another configuration's run. Changes nothing."""
-    saved = run.identity
-    if cfg.overwrite:
-        return "fresh", None
-    if saved is None:
-        if run.listing(RESULTS):
-            raise FileExistsError(f"{cfg.out} holds results that embcam cannot resume (no {STATE}/{IDENTITY}): "
-                                  "choose a new --out or pass --overwrite")
-        return "fresh", None  # at most the leftovers of a start that never got as far as run.json
-    differences = identity_differences(saved["identity"], identity)
-    if differences:
-        if not run.holds_work() and not run.is_complete():
-            return "fresh", f"{cfg.out} held an unfinished run with nothing committed: starting afresh"
-        state = "a complete" if run.is_complete() else "an unfinished"
-        raise RunMismatch(f"{cfg.out} holds {state} run with another configuration ("
-                          + "; ".join(differences) + "): use the same options to resume it, "
-                          "a new --out, or --overwrite to start afresh")
-    if run.is_complete() and run.exists(SUMMARY):
-        return "complete", None
-    return "resume", None
-
-
-def _prepare(run: RunFolder, state: str) -> None:
-    """A fresh run starts from an --out without anything embcam wrote; a resumed one
-    drops what only its last attempt needed."""
-    if state == "fresh":
-        run.clear()
-        return
-    run.delete(DONE)
-    run.delete(SUMMARY)
-    run.delete(STATE, ATTEMPTS)  # markers of batches in flight when the last attempt stopped: not deaths
-    for folder in ((RESULTS,), (MAPS,), (PAIRS,), (STATE, PARTIALS), ()):
-        run.drop_temporaries(*folder)
-    # maps of a batch that died before the piece that marks them done are redone: the
-    # stored-maps plan's pass 1 marks them with its partials piece, any other with results
+def _drop_unmarked_maps(run: RunFolder) -> None:
+    """On resume: maps of a batch that died before the piece that marks them done are
+    redone. The stored-maps plan's pass 1 marks them with its partials piece, any other
+    with results."""
     marking = (STATE, PARTIALS) if run.identity["plan"] == "stored-maps" else (RESULTS,)
     committed = set(run.pieces(*marking))
     for start, stop in run.pieces(MAPS):
@@ -665,35 +636,6 @@ def _actor_options(gpus: int, batch_size: int) -> dict:
     if gpus > 0:
         return dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=cpus, batch_size=batch_size)
     return dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, batch_size=batch_size)
-
-
-def _summary(cfg, run, spec, saved, passes, gpus, manifest_rows, resumed, wall) -> dict:
-    """Counts and mean metrics, read back from what was written."""
-    import ray
-    import torch
-
-    pieces = run.pieces(RESULTS)
-    if covered(pieces, manifest_rows) != manifest_rows:
-        raise RuntimeError(f"results cover {covered(pieces, manifest_rows)} of {manifest_rows} manifest rows")
-    counts, means = summarise(run)
-    computed = manifest_rows - resumed
-    pairs = pair_counts(run) if cfg.pairs else None
-    return {
-        "config": asdict(cfg),
-        "model": spec,
-        "plan": saved["plan"],
-        "plan_reason": saved["plan_reason"],
-        "passes": passes,
-        "precision": saved["precision"],
-        "identity": saved["identity"],
-        "counts": {"manifest": manifest_rows, **counts, "resumed": resumed, **({"pairs": pairs} if pairs else {})},
-        "metrics": means,
-        "wall_seconds": round(wall, 3),
-        "images_per_second": round(computed / wall, 3) if wall > 0 else None,
-        "devices": {"gpus": gpus, "model": saved["device"]},
-        "versions": {"embcam": __version__, "torch": torch.__version__, "ray": ray.__version__,
-                     "pyarrow": pa.__version__, "python": platform.python_version()},
-    }
 
 
 # --- what a run shows on the console ---------------------------------------------------------

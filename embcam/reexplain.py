@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .fetch import ReadLimits
+from .lifecycle import RunLifecycle, build_summary
 from .locations import has_scheme
 from .maps import MapStore, read_maps_piece
 from .pairs import check_known, pair_counts, pairs_sha256, read_pairs, write_pairs
 from .proxies import load_proxy_bank, proxy_table
-from .results import image_root_of, run_config, summarise
+from .results import image_root_of, run_config
 from .runstate import (
     DONE,
-    IDENTITY,
     MANIFEST,
     MAPS,
     PROXIES,
@@ -36,9 +36,8 @@ from .runstate import (
     SUMMARY,
     ManifestCopy,
     RunFolder,
-    RunMismatch,
+    covered,
     file_sha256,
-    identity_differences,
     piece_name,
 )
 from .stages import compute_metrics, heatmaps_from_kept_maps, load_masks, manifest_batch, to_results
@@ -71,9 +70,35 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
                 "source_identity": (run.identity or {}).get("identity"),
                 "proxy_bank_sha256": file_sha256(proxies),
                 "pairs_sha256": pairs_sha256(table) if table is not None else None, "embcam": __version__}
-    _start(new, identity, overwrite, out)
-    config = run_config(source)
+    with RunLifecycle(out, identity, overwrite) as life:
+        if life.state == "complete":
+            log(f"embcam reexplain: {out} already holds this run, complete: nothing to do")
+            return dict(new.read_json(SUMMARY), already_complete=True)
+        life.prepare()
+        if life.state == "fresh":  # the source's manifest copy, which the pieces' rows index
+            for info in run.listing(STATE, MANIFEST):
+                new.fs.create_dir(new.join(STATE, MANIFEST), recursive=True)
+                new.fs.copy_file(info.path, new.join(STATE, MANIFEST, info.base_name))
+        source_state = run.identity or {}
+        saved = life.record({"config": run_config(source), "rows": source_state.get("rows"),
+                             "block_rows": source_state.get("block_rows")})
+        rows = saved["rows"]
+        resumed = covered(new.pieces(RESULTS), rows)
+        _explain_again(run, new, bank, table, store, log)
+        config = saved["config"]
+        return life.finish(build_summary(
+            new, rows, time.time() - started, resumed, {"pairs": pair_counts(new)} if table is not None else None,
+            config=dict(config, out=out, proxy="bank" if bank else config.get("proxy"), proxies=proxies,
+                        pairs=pairs, top_k_channels=None if bank else config.get("top_k_channels"),
+                        image_root=image_root_of(source), manifest=config.get("manifest"), keep_maps=False),
+            model=(run.read_json(SUMMARY) or {}).get("model"), reexplained_from=source, plan="reexplain",
+            plan_reason="from the stored E maps, no model", identity=identity, run_id=saved["run_id"]))
 
+
+def _explain_again(run: RunFolder, new: RunFolder, bank: dict | None, table: pa.Table | None, store: MapStore,
+                   log) -> None:
+    """Every results piece of ``run`` that ``new`` lacks: explained against the bank, or
+    copied; then the pairs."""
     pieces = run.pieces(RESULTS)
     todo = [p for p in pieces if p not in set(new.pieces(RESULTS))]
     if todo:
@@ -81,7 +106,7 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
         log(f"embcam reexplain: {what}: {len(todo)} of {len(pieces)} pieces to do")
     if bank is not None:
         copy = ManifestCopy(run, run.identity["block_rows"])
-        limits, root = ReadLimits(), image_root_of(source)
+        limits, root = ReadLimits(), image_root_of(run.out)
         for n, (start, stop) in enumerate(todo, 1):
             piece = _explained_piece(run, copy, start, stop, bank, root, limits)
             new.write_table(piece, RESULTS, piece_name(start, stop))
@@ -96,24 +121,6 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
         log(f"embcam reexplain: pairs: {table.num_rows} rows")
         write_pairs(new, table, store)
 
-    counts, metrics = summarise(new)
-    if table is not None:
-        counts["pairs"] = pair_counts(new)
-    wall = time.time() - started
-    summary = {
-        "config": dict(config, out=out, proxy="bank" if bank else config.get("proxy"), proxies=proxies,
-                       pairs=pairs, top_k_channels=None if bank else config.get("top_k_channels"),
-                       image_root=image_root_of(source), manifest=config.get("manifest"), keep_maps=False),
-        "model": (run.read_json(SUMMARY) or {}).get("model"),
-        "reexplained_from": source, "plan": "reexplain", "plan_reason": "from the stored E maps, no model",
-        "identity": identity, "counts": {"manifest": counts["results"], **counts, "resumed": 0},
-        "metrics": metrics, "wall_seconds": round(wall, 3),
-        "images_per_second": round(counts["results"] / wall, 3) if wall > 0 else None,
-    }
-    new.write_json(summary, SUMMARY)
-    new.write_bytes(b"", DONE)
-    return summary
-
 
 def _copy(run: RunFolder, new: RunFolder, *parts: str) -> None:
     """A file of ``run`` into ``new``, committed whole like everything a run writes."""
@@ -126,29 +133,6 @@ def _check_width(bank: dict, store: MapStore, source: str) -> None:
     if store.grid and widths:
         raise ValueError(f"the proxy bank's vectors have {sorted(widths)[0]} values, the embeddings of "
                          f"run {source} have {store.grid[0]}")
-
-
-def _start(new: RunFolder, identity: dict, overwrite: bool, out: str) -> None:
-    """A fresh NEW (its manifest copy and run.json written), or the same reexplain resumed."""
-    saved = new.identity
-    if saved is not None and not overwrite:
-        differences = identity_differences(saved["identity"], identity)
-        if differences:
-            raise RunMismatch(f"{out} holds another run (" + "; ".join(differences) + "): use the same "
-                              "options to resume it, a new --out, or --overwrite")
-        new.delete(DONE)
-        new.delete(SUMMARY)
-        return
-    if saved is None and new.listing(RESULTS) and not overwrite:
-        raise FileExistsError(f"{out} holds results embcam cannot resume: choose a new --out or pass --overwrite")
-    new.clear()
-    source = RunFolder(identity["source"])
-    for info in source.listing(STATE, MANIFEST):
-        new.fs.create_dir(new.join(STATE, MANIFEST), recursive=True)
-        new.fs.copy_file(info.path, new.join(STATE, MANIFEST, info.base_name))
-    state = source.identity or {}
-    new.write_json({"identity": identity, "config": run_config(identity["source"]), "rows": state.get("rows"),
-                    "block_rows": state.get("block_rows")}, STATE, IDENTITY)
 
 
 def _explained_piece(run: RunFolder, copy: ManifestCopy, start: int, stop: int, bank: dict,

@@ -9,10 +9,12 @@ Layout::
     OUT/proxies.parquet                        class proxies (mean and bank runs)
     OUT/summary.json                           written only when the run is complete ...
     OUT/_SUCCESS                               ... and then this marker, last of all
-    OUT/_embcam/run.json                       the run's identity (written first)
+    OUT/sanity/                                embcam sanity's checks of this run
+    OUT/_embcam/run.json                       the run's identity and run id (written first)
+    OUT/_embcam/lease.json                     the driver writing the run now (embcam.lifecycle)
     OUT/_embcam/manifest/part-<k>.parquet      the validated manifest, cut into row groups
     OUT/_embcam/partials/part-<start>-<stop>.parquet  mean-proxy pass 1: per-class sums
-    OUT/_embcam/attempts/                      worker-death markers (embcam.attempts)
+    OUT/_embcam/attempts/                      worker-death markers of this attempt (embcam.attempts)
 
 Every data file is named by the manifest rows it holds and is committed whole: written
 under a hidden temporary name and renamed (local disks), or put in one request (object
@@ -38,9 +40,9 @@ from .locations import has_scheme
 
 RESULTS, PROXIES, SUMMARY, DONE, STATE = "results", "proxies.parquet", "summary.json", "_SUCCESS", "_embcam"
 PARTIALS, ATTEMPTS, MANIFEST, IDENTITY = "partials", "attempts", "manifest", "run.json"
-MAPS, PAIRS = "maps", "pairs"
+MAPS, PAIRS, SANITY = "maps", "pairs", "sanity"
 # everything embcam writes in --out; nothing else is touched
-OWNED = (RESULTS, MAPS, PAIRS, PROXIES, SUMMARY, DONE, STATE)
+OWNED = (RESULTS, MAPS, PAIRS, PROXIES, SUMMARY, DONE, STATE, SANITY)
 _PIECE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 
 
@@ -109,10 +111,15 @@ class RunFolder:
         elif info.type != pafs.FileType.NotFound:
             self.fs.delete_file(path)
 
-    def clear(self) -> None:
-        """Remove everything embcam wrote here (and only that)."""
+    def clear(self, keep: str | None = None) -> None:
+        """Remove everything embcam wrote here (and only that); ``keep``: a file of the run
+        state that stays (the lease of the driver that clears)."""
         for name in OWNED:
-            self.delete(name)
+            if name != STATE or keep is None:
+                self.delete(name)
+        for info in self.listing(STATE) if keep is not None else []:
+            if info.base_name != keep:
+                self.delete(STATE, info.base_name)
 
     def drop_temporaries(self, *parts: str) -> None:
         """Hidden half-written files left by a crash (never read, but not kept either)."""

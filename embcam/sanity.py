@@ -29,6 +29,7 @@ from .proxies import load_proxy_bank
 from .report.plot import draw_cascade, draw_curves, write_plot
 from .report.runs import read_summary
 from .results import as_the_job_meant, image_root_of, open_results, read_rows
+from .runstate import RunFolder
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
 from .stages import OK, load_images, resolved_target
 
@@ -86,7 +87,8 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
 
     curves, revealed = curves_of("deletion", deletion), curves_of("insertion", insertion)
     report = {
-        "run": run, "model": spec, "target_layer": config.get("target_layer"), "proxy": proxy_mode,
+        "run": run, "run_id": (RunFolder(run).identity or {}).get("run_id"),  # the report shows this run's only
+        "model": spec, "target_layer": config.get("target_layer"), "proxy": proxy_mode,
         "images": len(ids), "unreadable": unreadable, "seed": seed,
         "randomisation": _randomisation(result, proxy_mode),
         "deletion": _deletion(curves, fill, steps),

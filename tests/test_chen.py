@@ -157,7 +157,7 @@ def dataset(tmp_path_factory):
 def test_command_writes_a_run_the_report_renders(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--manifest", str(dataset), "--checkpoint", str(DEMO_MODEL), "--out", str(out),
-            "--top-k-channels", "50", "--triplets-per-image", "8", "--batch-size", "4", "--no-progress"]
+            "--top-k-channels", "50", "--triplets-per-image", "8", "--batch-size", "2", "--no-progress"]
     assert chen.main(args) == 0
     assert "embcam chen-baseline: 3 rows (3 ok" in capsys.readouterr().out
     assert (out / "_SUCCESS").exists() and (out / "_embcam" / "manifest").is_dir()
@@ -169,7 +169,7 @@ def test_command_writes_a_run_the_report_renders(dataset, tmp_path, capsys):
     assert results.image_id.tolist() == ["c050_0000", "c050_0001", "c050_0002"]
     assert (results.proxy_kind == "chen").all() and results.score.isna().all()
     bank = pq.read_table(out / "_embcam" / "chen" / "train_weights.parquet").to_pandas()
-    transfer = pq.read_table(out / "_embcam" / "chen" / "transfer.parquet").to_pandas().set_index("image_id")
+    transfer = pq.read_table(out / "_embcam" / "chen" / "transfer").to_pandas().set_index("image_id")
     assert len(bank) == 6 and all(len(w) == 128 for w in bank.weights)
     train_y = np.stack(bank.embedding)
     train_y /= np.linalg.norm(train_y, axis=1, keepdims=True)
@@ -193,9 +193,23 @@ def test_command_writes_a_run_the_report_renders(dataset, tmp_path, capsys):
     row = next(line for line in markdown.splitlines() if line.startswith(f"| {METHOD_NAMES['chen']} | BBox"))
     assert row.split(" | ")[3] == "—" and "top-50 map" in markdown
 
-    with pytest.raises(SystemExit) as exit_:
-        chen.main(args)  # the run is there: not replaced without --overwrite
-    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    # a crash after the first piece: the re-run computes the rest only, with the stored weights
+    pieces = sorted((out / "results").glob("part-*.parquet"))
+    assert len(pieces) == 2
+    for path in (out / "summary.json", out / "_SUCCESS", pieces[-1]):
+        path.unlink()
+    (out / "_embcam" / "chen" / "train.json").write_text(json.dumps({"anchors": -1, "triplets": -1}))
+    assert chen.main(args) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["counts"]["resumed"] == 2 and resumed["counts"]["results"] == 3
+    assert resumed["train"]["anchors"] == -1  # the training weights were not computed again
+    again = pq.read_table(out / "results").to_pandas().sort_values("image_id")
+    assert np.array_equal(np.stack(again.heatmap), np.stack(results.heatmap))
+    assert again.cosine.tolist() == results.cosine.tolist()
+
+    with pytest.raises(SystemExit) as exit_:  # another configuration: not replaced without --overwrite
+        chen.main([*args[:-6], "40", *args[-5:]])
+    assert exit_.value.code == 2 and "top_k_channels: 50 -> 40" in capsys.readouterr().err
 
 
 def test_no_training_rows_fails_in_one_line(tmp_path, capsys):

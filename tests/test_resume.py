@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,7 +158,11 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     hold, held = hold_last_piece(dataset, tmp_path)
     driver = start(dataset, out, "--proxy", "mean", "--strategy", "streaming", fault=hold)
     wait_until(lambda: held.exists() and pieces(out), driver, finish, "held with a piece of pass 2 committed")
-    crash(driver)
+    # a second driver on the same run is refused while the first one lives ...
+    code, _, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"{out} is being written by another embcam run (host {socket.gethostname()}, pid {driver.pid}" in stderr
+    crash(driver)  # ... and takes over at once once it is gone (same host, its pid dead)
     done = sum(pq.read_metadata(p).num_rows for p in pieces(out))
     assert 0 < done < rows and not (out / "_SUCCESS").exists() and not (out / "summary.json").exists()
     proxies_written = (out / "proxies.parquet").stat().st_mtime_ns

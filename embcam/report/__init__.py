@@ -68,6 +68,7 @@ from embcam.report.render import render_html, render_markdown, render_report_htm
 from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
 from embcam.results import overlay_panel
+from embcam.runstate import RunFolder
 
 __all__ = ["table1", "catalog", "render_markdown", "render_html", "render_report_markdown",
            "render_report_html", "draw_sweep", "overlay_panel", "write_report", "main",
@@ -139,6 +140,8 @@ def sanity_section(run: str, out: Path, folder: str) -> dict | None:
         raise ValueError(f"run {run}: {path} is not valid JSON ({e})") from None
     if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("randomisation", "deletion")):
         raise ValueError(f"run {run}: {path} must hold an object with 'randomisation' and 'deletion' objects")
+    if saved.get("run_id") != (RunFolder(run).identity or {}).get("run_id"):
+        return None  # the check of an earlier run that --out held (--overwrite removes it; --out DIR kept it)
     entry = {k: v for k, v in saved.items() if k not in ("per_image", "files")}
     entry["run"], entry["files"] = run, {}
     for name in ("cascade", "deletion", "insertion"):  # fixed names: nothing read from the file picks a path
