@@ -35,7 +35,7 @@ from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
-from .locations import default_image_root
+from .locations import default_image_root, redact
 from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
 from .models import load_model
@@ -192,7 +192,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     if state == "complete":
         summary = run.read_json(SUMMARY)
-        log(f"embcam explain: {cfg.out} already holds this run, complete "
+        log(f"embcam explain: {redact(cfg.out)} already holds this run, complete "
             f"({summary['counts']['results']} rows): nothing to do")
         return dict(summary, already_complete=True)
 
@@ -206,7 +206,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     ctx.print_on_execution_start = progress and verbose
     gpus = _gpus(cfg.num_gpus)
     if note:
-        log(f"embcam explain: {note}")
+        log(f"embcam explain: {redact(note)}")
     _prepare(run, state)                              # from here on --out changes
 
     if state == "fresh":
@@ -223,7 +223,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     plan, block_rows = saved["plan"], saved["block_rows"]
     resumed = covered(run.pieces(RESULTS), scan.rows)
     if state == "resume":
-        log(f"embcam explain: resuming {cfg.out}: {resumed} of {scan.rows} rows already done "
+        log(f"embcam explain: resuming {redact(cfg.out)}: {resumed} of {scan.rows} rows already done "
             f"({plan} plan)")
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
