@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .locations import join_location, redact
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
@@ -25,14 +26,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def error_line(exc: BaseException) -> str:
-    """An expected error as one line: an OSError names its file, newlines are folded."""
+    """An expected error as one line: an OSError names its file, newlines are folded, the
+    secrets of any uri in it redacted."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}"
     elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and not str(exc).split()[1:]:
         text = f"{exc}: no such file or directory"  # pyarrow's: only the path
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return redact(" ".join(text.split()))
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,7 +163,7 @@ def _progress_note(out: str) -> str:
     saved = run.identity
     if saved is None:
         return "nothing was committed."
-    return f"{covered(run.pieces(RESULTS), saved['rows'])} of {saved['rows']} rows are committed in {out}."
+    return f"{covered(run.pieces(RESULTS), saved['rows'])} of {saved['rows']} rows are committed in {redact(out)}."
 
 
 def format_summary(summary: dict) -> str:
@@ -170,7 +172,8 @@ def format_summary(summary: dict) -> str:
     def f(v):
         return "  n/a" if v is None else f"{v:.3f}"
 
-    out = Path(summary["config"]["out"])
+    out = summary["config"]["out"]
+    results = redact(join_location(out, "results"))
     k = summary["config"]["top_k_channels"]
     top = (lambda key: f"  {f(m[key + '_topk'])}") if k else (lambda key: "")
     lines = [
@@ -185,9 +188,9 @@ def format_summary(summary: dict) -> str:
         f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})",
         "",
         *([f"pairs: {c['pairs']['rows']} ({c['pairs']['ok']} ok, {c['pairs']['error']} error) in "
-           f"{summary['config']['out']}/pairs/"] if c.get("pairs") else []),
-        f"results: {summary['config']['out']}/results/   summary: {out / 'summary.json'}",
-        f"open them: python -c \"import pandas as pd; print(pd.read_parquet('{summary['config']['out']}/results'))\"",
+           f"{redact(join_location(out, 'pairs'))}"] if c.get("pairs") else []),
+        f"results: {results}   summary: {redact(join_location(out, 'summary.json'))}",
+        f"open them: python -c \"import pandas as pd; print(pd.read_parquet('{results}'))\"",
     ]
     return "\n".join(lines)
 

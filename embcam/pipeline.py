@@ -35,7 +35,7 @@ from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .lifecycle import RunLifecycle, build_summary
-from .locations import default_image_root
+from .locations import default_image_root, redact
 from .manifest import ManifestError, scan_manifest
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
 from .models import load_model
@@ -181,7 +181,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     with RunLifecycle(cfg.out, identity, cfg.overwrite) as life:  # busy, or another configuration's: refused now
         if life.state == "complete":
             summary = life.run.read_json(SUMMARY)
-            log(f"embcam explain: {cfg.out} already holds this run, complete "
+            log(f"embcam explain: {redact(cfg.out)} already holds this run, complete "
                 f"({summary['counts']['results']} rows): nothing to do")
             return dict(summary, already_complete=True)
         with user_code.importable(cfg.py_modules, cfg.working_dir):
@@ -207,7 +207,7 @@ def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env,
     ctx.print_on_execution_start = progress and verbose
     gpus = _gpus(cfg.num_gpus)
     if life.note:
-        log(f"embcam explain: {life.note}")
+        log(f"embcam explain: {redact(life.note)}")
     life.prepare()                                    # from here on --out changes
     if life.state == "resume":
         _drop_unmarked_maps(run)
@@ -225,7 +225,7 @@ def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env,
     plan, block_rows = saved["plan"], saved["block_rows"]
     resumed = covered(run.pieces(RESULTS), scan.rows)
     if life.state == "resume":
-        log(f"embcam explain: resuming {cfg.out}: {resumed} of {scan.rows} rows already done "
+        log(f"embcam explain: resuming {redact(cfg.out)}: {resumed} of {scan.rows} rows already done "
             f"({plan} plan)")
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from embcam.boxes import BBOX_COLUMNS, is_null, row_box
 from embcam.fetch import ReadLimits, read_bytes
 from embcam.images import decode_image, write_image  # write_image: re-exported, part of this module's API
-from embcam.locations import default_image_root, has_scheme, resolve_uri, safe_name
+from embcam.locations import default_image_root, has_scheme, redact, resolve_uri, safe_name
 from embcam.manifest import resolve_source
 from embcam.metrics import THRESHOLDS
 from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
@@ -441,13 +441,14 @@ _SHOWN = ("image_id", "label", "split", "status", "error", "proxy_kind", "proxy_
 
 
 def describe(row) -> str:
-    """The row's key values, one ``name  value`` per line (boxes as x0, y0, x1, y1)."""
+    """The row's key values, one ``name  value`` per line (boxes as x0, y0, x1, y1; the
+    secrets of a uri redacted)."""
     row = _as_row(row)
 
     def text(v):
         if is_null(v):
             return "—"
-        return f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)
+        return f"{v:.4f}" if isinstance(v, (float, np.floating)) else redact(str(v))
 
     lines = [(name, text(row[name])) for name in _SHOWN if name in row]
     for name, columns in (("bbox", BBOX_COLUMNS), ("pred_bbox", PRED_BOX_COLUMNS)):

@@ -7,7 +7,7 @@ job did (``embcam.stages.load_images``), takes the proxies the run used (``self`
 class proxies of ``proxies.parquet`` by each row's ``proxy_label``; onehot) and runs the
 checks of :mod:`embcam.saliency_checks` in this process (no Ray). Writes
 ``RUN/sanity/sanity.json``, ``cascade.png``, ``deletion.png`` and ``insertion.png`` (or
-into ``--out``).
+into ``--out``), through pyarrow.fs: RUN may be a URI, as for ``embcam explain --out``.
 Definitions, the verdict and the choices: docs/design.md §7, "Sanity and faithfulness checks".
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -24,12 +23,13 @@ import torch
 from .cli import OneLineParser, error_line
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
+from .locations import join_location, redact
 from .models import load_model
 from .proxies import load_proxy_bank
-from .report.plot import draw_cascade, draw_curves, write_plot
+from .report.plot import draw_cascade, draw_curves, plot_png
 from .report.runs import read_summary
 from .results import as_the_job_meant, image_root_of, open_results, read_rows
-from .runstate import RunFolder
+from .runstate import PROXIES, SANITY, RunFolder
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
 from .stages import OK, load_images, resolved_target
 
@@ -57,7 +57,8 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
                                          checkpoint and as_the_job_meant(run, config, str(checkpoint)),
                                          config.get("image_size"))
     ids, unreadable, pixels, rows = _sample(run, config, images, seed, preprocess.size, image_root)
-    log(f"{len(ids)} images of {run} loaded ({unreadable} unreadable left out); model {spec}, proxy {proxy_mode}")
+    log(f"{len(ids)} images of {redact(run)} loaded ({unreadable} unreadable left out); model {spec}, "
+        f"proxy {proxy_mode}")
     x = preprocess(torch.from_numpy(pixels))
     proxies = _proxies(run, proxy_mode, rows, ids, model, x)
     explain = cam_explainer(config.get("target_layer"), config.get("reshape"))
@@ -87,7 +88,7 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
 
     curves, revealed = curves_of("deletion", deletion), curves_of("insertion", insertion)
     report = {
-        "run": run, "run_id": (RunFolder(run).identity or {}).get("run_id"),  # the report shows this run's only
+        "run": redact(run), "run_id": (RunFolder(run).identity or {}).get("run_id"),  # the report shows this run's only
         "model": spec, "target_layer": config.get("target_layer"), "proxy": proxy_mode,
         "images": len(ids), "unreadable": unreadable, "seed": seed,
         "randomisation": _randomisation(result, proxy_mode),
@@ -102,23 +103,23 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
         "files": {"cascade": "cascade.png", "deletion": "deletion.png", "insertion": "insertion.png"},
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    folder = Path(out) if out else Path(run) / "sanity"
-    folder.mkdir(parents=True, exist_ok=True)
+    location = out or join_location(run, SANITY)
+    folder = RunFolder(location)  # local or remote, as the run
     r = report["randomisation"]
-    write_plot(folder / "cascade.png", draw_cascade([s["randomised"] for s in r["steps"]],
-                                                    [s["mean"] for s in r["steps"]],
-                                                    [s["std"] for s in r["steps"]], THRESHOLD))
+    folder.write_bytes(plot_png(draw_cascade([s["randomised"] for s in r["steps"]], [s["mean"] for s in r["steps"]],
+                                             [s["std"] for s in r["steps"]], THRESHOLD)), "cascade.png")
     d = report["deletion"]
-    write_plot(folder / "deletion.png", draw_curves(
+    folder.write_bytes(plot_png(draw_curves(
         [{"name": METHOD_NAMES[m], "x": v["fractions"], "y": v["curve_mean"]} for m, v in d["methods"].items()],
-        f"deletion ({fill} fill): mean cosine of the embedding to its proxy", "fraction of the image removed"))
+        f"deletion ({fill} fill): mean cosine of the embedding to its proxy", "fraction of the image removed")),
+        "deletion.png")
     d = report["insertion"]
-    write_plot(folder / "insertion.png", draw_curves(
+    folder.write_bytes(plot_png(draw_curves(
         [{"name": METHOD_NAMES[m], "x": v["fractions"], "y": v["curve_mean"]} for m, v in d["methods"].items()],
         f"insertion (from the {fill} fill): mean cosine of the embedding to its proxy",
-        "fraction of the image revealed"))
-    (folder / "sanity.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    report["folder"] = str(folder)
+        "fraction of the image revealed")), "insertion.png")
+    folder.write_bytes((json.dumps(report, indent=2, allow_nan=False) + "\n").encode(), "sanity.json")
+    report["folder"] = redact(location)
     return report
 
 
@@ -161,7 +162,8 @@ def _proxies(run: str, mode: str, rows: dict, ids: list[str], model, x) -> torch
         with torch.inference_mode():
             d = model(x[:1]).shape[-1]
         return torch.nn.functional.one_hot(torch.tensor([int(label) for label in labels]), d).float()
-    bank = load_proxy_bank(str(Path(run) / "proxies.parquet"))
+    folder = RunFolder(run)
+    bank = load_proxy_bank(folder.join(PROXIES), filesystem=folder.fs)
     unknown = sorted({label for label in labels if label not in bank})
     if unknown:
         raise ValueError(f"run {run}: proxies.parquet has no proxy for label(s) {unknown[:5]}")

@@ -22,7 +22,7 @@ from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .fetch import ReadLimits, read_bytes
 from .images import decode_mask, decode_resized
 from .inference import prepare_for_inference
-from .locations import resolve_uri
+from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
 from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
@@ -119,7 +119,7 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
         fault_point("decode", [batch["image_id"][i]])
         step = "image"
         try:
-            data = read_bytes(resolve_uri(str(batch["uri"][i]), image_root), limits)
+            data = read_bytes(resolve_manifest_uri(str(batch["uri"][i]), image_root), limits)
             pixels, width, height, orientation = decode_resized(data, image_size, limits.max_pixels, reduce)
             out["width"][i], out["height"][i], out["orientation"][i] = width, height, orientation
             box = _box(batch, i)
@@ -129,7 +129,7 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
             mask_uri = _present(batch, "mask_uri", i)
             if mask_uri is not None:
                 step = "mask"
-                data = read_bytes(resolve_uri(str(mask_uri), image_root), limits)
+                data = read_bytes(resolve_manifest_uri(str(mask_uri), image_root), limits)
                 mask = decode_mask(data, limits.max_pixels)
                 if mask.shape != (height, width):
                     raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height} "
@@ -149,7 +149,7 @@ def load_masks(batch: dict, image_root: str | None, limits: ReadLimits = ReadLim
         mask_uri = _present(batch, "mask_uri", i)
         if mask_uri is not None:
             try:
-                masks[i] = read_bytes(resolve_uri(str(mask_uri), image_root), limits)
+                masks[i] = read_bytes(resolve_manifest_uri(str(mask_uri), image_root), limits)
             except Exception as exc:  # noqa: BLE001
                 _fail(batch, [i], reason("mask", exc))
     return masks
@@ -298,8 +298,9 @@ class ExplainModel:
 
 
 def reason(step: str, exc: Exception) -> str:
-    """An error row's message: the step, the exception type and its first line (bounded)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """An error row's message: the step, the exception type and its first line (bounded),
+    any uri in it redacted."""
+    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     return f"{step}: {type(exc).__name__}: {text[:300]}"
 
 

@@ -37,7 +37,7 @@ from .architectures import resolve
 from .cli import OneLineParser
 from .fetch import read_bytes
 from .images import ImageDecodeError, decode_image, resize_square
-from .locations import default_image_root, resolve_uri
+from .locations import CredentialsInUri, default_image_root, redact, resolve_manifest_uri
 from .manifest import read_manifest
 from .models import Preprocessing, build_model, save_checkpoint
 
@@ -132,9 +132,10 @@ def load_split(manifest: str | Path, split: str, image_root: str | Path | None =
         if label is None:
             raise ValueError(f"manifest {manifest}: row {r} (image_id {image_id!r}) has no 'label'")
         try:
-            images.append(decode_image(read_bytes(resolve_uri(uri, root))))
-        except (OSError, ImageDecodeError) as exc:
-            raise ValueError(f"manifest {manifest}: row {r} (image_id {image_id!r}, uri {uri!r}): {exc}") from None
+            images.append(decode_image(read_bytes(resolve_manifest_uri(uri, root))))
+        except (OSError, ImageDecodeError, CredentialsInUri) as exc:
+            raise ValueError(redact(f"manifest {manifest}: row {r} (image_id {image_id!r}, uri {uri!r}): {exc}")) \
+                from None
         labels.append(label)
     return images, labels
 

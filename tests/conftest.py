@@ -1,14 +1,29 @@
 import html.parser
 import os
+import socket
 
 import pytest
 import torch
 from torch import nn
 
+from s3server import start_s3_server
+
 # Quiet, offline Ray for the tests that need it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+# No test reaches AWS, whatever credentials this machine has: fake keys, no instance metadata, and
+# an S3 request that does not name its endpoint (endpoint_override) goes to a port of 127.0.0.1
+# where nothing listens, and fails. The port is held (bound, never listening) for the whole
+# session, so nothing else can take it. Set before Ray starts: its workers inherit them.
+_NO_DEFAULT_ENDPOINT = socket.socket()
+_NO_DEFAULT_ENDPOINT.bind(("127.0.0.1", 0))
+os.environ.update(AWS_ACCESS_KEY_ID="embcam-test-key", AWS_SECRET_ACCESS_KEY="embcam-test-secret",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{_NO_DEFAULT_ENDPOINT.getsockname()[1]}")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
 
 
 def pytest_collection_modifyitems(items):
@@ -28,6 +43,15 @@ def ray_session():
              object_store_memory=256 << 20, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket (tests/s3server.py),
+    stopped at the end of the session."""
+    server = start_s3_server()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def hostile(tmp_path_factory):
                  upright={"uri": "upright.png", **box}, bomb={"uri": "bomb.png"},
                  zero={"uri": "/dev/zero"}, fifo={"uri": "fifo"}, passwd={"uri": "passwd"},
                  folder={"uri": "."},
-                 remote={"uri": f"s3://k:s@bucket/x.jpg?endpoint_override=127.0.0.1:{port}&scheme=http"},
+                 remote={"uri": f"s3://bucket/x.jpg?endpoint_override=127.0.0.1:{port}&scheme=http"},
                  nanbox={"uri": "plain.png", "bbox_x0": float("nan"), "bbox_y0": 1.0, "bbox_x1": 5.0,
                          "bbox_y1": 5.0},
                  partial={"uri": "plain.png", "bbox_x0": 1.0, "bbox_y0": 1.0, "bbox_x1": 5.0})

@@ -3,7 +3,9 @@ where annotations exist.
 
 A run is a directory written by the explain job: ``RUN/results/*.parquet`` (one row per
 image, schema ``results``) and ``RUN/summary.json`` (its ``config`` names the proxy mode,
-the model, ``top_k_channels``, the ``manifest`` and the ``image_root``).
+the model, ``top_k_channels``, the ``manifest`` and the ``image_root``); a local folder or a
+URI read through pyarrow.fs (``s3://bucket/run?endpoint_override=...``). The report shows
+every uri with its secrets redacted (``embcam.locations.redact``).
 
 Catalog (every run; ``catalog`` module)
 ---------------------------------------
@@ -55,11 +57,10 @@ files and is the CLI.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from embcam.cli import OneLineParser
-from embcam.locations import safe_name
+from embcam.cli import OneLineParser, error_line
+from embcam.locations import location_name, redact, safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
 from embcam.report.pairs import has_pairs, pairs_section
@@ -68,7 +69,7 @@ from embcam.report.render import render_html, render_markdown, render_report_htm
 from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
 from embcam.results import overlay_panel
-from embcam.runstate import RunFolder
+from embcam.runstate import SANITY, RunFolder
 
 __all__ = ["table1", "catalog", "render_markdown", "render_html", "render_report_markdown",
            "render_report_html", "draw_sweep", "overlay_panel", "write_report", "main",
@@ -101,25 +102,27 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
                        labels=labels, outside=outside, spread=spread) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
     for k, entry in enumerate(entries):
-        folder = f"{k}-{safe_name(Path(entry['run']).name or 'run')}"
+        folder = f"{k}-{_folder_name(entry['run'])}"
         write_catalog_images(entry, out, f"gallery/{folder}")
         for name, hist in entry["histograms"].items():
             if hist and hist.get("counts"):
                 hist["file"] = f"histograms/{folder}-{name}.png"
-                write_plot(out / hist["file"], draw_histogram(hist, f"{HISTOGRAM_TITLES[name]}: {entry['run']}"))
+                title = f"{HISTOGRAM_TITLES[name]}: {redact(entry['run'])}"
+                write_plot(out / hist["file"], draw_histogram(hist, title))
     annotated = any(e["counts"]["with_box"] or e["counts"]["with_mask"] for e in entries)
     report = {"split": split, "catalog": entries, "table1": None,
               "table1_note": None if annotated else NO_ANNOTATIONS,
-              "pairs": [pairs_section(run, out, f"pairs/{k}-{safe_name(Path(run).name or 'run')}",
+              "pairs": [pairs_section(run, out, f"pairs/{k}-{_folder_name(run)}",
                                       shown=pairs_shown, split=split)
                         for k, run in enumerate(runs) if has_pairs(run)]}
     report["sanity"] = [entry for k, run in enumerate(runs) if (entry := sanity_section(
-        run, out, f"sanity/{k}-{safe_name(Path(run).name or 'run')}")) is not None]
+        run, out, f"sanity/{k}-{_folder_name(run)}")) is not None]
     if annotated:
         table, ok_ids = evaluate(runs, split, allow_partial, wsol=wsol)
         table["overlays"] = write_overlays(table, ok_ids, out, overlays)
         write_plot(out / "sweep.png", draw_sweep(table))
         report["table1"] = table
+    report = _redacted(report)
     (out / "report.md").write_text(render_report_markdown(report), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
                                      encoding="utf-8")
@@ -127,27 +130,44 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     return report
 
 
+def _folder_name(run: str) -> str:
+    """A file-name-safe name for a run's images: the last name of its path (no query)."""
+    return safe_name(location_name(run) or "run")
+
+
+def _redacted(value):
+    """``value`` (the JSON-ready report) with the secrets of every uri in its strings redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def sanity_section(run: str, out: Path, folder: str) -> dict | None:
     """The run's sanity check (``embcam sanity``: RUN/sanity/sanity.json) without its per-image
     values, its plots copied to ``out/folder``; None when the run has none."""
-    source = Path(run) / "sanity"
-    path = source / "sanity.json"
-    if not path.is_file():
-        return None
+    source = RunFolder(run)
+    path = source.join(SANITY, "sanity.json")
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = source.read_json(SANITY, "sanity.json")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"run {run}: {path} is not valid JSON ({e})") from None
+    if saved is None:
+        return None
     if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("randomisation", "deletion")):
         raise ValueError(f"run {run}: {path} must hold an object with 'randomisation' and 'deletion' objects")
-    if saved.get("run_id") != (RunFolder(run).identity or {}).get("run_id"):
+    if saved.get("run_id") != (source.identity or {}).get("run_id"):
         return None  # the check of an earlier run that --out held (--overwrite removes it; --out DIR kept it)
     entry = {k: v for k, v in saved.items() if k not in ("per_image", "files")}
     entry["run"], entry["files"] = run, {}
     for name in ("cascade", "deletion", "insertion"):  # fixed names: nothing read from the file picks a path
-        if (source / f"{name}.png").is_file():
+        if source.exists(SANITY, f"{name}.png"):
             (out / folder).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / f"{name}.png", out / folder / f"{name}.png")
+            with source.fs.open_input_stream(source.join(SANITY, f"{name}.png")) as plot:
+                (out / folder / f"{name}.png").write_bytes(plot.read())
             entry["files"][name] = f"{folder}/{name}.png"
     return entry
 
@@ -190,6 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                               labels=args.gallery_labels, outside=args.outside,
                               spread=not args.no_spread, pairs_shown=args.pairs_shown, wsol=not args.no_wsol)
     except (ValueError, OSError) as e:
-        parser.exit(2, f"embcam report: error: {e}\n")
+        parser.exit(2, f"embcam report: error: {error_line(e)}\n")
     print(render_report_markdown(report))
     return 0

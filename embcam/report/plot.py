@@ -153,6 +153,14 @@ def draw_curves(curves: list[dict], title: str, xlabel: str, width: int = 760, h
     return img
 
 
+def plot_png(bgr: np.ndarray) -> bytes:
+    """A plot (BGR, as OpenCV draws it) encoded as PNG bytes, for a folder that may be remote."""
+    encoded, data = cv2.imencode(".png", np.ascontiguousarray(bgr))
+    if not encoded:
+        raise ValueError(f"a plot of shape {bgr.shape} could not be encoded as PNG")
+    return data.tobytes()
+
+
 def write_plot(path, bgr: np.ndarray) -> None:
     """A plot (BGR, as OpenCV draws it) as a PNG, its folder made first."""
     path = Path(path)

@@ -1,4 +1,6 @@
 """Reading an explain run: ``RUN/summary.json`` and the table columns of ``RUN/results``.
+A run is a local folder or a URI (``s3://bucket/run?endpoint_override=...``), read through
+its pyarrow filesystem (``embcam.runstate.RunFolder``).
 
 Every check on the input (missing columns, wrong types, duplicate or null image_ids,
 unknown statuses, NaN ratios, ragged ``iou_sweep``) raises here with the run, file,
@@ -9,15 +11,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embcam.locations import has_scheme, redact
 from embcam.metrics import THRESHOLDS
-from embcam.runstate import RESULTS, RunFolder, covered
+from embcam.runstate import RESULTS, SUMMARY, RunFolder, covered
 
 # Columns the table reads, with the type they are cast to; optional ones may be absent.
 _F64, _BOOL, _STR = pa.float64(), pa.bool_(), pa.string()
@@ -40,11 +45,11 @@ def check_distinct(runs: list[str]) -> None:
     """ValueError when no run is given, or one run twice (under any spelling of its path)."""
     if not runs:
         raise ValueError("no runs given: pass at least one result directory")
-    seen: dict[Path, str] = {}
+    seen: dict[object, str] = {}
     for run in runs:
-        key = Path(run).resolve()
+        key = urlsplit(run)._replace(path=urlsplit(run).path.rstrip("/")) if has_scheme(run) else Path(run).resolve()
         if key in seen:
-            raise ValueError(f"run {run} is given twice (also as {seen[key]})")
+            raise ValueError(f"run {redact(run)} is given twice (also as {redact(seen[key])})")
         seen[key] = run
 
 
@@ -60,37 +65,41 @@ def read_summary(run: str, allow_partial: bool = False) -> dict:
                              "embcam explain command, or pass --allow-partial to report on what is there")
         return {"config": saved.get("config", {}), "model": saved["identity"]["model"]["spec"],
                 "unfinished": note}
-    path = Path(run) / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"run {run}: no summary.json (expected {path})")
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"run {run}: {path} is not valid JSON ({e})") from None
+        summary = folder.read_json(SUMMARY)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"run {run}: {SUMMARY} is not valid JSON ({e})") from None
+    if summary is None:
+        raise FileNotFoundError(f"run {run}: no {SUMMARY} (expected {folder.join(SUMMARY)})")
     if not isinstance(summary, dict) or not isinstance(summary.get("config", {}), dict):
-        raise ValueError(f"run {run}: {path} must hold an object with a 'config' object")
+        raise ValueError(f"run {run}: {SUMMARY} must hold an object with a 'config' object")
     return summary
 
 
-def result_files(run: str) -> list[Path]:
-    folder = Path(run) / "results"
-    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+def result_files(run: str) -> tuple[RunFolder, list[str]]:
+    """The run folder and the paths (on its filesystem) of its ``results/**/*.parquet``."""
+    folder = RunFolder(run)
+    found = folder.fs.get_file_info(pafs.FileSelector(folder.join(RESULTS), allow_not_found=True,
+                                                      recursive=True))
+    files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
+                   and not f.base_name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"run {run}: no results/*.parquet under {folder}")
-    return files
+        raise FileNotFoundError(f"run {run}: no {RESULTS}/*.parquet under {folder.join(RESULTS)}")
+    return folder, files
 
 
 def read_results(run: str, split: str | None) -> dict:
     """The table columns of a run as numpy arrays: ``name`` (values) and ``name?`` (valid)."""
     tables = []
-    for path in result_files(run):
-        schema = pq.read_schema(path)
+    folder, files = result_files(run)
+    for path in files:
+        schema = pq.read_schema(path, filesystem=folder.fs)
         missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
         if missing:
             raise ValueError(f"results file {path} lacks column(s) {', '.join(missing)}")
         wanted = {**REQUIRED_COLUMNS,
                   **{c: t for c, t in OPTIONAL_COLUMNS.items() if c in schema.names}}
-        table = pq.read_table(path, columns=list(wanted))
+        table = pq.read_table(path, columns=list(wanted), filesystem=folder.fs)
         arrays = []
         for name, type_ in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
             if name not in wanted:
@@ -172,7 +181,8 @@ def method_key(run: str, config: dict) -> str:
     proxy = config.get("proxy")
     if proxy:
         return str(proxy)
-    dataset = pads.dataset([str(p) for p in result_files(run)], format="parquet")
+    folder, files = result_files(run)
+    dataset = pads.dataset(files, filesystem=folder.fs, format="parquet")
     kinds = set()
     if "proxy_kind" in dataset.schema.names:
         kinds = set(dataset.to_table(columns=["proxy_kind"]).column("proxy_kind")
