@@ -147,11 +147,14 @@ def decoded(data: bytes, size: int, decode: str) -> np.ndarray:
 
 
 def plain_loop(entry: str, image_size: int | None, manifest: Path, batch_size: int, device: torch.device,
-               precision: str, decode: str = "full", limit: int | None = None, prepared: bool = True) -> float:
-    """Seconds to load the model and embed the manifest's images (the first ``limit``).
+               precision: str, decode: str = "full", limit: int | None = None, prepared: bool = True
+               ) -> tuple[float, float | None]:
+    """Seconds to load the model and embed the manifest's images (the first ``limit``), and
+    the steady seconds per image: after the first batch, as the job's steady rate is.
     ``prepared``: the model through ``prepare_for_inference`` (BatchNorm folded,
     channels_last), as the job runs it, so that the ratio is the job's overhead alone."""
     start = time.perf_counter()
+    first = None  # (when, images) once the first batch is done
     spec, checkpoint = model_source(entry)
     model, preprocess, _ = load_model(spec, checkpoint, image_size)
     model = (prepare_for_inference(model) if prepared else model).to(device)
@@ -162,7 +165,10 @@ def plain_loop(entry: str, image_size: int | None, manifest: Path, batch_size: i
         with torch.inference_mode(), autocast(device, precision):
             y = model(preprocess(torch.from_numpy(pixels).to(device)))
         y.float().cpu()  # waits for the device
-    return time.perf_counter() - start
+        first = first or (time.perf_counter(), len(pixels))
+    end = time.perf_counter()
+    steady = (end - first[0]) / (len(uris) - first[1]) if first and len(uris) > first[1] else None
+    return end - start, steady
 
 
 # --- the job --------------------------------------------------------------------------------
@@ -245,7 +251,14 @@ def run_job(argv: list[str], out: Path, object_store_mb: int | None, timeout: fl
     summary = json.loads((out / "summary.json").read_text())
     kept = {k: summary[k] for k in ("plan", "plan_reason", "wall_seconds", "images_per_second", "counts")}
     kept.update({k: v for k, v in summary.items() if SUMMARY_KEYS.search(k)})
-    return {"seconds": seconds, "summary": kept}
+    return {"seconds": seconds, "summary": kept, "steady_per_image_s": steady_per_image(summary.get("passes", {}))}
+
+
+def steady_per_image(passes: dict) -> float | None:
+    """Seconds per image at the job's steady rates: the sum over its passes of 1 / rate (each
+    pass's rate leaves out its start-up; embcam.progress)."""
+    rates = [p.get("steady_images_per_second") for p in passes.values()]
+    return sum(1 / r for r in rates) if rates and all(rates) else None
 
 
 # --- figures --------------------------------------------------------------------------------
@@ -265,11 +278,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def median(values: list) -> float | None:
+    """The median, or None when any value is missing."""
+    return statistics.median(values) if values and None not in values else None
+
+
 def configuration(entry: str, sides: str, proxy: str, job: dict, plain: dict, self_job: dict | None) -> dict:
     plans = sorted({run["summary"]["plan"] for run in job["runs"]})
     return {"configuration": f"{short_name(entry)}, {sides} px, {proxy}", "model": entry, "sides": sides,
             "proxy": proxy, "strategy": job["strategy"], "plan": "/".join(plans), "job": job, "plain": plain,
             "ratio": ratio(job["images_per_s"], plain["images_per_s"]),
+            "steady_ratio": ratio(plain["steady_per_image_s"], job["steady_per_image_s"]),
+            "steady_mean_over_self": ratio(job["steady_per_image_s"], self_job and self_job["steady_per_image_s"]),
             "mean_over_self": (job["per_image_s"] / self_job["per_image_s"]
                                if self_job is not None and min(job["per_image_s"], self_job["per_image_s"]) > 0
                                else None)}
@@ -299,12 +319,18 @@ def table(rows: list[dict]) -> str:
     def f(v, digits=2):
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    lines = ["| configuration | plan | job img/s | plain img/s | job/plain | fixed s (job) | fixed s (plain) "
-             "| mean/self |", "|---|---|---|---|---|---|---|---|"]
+    def rate(per_image):
+        return f(1 / per_image) if per_image else "n/a"
+
+    lines = ["| configuration | plan | steady job img/s | steady plain img/s | **job/plain** | **mean/self** "
+             "| slope job img/s | slope plain img/s | slope job/plain | slope mean/self | fixed s (job) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['configuration']} | {r['plan']} | {f(r['job']['images_per_s'])} | "
-                     f"{f(r['plain']['images_per_s'])} | {f(r['ratio'])} | {f(r['job']['fixed_s'], 1)} | "
-                     f"{f(r['plain']['fixed_s'], 1)} | {f(r['mean_over_self'])} |")
+        lines.append(f"| {r['configuration']} | {r['plan']} | {rate(r['job']['steady_per_image_s'])} | "
+                     f"{rate(r['plain']['steady_per_image_s'])} | {f(r['steady_ratio'])} | "
+                     f"{f(r['steady_mean_over_self'])} | {f(r['job']['images_per_s'])} | "
+                     f"{f(r['plain']['images_per_s'])} | {f(r['ratio'])} | {f(r['mean_over_self'])} | "
+                     f"{f(r['job']['fixed_s'], 1)} |")
     return "\n".join(lines)
 
 
@@ -371,14 +397,17 @@ def bench_model(entry: str, sides: str, manifests: dict[int, Path], work: Path, 
     plain_loop(entry, args.image_size, manifests[sizes[0]], args.batch_size, device, precision, args.plain_decode,
                limit=args.batch_size, prepared=prepared)  # warm-up, untimed
     plain = {n: [] for n in sizes}
+    plain_steady = {n: [] for n in sizes}
     jobs = {proxy: dict(job_strategy(entry, manifests[sizes[-1]], proxy, args), runs=[],
                         seconds={n: [] for n in sizes})
             for proxy in PROXIES if proxy in args.proxies}  # self first: mean/self needs it
     for repeat in range(args.repeats):
         for n in sizes:
-            plain[n].append(plain_loop(entry, args.image_size, manifests[n], args.batch_size, device, precision,
-                                       args.plain_decode, prepared=prepared))
-            log(f"plain {short_name(entry)} {sides} px, {n} images: {plain[n][-1]:.1f} s")
+            seconds, steady = plain_loop(entry, args.image_size, manifests[n], args.batch_size, device, precision,
+                                         args.plain_decode, prepared=prepared)
+            plain[n].append(seconds)
+            plain_steady[n].append(steady)
+            log(f"plain {short_name(entry)} {sides} px, {n} images: {seconds:.1f} s")
         for proxy, job in jobs.items():
             for n in sizes:
                 out = work / "runs" / re.sub(r"[^\w.-]", "_", f"{short_name(entry)}-{sides}-{proxy}-{n}-{repeat}")
@@ -388,12 +417,13 @@ def bench_model(entry: str, sides: str, manifests: dict[int, Path], work: Path, 
                 job["seconds"][n].append(run["seconds"])
                 log(f"job {short_name(entry)} {sides} px, {proxy}, {n} images: {run['seconds']:.1f} s "
                     f"({run['summary']['plan']} plan)")
-    plain_fit = dict(fit(plain), device=str(device), precision=precision, decode=args.plain_decode,
-                     model=args.plain_model)
+    plain_fit = dict(fit(plain), steady_per_image_s=median(plain_steady[sizes[-1]]), device=str(device),
+                     precision=precision, decode=args.plain_decode, model=args.plain_model)
     rows, self_fit = [], None
     for proxy, job in jobs.items():
         check_runs(job["runs"], proxy, job["strategy"])
-        job_fit = dict(fit(job.pop("seconds")), **job)
+        steady = median([r["steady_per_image_s"] for r in job["runs"] if r["images"] == sizes[-1]])
+        job_fit = dict(fit(job.pop("seconds")), **job, steady_per_image_s=steady)
         self_fit = job_fit if proxy == "self" else self_fit
         rows.append(configuration(entry, sides, proxy, job_fit, plain_fit, self_fit if proxy == "mean" else None))
     return rows

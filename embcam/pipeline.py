@@ -259,7 +259,7 @@ def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env,
     job.markers.delete(STATE, ATTEMPTS)
     return life.finish(build_summary(
         run, scan.rows, time.time() - started, resumed, {"pairs": pair_counts(run)} if cfg.pairs else None,
-        config=asdict(cfg), model=spec, plan=saved["plan"], plan_reason=saved["plan_reason"], passes=job.passes,
+        config=asdict(cfg), model=spec, plan=saved["plan"], plan_reason=saved["plan_reason"], passes=job.timed_passes(),
         precision=saved["precision"], identity=saved["identity"], run_id=saved["run_id"],
         devices={"gpus": gpus, "model": saved["device"]}))
 
@@ -314,6 +314,10 @@ class _Job:
         """Run ``done`` (batches of committed row counts) to the end, counting progress."""
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             self.progress.add(int(np.sum(batch["rows"])))
+
+    def timed_passes(self) -> dict:
+        """What each pass computed and how, with its rows, seconds and steady rate (Progress)."""
+        return {what: {**self.passes.get(what, {}), **timing} for what, timing in self.progress.timings.items()}
 
     def pending(self, *folder: str) -> list[tuple[int, int]]:
         return pending_blocks(self.run.pieces(*folder), self.rows, self.copy.block_rows)

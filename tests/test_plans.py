@@ -195,7 +195,8 @@ def test_pass_one_pieces_never_overlap_and_count_every_row(ray_session, tmp_path
     assert covered(run.pieces(STATE, PARTIALS), 24) == 24  # raises on an overlap
     counts = pd.read_parquet(tmp_path / "run" / "proxies.parquet").set_index("label")["count"]
     assert len(counts) == 8 and (counts == 3).all() and summary["counts"]["ok"] == 24
-    assert summary["passes"]["pass 1 of 2, embeddings"] == {"output": "embeddings", "cam": None}
+    pass1 = summary["passes"]["pass 1 of 2, embeddings"]
+    assert pass1["output"] == "embeddings" and pass1["cam"] is None and pass1["rows"] == 24
 
 
 # --- precision --------------------------------------------------------------------------------
