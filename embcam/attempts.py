@@ -18,9 +18,9 @@ import time
 import numpy as np
 
 from .runstate import ATTEMPTS, STATE, RunFolder
+from .schemas import ERROR
 
 ISOLATE_AFTER = 2  # deaths of a whole batch before it goes row by row
-ERROR = "error"
 
 
 class Attempts:

@@ -89,7 +89,8 @@ from .runstate import (
     pending_blocks,
     piece_name,
 )
-from .stages import OK, compute_metrics, load_images, manifest_batch, resolved_target, to_results
+from .schemas import OK
+from .stages import compute_metrics, load_images, manifest_batch, resolved_target, to_results
 
 PROXY_KIND = "chen"
 CHEN = "chen"  # RUN/_embcam/chen/: the training weights, and the transfer of each test row ...

@@ -291,10 +291,11 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def show_image(args: argparse.Namespace) -> int:
     from .results import describe, overlay, overlay_file_name, read_row, write_image
+    from .schemas import OK
 
     row = read_row(args.run_dir, args.image_id, image_root=args.image_root)
     print(describe(row))
-    if row["status"] == "ok":
+    if row["status"] == OK:
         out = args.out or overlay_file_name(args.image_id)
         write_image(out, overlay(row))
         print(f"overlay: {out}")

@@ -6,9 +6,9 @@ eXIf, WebP EXIF, TIFF) is applied as browsers show the image, so widths, heights
 masks are all in display coordinates. A mask file's own EXIF orientation is applied too.
 
 A small file can claim a huge image (a 1 MB PNG of 20000 x 20000 pixels decodes to 1.2 GB).
-With ``max_pixels`` the size is read from the header and checked before any pixel is
-decoded; the header is understood for JPEG, PNG, GIF, BMP, WebP and TIFF, and other formats
-are then refused since their size cannot be checked. Error messages give formats and sizes,
+With ``max_pixels`` the size is read from the header (by Pillow, see :func:`image_header`)
+and checked before any pixel is decoded; the header is read for JPEG, PNG, GIF, BMP, WebP
+and TIFF, and other formats are then refused since their size cannot be checked. Error messages give formats and sizes,
 never bytes of the file.
 
 For the network, :func:`decode_resized` decodes a large JPEG at 1/2, 1/4 or 1/8 scale
@@ -21,15 +21,22 @@ OpenCV runs its own thread pool; callers that run one decode per CPU (Ray tasks)
 
 from __future__ import annotations
 
+import io
 import os
-import struct
+from typing import NamedTuple
 
 import cv2
 import numpy as np
+from PIL import BmpImagePlugin, GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-_ORIENTATION_TAG = 0x0112
+_WIDTH_TAG, _HEIGHT_TAG, _ORIENTATION_TAG = 256, 257, 0x0112  # TIFF / EXIF tags
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # "BM" alone is too common a start
+# Pillow's reader of each format but TIFF. JpegImageFile, not the factory Image.open uses, so
+# a multi-picture JPEG (MPO) is read as the JPEG its first picture is.
+_READERS = {"JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile,
+            "GIF": GifImagePlugin.GifImageFile, "BMP": BmpImagePlugin.BmpImageFile,
+            "WebP": WebPImagePlugin.WebPImageFile}
 # EXIF orientation -> (row step, column step) taking stored pixels to display pixels.
 # 5..8 are 1..4 applied after swapping rows and columns (6: 90 deg clockwise, 8: anticlockwise).
 _FLIPS = {1: (1, 1), 2: (1, -1), 3: (-1, -1), 4: (-1, 1)}
@@ -40,6 +47,15 @@ class ImageDecodeError(ValueError):
 
 
 # --- headers ----------------------------------------------------------------------------------
+
+
+class ImageHeader(NamedTuple):
+    """What the header of an encoded image says, read without decoding any pixel."""
+
+    format: str | None  # JPEG, PNG, GIF, BMP, WebP or TIFF by the magic bytes; None for others
+    size: tuple[int, int] | None  # (width, height) as stored; None when it cannot be read
+    orientation: int  # EXIF orientation 1..8; 1 when absent or invalid
+    over_pixels: int  # > 0: Pillow refused to read a header claiming more pixels than this
 
 
 def _format(data: bytes) -> str | None:
@@ -59,127 +75,61 @@ def _format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_segments(data: bytes):
-    """(marker, payload) of the JPEG segments before the first scan."""
-    at = 2
-    while at + 4 <= len(data) and data[at] == 0xFF:
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            at += 1
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan
-            return
-        (length,) = struct.unpack_from(">H", data, at + 2)
-        yield marker, data[at + 4:at + 2 + length]
-        at += 2 + length
-
-
-def _png_chunks(data: bytes):
-    """(type, payload) of the PNG chunks before the image data."""
-    at = 8
-    while at + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, at)
-        if kind in (b"IDAT", b"IEND"):
-            return
-        yield kind, data[at + 8:at + 8 + length]
-        at += 12 + length
-
-
-def _riff_chunks(data: bytes):
-    """(fourcc, payload) of the chunks of a RIFF (WebP) file."""
-    at = 12
-    while at + 8 <= len(data):
-        kind, length = struct.unpack_from("<4sI", data, at)
-        yield kind, data[at + 8:at + 8 + length]
-        at += 8 + length + (length & 1)
-
-
-def _tiff_tags(data: bytes, wanted: set[int]) -> dict[int, int]:
-    """The SHORT or LONG values of the ``wanted`` tags in the first IFD of TIFF (or EXIF) data."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or struct.unpack_from(order + "H", data, 2)[0] != 42:
+def _exif_tags(block: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The integer (SHORT or LONG) values of the ``wanted`` tags in the first IFD of an EXIF
+    block, a TIFF structure ("Exif\\0\\0" prefix allowed); none from a missing or broken block."""
+    exif = Image.Exif()
+    try:
+        exif.load(block)
+        values = {tag: exif.get(tag) for tag in wanted}
+    except Exception:  # whatever a broken block raises, it has no tags to give
         return {}
-    (ifd,) = struct.unpack_from(order + "I", data, 4)
-    (count,) = struct.unpack_from(order + "H", data, ifd)
-    tags = {}
-    for i in range(count):
-        tag, kind, _, value = struct.unpack_from(order + "HHI4s", data, ifd + 2 + 12 * i)
-        if tag in wanted and kind in (3, 4):  # one SHORT or LONG is stored in the entry itself
-            tags[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), value)[0]
-    return tags
+    return {tag: value for tag, value in values.items() if isinstance(value, int)}
 
 
-def _header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
-    if fmt == "PNG" and data[12:16] == b"IHDR":
-        return struct.unpack_from(">II", data, 16)
-    if fmt == "JPEG":
-        for marker, payload in _jpeg_segments(data):  # the first frame header (SOFn) has it
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
-                height, width = struct.unpack_from(">HH", payload, 1)
-                return width, height
-    if fmt == "GIF":
-        return struct.unpack_from("<HH", data, 6)
-    if fmt == "BMP":
-        if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
-            return struct.unpack_from("<HH", data, 18)
-        width, height = struct.unpack_from("<ii", data, 18)
-        return abs(width), abs(height)  # a negative height means rows stored top-down
-    if fmt == "WebP":
-        kind, payload = next(_riff_chunks(data), (None, b""))
-        if kind == b"VP8 " and payload[3:6] == b"\x9d\x01\x2a":
-            width, height = struct.unpack_from("<HH", payload, 6)
-            return width & 0x3FFF, height & 0x3FFF
-        if kind == b"VP8L" and payload[:1] == b"\x2f":
-            (bits,) = struct.unpack_from("<I", payload, 1)
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        if kind == b"VP8X":
-            return (1 + int.from_bytes(payload[4:7], "little"),
-                    1 + int.from_bytes(payload[7:10], "little"))
+def image_header(data: bytes) -> ImageHeader:
+    """Format, stored size and EXIF orientation of encoded image bytes, read with Pillow.
+
+    Each format's Pillow reader is called directly, not through ``PIL.Image.open``, whose
+    pixel limit (``MAX_IMAGE_PIXELS``: a warning, then an error) would decide before ours.
+    Only two readers still check a size themselves: WebP's (the canvas) and GIF's (a frame
+    reaching outside the screen); their refusal is kept in ``over_pixels``. TIFF is read as
+    the EXIF block it is (its first IFD), so no TIFF pixel layout Pillow lacks can hide its size.
+    """
+    fmt = _format(data)
+    size, tags, over_pixels = None, {}, 0
     if fmt == "TIFF":
-        tags = _tiff_tags(data, {256, 257})
-        if len(tags) == 2:
-            return tags[256], tags[257]
-    return None
+        tags = _exif_tags(data, (_WIDTH_TAG, _HEIGHT_TAG, _ORIENTATION_TAG))
+        size = (tags.get(_WIDTH_TAG, 0), tags.get(_HEIGHT_TAG, 0))
+    elif fmt is not None:
+        try:
+            with _READERS[fmt](io.BytesIO(data)) as image:
+                size, block = image.size, image.info.get("exif", b"")
+        except Image.DecompressionBombError:
+            over_pixels = 2 * Image.MAX_IMAGE_PIXELS
+        except Exception:  # a header cut short or malformed, in any of many ways
+            pass
+        else:
+            tags = _exif_tags(block, (_ORIENTATION_TAG,)) if block else {}
+    if size is not None and not (size[0] > 0 and size[1] > 0):
+        size = None
+    orientation = tags.get(_ORIENTATION_TAG, 1)
+    return ImageHeader(fmt, size, orientation if 1 <= orientation <= 8 else 1, over_pixels)
 
 
 def image_size_from_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) of the stored image, read from the header without decoding.
 
     Known for JPEG, PNG, GIF, BMP, WebP and TIFF (first image); None for other formats and
-    for headers that are cut short or give a zero size. The size is the stored one: EXIF
-    orientation 5..8 swaps it for display.
+    for headers that are cut short, malformed or give a zero size. The size is the stored
+    one: EXIF orientation 5..8 swaps it for display.
     """
-    try:
-        size = _header_size(data, _format(data))
-    except struct.error:  # header cut short
-        return None
-    return (int(size[0]), int(size[1])) if size and size[0] > 0 and size[1] > 0 else None
-
-
-def _exif(data: bytes, fmt: str | None) -> bytes:
-    """The EXIF block (TIFF structure) of the file; empty when there is none."""
-    if fmt == "TIFF":
-        return data
-    if fmt == "JPEG":
-        segments = (payload[6:] for marker, payload in _jpeg_segments(data)
-                    if marker == 0xE1 and payload[:6] == b"Exif\x00\x00")
-    elif fmt == "PNG":
-        segments = (payload for kind, payload in _png_chunks(data) if kind == b"eXIf")
-    elif fmt == "WebP":
-        segments = (payload.removeprefix(b"Exif\x00\x00") for kind, payload in _riff_chunks(data)
-                    if kind == b"EXIF")
-    else:
-        return b""
-    return next(segments, b"")
+    return image_header(data).size
 
 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1..8) of encoded image bytes; 1 when absent or invalid."""
-    try:
-        value = _tiff_tags(_exif(data, _format(data)), {_ORIENTATION_TAG}).get(_ORIENTATION_TAG, 1)
-    except struct.error:  # EXIF block cut short
-        return 1
-    return value if 1 <= value <= 8 else 1
+    return image_header(data).orientation
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -211,26 +161,33 @@ def _cv_decode(data: bytes, flags: int, fmt: str | None) -> np.ndarray:
     return array
 
 
-def _imdecode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
+def _imdecode(data: bytes, max_pixels: int | None,
+              header: ImageHeader | None = None) -> tuple[np.ndarray, int]:
     """The decoded array in display orientation (channels in OpenCV's BGR(A) order, dtype as
-    stored) and the EXIF orientation that was applied."""
+    stored) and the EXIF orientation that was applied. ``header``: ``image_header(data)``,
+    when the caller has read it already."""
     if not data:
         raise ImageDecodeError("empty file")
-    fmt = _format(data)
+    header = header or image_header(data)
+    fmt = header.format
     if max_pixels is not None:
-        size = image_size_from_header(data)
-        if size is None:
+        if header.size is None and header.over_pixels:  # Pillow refused: only a lower bound is known
+            over = f"image is over {header.over_pixels / 1e6:.4g} MP ({fmt}, {len(data)} bytes)"
+            if header.over_pixels >= max_pixels:
+                raise ImageDecodeError(f"{over}, over the limit of {max_pixels / 1e6:.4g} MP (--max-pixels)")
+            raise ImageDecodeError(f"{over}, more than Pillow reads the header of (PIL.Image.MAX_IMAGE_PIXELS), "
+                                   f"so it cannot be checked against the pixel limit (--max-pixels)")
+        if header.size is None:
             raise ImageDecodeError(
                 f"cannot read the image size from the header ({fmt or 'unknown format'}, "
                 f"{len(data)} bytes), so it cannot be checked against the pixel limit "
                 f"(--max-pixels); the size is read from JPEG, PNG, GIF, BMP, WebP and TIFF files")
-        _check_pixels(*size, max_pixels)
+        _check_pixels(*header.size, max_pixels)
     # IMREAD_UNCHANGED: OpenCV applies no EXIF orientation (except to TIFF, see below)
     array = _cv_decode(data, cv2.IMREAD_UNCHANGED, fmt)
-    orientation = exif_orientation(data)
     if fmt == "TIFF":  # OpenCV's TIFF decoder applies the Orientation tag itself
-        return array, orientation
-    return _to_display(array, orientation), orientation
+        return array, header.orientation
+    return _to_display(array, header.orientation), header.orientation
 
 
 def _to_unit_float(array: np.ndarray) -> np.ndarray:
@@ -267,6 +224,12 @@ def decode_image_oriented(data: bytes, max_pixels: int | None = None) -> tuple[n
     :class:`ImageDecodeError` for empty, truncated, too large or non-image bytes.
     """
     array, orientation = _imdecode(data, max_pixels)
+    return _to_rgb(array), orientation
+
+
+def _to_rgb(array: np.ndarray) -> np.ndarray:
+    """A decoded array (OpenCV's channel order, any depth) as (H, W, 3) uint8 RGB, as
+    :func:`decode_image_oriented` describes."""
     if array.ndim == 2:
         array = array[:, :, None]
     channels = array.shape[2]
@@ -277,9 +240,9 @@ def decode_image_oriented(data: bytes, max_pixels: int | None = None) -> tuple[n
     else:
         array = _to_uint8(array)
     if array.shape[2] == 1:
-        return np.ascontiguousarray(np.repeat(array, 3, axis=2)), orientation
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
     if array.shape[2] == 3:
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), orientation
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     raise ImageDecodeError(f"unsupported number of channels: {channels}")
 
 
@@ -362,17 +325,19 @@ def decode_resized(data: bytes, size: int, max_pixels: int | None = None,
     ``resize_square(decode_image_oriented(data, max_pixels)[0], size)``. ``max_pixels``
     and errors as for :func:`decode_image_oriented`.
     """
-    stored = image_size_from_header(data) if reduce and _format(data) == "JPEG" else None
+    header = image_header(data)
+    stored = header.size if reduce and header.format == "JPEG" else None
     factor = jpeg_reduction(*stored, size) if stored else 1  # both sides count: orientation can't matter
     if factor == 1:
-        image, orientation = decode_image_oriented(data, max_pixels)
+        array, orientation = _imdecode(data, max_pixels, header)
+        image = _to_rgb(array)
         return resize_square(image, size), image.shape[1], image.shape[0], orientation
     if max_pixels is not None:
         _check_pixels(*stored, max_pixels)
     # OpenCV's colour decode makes grey and CMYK JPEGs BGR; orientation is applied here, as
     # for a full decode, so the flag keeps OpenCV from applying it too.
     bgr = _cv_decode(data, _REDUCED_COLOR[factor] | cv2.IMREAD_IGNORE_ORIENTATION, "JPEG")
-    orientation = exif_orientation(data)
+    orientation = header.orientation
     image = cv2.cvtColor(_to_display(bgr, orientation), cv2.COLOR_BGR2RGB)
     width, height = stored if orientation < 5 else stored[::-1]
     return resize_square(image, size), width, height, orientation

@@ -14,10 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .runstate import MAPS, RunFolder, piece_name
-from .schemas import conform, list_column
+from .schemas import OK, conform, list_column
 
 MAPS_DTYPES = ("float16", "float32")
-OK = "ok"
 
 
 def maps_table(batch: dict, dtype: str = "float16") -> pa.Table:

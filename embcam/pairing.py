@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from embcam.cli import BAD_INPUT, OneLineParser, error_line
 from embcam.results import open_results, results_schema
+from embcam.schemas import OK
 
 BLOCK_BYTES = 128 << 20  # similarities held at once (one block of queries x all images, float64)
 NEAR_TIE = 1e-9  # far above a float64 matrix product's rounding of unit-vector cosines
@@ -53,7 +54,7 @@ def read_embeddings(run: str, split: str | None = None) -> Embeddings:
         raise ValueError(f"run {run}: results have no embedding column")
     if split is not None and "split" not in schema.names:
         raise ValueError(f"run {run}: results have no split column (asked for split {split!r})")
-    where = pc.field("status") == "ok"
+    where = pc.field("status") == OK
     if split is not None:
         where &= pc.field("split") == split
     columns = ["image_id", "embedding"] + (["label"] if "label" in schema.names else [])

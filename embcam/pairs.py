@@ -22,9 +22,9 @@ import torch
 
 from .cam import heatmaps_from_maps, normalise
 from .manifest import MAX_EXAMPLES, resolve_source
-from .maps import OK, MapStore
+from .maps import MapStore
 from .runstate import PAIRS, RunFolder, pending_blocks, piece_name
-from .schemas import arrow_schema, conform, list_column
+from .schemas import ERROR, OK, arrow_schema, conform, list_column
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
@@ -113,7 +113,7 @@ def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
     for side, at in (("query", q), ("match", m)):
         for i in np.flatnonzero(store.status[at] != OK):
             if status[i] == OK:
-                status[i], error[i] = "error", f"{side} image failed: {store.error[at[i]]}"
+                status[i], error[i] = ERROR, f"{side} image failed: {store.error[at[i]]}"
     ok = np.flatnonzero(status == OK)
     valid = status == OK
     _, h, w = store.grid or (0, 0, 0)

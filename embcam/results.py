@@ -42,8 +42,9 @@ from embcam.fetch import ReadLimits, read_bytes
 from embcam.images import decode_image, write_image  # write_image: re-exported, part of this module's API
 from embcam.locations import default_image_root, has_scheme, redact, resolve_uri, safe_name
 from embcam.manifest import resolve_source
-from embcam.metrics import THRESHOLDS
+from embcam.metrics import LOC_IOU, THRESHOLDS
 from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
+from embcam.schemas import ERROR, OK
 
 HEAVY_COLUMNS = ("embedding", "heatmap", "heatmap_topk")
 PRED_BOX_COLUMNS = ("pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1")
@@ -181,12 +182,12 @@ def summarise(run: RunFolder) -> tuple[dict, dict]:
     columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
                "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
     t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
-    ok = t[t.status == "ok"]
+    ok = t[t.status == OK]
     means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
     sweep = [v for v in ok["iou_sweep"] if v is not None]
-    means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= 0.5 for s in sweep]))
+    means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= LOC_IOU for s in sweep]))
                                     for j, t_ in enumerate(THRESHOLDS)} if sweep else None)
-    counts = {"results": int(len(t)), "ok": int(len(ok)), "error": int((t.status == "error").sum()),
+    counts = {"results": int(len(t)), "ok": int(len(ok)), "error": int((t.status == ERROR).sum()),
               "degenerate": int(ok.degenerate.fillna(False).sum())}
     return counts, means
 
@@ -313,7 +314,7 @@ def heatmap(row) -> np.ndarray:
     row = _as_row(row)
     values = _value(row, "heatmap", _HEAVY_HINT)
     if values is None:
-        why = f" (status {row.get('status')}: {row.get('error')})" if row.get("status") == "error" else ""
+        why = f" (status {row.get('status')}: {row.get('error')})" if row.get("status") == ERROR else ""
         raise ValueError(f"image_id {_image_id(row)!r} has no heatmap{why}")
     h, w = _value(row, "heatmap_height", _HEAVY_HINT), _value(row, "heatmap_width", _HEAVY_HINT)
     flat = np.asarray(values, np.float32)

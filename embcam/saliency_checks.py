@@ -29,6 +29,7 @@ from typing import Callable
 import cv2
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from .cam import EmbeddingCAM, normalise
@@ -50,24 +51,13 @@ def cam_explainer(target_layer: str | None = None, reshape=None) -> Explainer:
 # --- Spearman ------------------------------------------------------------------------------
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of each row, ties given the mean of the ranks they span."""
-    values = np.asarray(values, np.float64)
-    ranks = np.empty_like(values)
-    for i, row in enumerate(values):
-        _, inverse, counts = np.unique(row, return_inverse=True, return_counts=True)
-        first = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first copy
-        ranks[i] = (first + (counts + 1) / 2)[inverse]
-    return ranks
-
-
 def spearman_rows(a, b) -> np.ndarray:
     """Spearman's rho of each row pair of ``a`` and ``b`` (N, n): Pearson's r of their
     average ranks; NaN where a row is constant (rho is undefined there)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"spearman_rows needs two (N, n) arrays of one shape, got {a.shape} and {b.shape}")
-    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)  # ties: the mean of the ranks they span
     ra -= ra.mean(1, keepdims=True)
     rb -= rb.mean(1, keepdims=True)
     denominator = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))

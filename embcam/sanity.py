@@ -31,7 +31,8 @@ from .report.runs import read_summary
 from .results import as_the_job_meant, image_root_of, open_results, read_rows
 from .runstate import PROXIES, SANITY, RunFolder
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
-from .stages import OK, load_images, resolved_target
+from .schemas import OK
+from .stages import load_images, resolved_target
 
 THRESHOLD = 0.5  # the verdict: mean rho below this once the head and the last block are random
 RANDOM_ORDERS = 3

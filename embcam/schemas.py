@@ -25,6 +25,11 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+# The values of the status column of the results, maps and pairs tables: a row that failed is
+# "error", with its reason in the error column.
+OK, ERROR = "ok", "error"
+STATUSES = (OK, ERROR)
+
 ARROW_TYPES = {
     "string": pa.string(),
     "int32": pa.int32(),

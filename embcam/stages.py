@@ -26,9 +26,8 @@ from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
 from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
-from .schemas import conform, list_column
+from .schemas import ERROR, OK, conform, list_column
 
-OK, ERROR = "ok", "error"
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
 INTERNAL_COLUMNS = ("image", "maps", "mask_png")

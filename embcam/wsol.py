@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 
 from embcam.boxes import BBOX_COLUMNS, Box, checked_bbox
 from embcam.metrics import MAX_GRID_SIDE, grid_shape
+from embcam.schemas import OK
 
 BOX_THRESHOLDS: tuple[float, ...] = tuple(k / 100 for k in range(100))  # 0, 0.01, ..., 0.99
 PXAP_THRESHOLDS: tuple[float, ...] = BOX_THRESHOLDS + (1.0,)
@@ -457,7 +458,7 @@ def evaluate_run(run: str, split: str | None = None, *, image_root: str | None =
     acc = WsolAccumulator(max_side)
     rows, unreadable, first_error = 0, 0, None
     if len(annotations):
-        wanted = pc.field("status") == "ok"
+        wanted = pc.field("status") == OK
         if split is not None:
             wanted = wanted & (pc.field("split") == split)
         dataset = open_results(run, columns=RESULT_COLUMNS, filter=wanted)

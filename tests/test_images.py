@@ -4,6 +4,7 @@ import functools
 import io
 import struct
 import tracemalloc
+import warnings
 import zlib
 
 import cv2
@@ -14,11 +15,13 @@ from PIL import Image, ImageOps
 from embcam.boxes import checked_bbox
 from embcam.images import (
     ImageDecodeError,
+    ImageHeader,
     decode_image,
     decode_image_oriented,
     decode_mask,
     decode_resized,
     exif_orientation,
+    image_header,
     image_size_from_header,
     jpeg_reduction,
     resize_square,
@@ -234,7 +237,7 @@ def test_pixel_limit_is_inclusive():
 def bmp_header(width: int, height: int, core: bool = False) -> bytes:
     if core:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
         return b"BM" + bytes(12) + struct.pack("<IHHHH", 12, width, height, 1, 24)
-    return b"BM" + bytes(12) + struct.pack("<Iii", 40, width, height) + bytes(28)
+    return b"BM" + bytes(12) + struct.pack("<IiiHH", 40, width, height, 1, 24) + bytes(24)  # 1 plane, 24 bits
 
 
 @pytest.mark.parametrize("fmt, options", [
@@ -272,6 +275,58 @@ def test_unreadable_size_is_refused_only_under_a_pixel_limit():
     with pytest.raises(ImageDecodeError, match=r"cannot read the image size from the header "
                                                r"\(unknown format, \d+ bytes\)"):
         decode_image(ppm.tobytes(), max_pixels=100)
+
+
+def test_pillows_own_pixel_limit_never_decides(pixel_bomb):
+    """400 MP is over twice PIL.Image.MAX_IMAGE_PIXELS: Image.open would warn, then raise."""
+    assert 20000 * 20000 > 2 * Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_header(pixel_bomb) == ImageHeader("PNG", (20000, 20000), 1, 0)
+        with pytest.raises(ImageDecodeError, match=r"image is 20000x20000 = 400 MP, over the limit of 300 MP"):
+            decode_image(pixel_bomb, max_pixels=300_000_000)  # ours decides, above Pillow's 179 MP
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    """A lossless WebP whose VP8L header claims width x height."""
+    data = bytearray(pil_bytes(Image.new("RGB", (16, 16)), "WEBP", lossless=True))
+    assert data[12:16] == b"VP8L" and data[20] == 0x2F
+    bits = int.from_bytes(data[21:25], "little") & ~(1 << 28) + 1  # keep alpha and version bits
+    data[21:25] = (bits | (width - 1) | (height - 1) << 14).to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_a_webp_canvas_pillow_refuses_to_open_is_refused_as_too_large():
+    # Pillow's WebP reader itself refuses a canvas over 2 * MAX_IMAGE_PIXELS (179 MP): only that bound is known
+    assert image_size_from_header(webp_claiming(300, 200)) == (300, 200)
+    bomb = webp_claiming(16383, 16383)
+    assert image_header(bomb) == ImageHeader("WebP", None, 1, 2 * Image.MAX_IMAGE_PIXELS)
+    with pytest.raises(ImageDecodeError, match=rf"image is over 179 MP \(WebP, {len(bomb)} bytes\), "
+                                               rf"over the limit of 100 MP \(--max-pixels\)"):
+        decode_image(bomb, max_pixels=100_000_000)
+    with pytest.raises(ImageDecodeError, match=r"image is over 179 MP .* cannot be checked against the pixel limit"):
+        decode_image(bomb, max_pixels=300_000_000)
+
+
+def test_multi_picture_jpeg_is_read_as_its_first_picture():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(buffer, "MPO", save_all=True, exif=exif,
+                                                  append_images=[Image.new("RGB", (20, 10))])
+    assert Image.open(buffer).format == "MPO"
+    data = buffer.getvalue()
+    assert image_header(data) == ImageHeader("JPEG", (40, 30), 6, 0)
+    rgb(decode_image(data, max_pixels=40 * 30), [200, 0, 0])
+    assert decode_image(data).shape == (40, 30, 3)
+
+
+def test_only_the_exif_orientation_counts():
+    """As in browsers and OpenCV: an XMP tiff:Orientation (which Pillow's getexif falls back to) is not applied."""
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    data = pil_bytes(Image.new("RGB", (4, 2)), "JPEG", xmp=xmp)
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6
+    assert exif_orientation(data) == 1 and decode_image(data).shape == (2, 4, 3)
 
 
 SECRET = b"secret-user:x:0:0:TOPSECRET-d41d8cd9:/home/secret-user:/bin/sh\n"

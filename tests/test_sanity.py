@@ -75,7 +75,9 @@ def test_spearman_rows_equals_scipy_with_ties():
     b = np.concatenate([rng.integers(0, 3, (10, 16)), a[10:] + rng.normal(size=(10, 16))])
     want = [scipy.stats.spearmanr(u, v).statistic for u, v in zip(a, b)]
     np.testing.assert_allclose(sc.spearman_rows(a, b), want, rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(sc.average_ranks(a), scipy.stats.rankdata(a, axis=1))
+    # by hand: ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4), both of mean 2.5: 4.5 / sqrt(4.5 * 5)
+    np.testing.assert_allclose(sc.spearman_rows([[1.0, 2.0, 2.0, 3.0]], [[1.0, 3.0, 2.0, 4.0]]), [np.sqrt(0.9)],
+                               rtol=0, atol=1e-15)
     assert np.isnan(sc.spearman_rows([[1.0, 1.0, 1.0]], [[1.0, 2.0, 3.0]])[0])  # constant: undefined
     with pytest.raises(ValueError, match="one shape"):
         sc.spearman_rows(a, b[:, :3])

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from embcam.boxes import is_null
 from embcam.results import SPREAD_MEASURE, open_results, results_schema, spreads
+from embcam.schemas import ERROR, OK, STATUSES
 
 COLUMNS = ("image_id", "label", "split", "status", "error", "cosine", "degenerate",
            "ratio_bbox", "uniform_bbox", "uniform_mask")
@@ -47,7 +48,7 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
             raise ValueError(f"{name} must be >= 0, got {value}")
     schema = results_schema(run)  # one footer read, shared by the two scans
     frame = read_frame(run, split, schema)
-    ok = frame["status"] == "ok"
+    ok = frame["status"] == OK
     cosine = frame["cosine"].where(ok)
     ranked = (frame.assign(_cosine=cosine).dropna(subset=["_cosine"])
               .sort_values(["_cosine", "image_id"], kind="stable"))
@@ -92,11 +93,11 @@ def read_frame(run: str, split: str | None, schema: pa.Schema | None = None) -> 
     if len(duplicated):
         raise ValueError(f"run {run}: image_id {duplicated.iloc[0]!r} appears more than once in "
                          "results (duplicate rows from a re-run?)")
-    unknown = ~frame["status"].isin(["ok", "error"])
+    unknown = ~frame["status"].isin(STATUSES)
     if unknown.any():
         i = int(np.argmax(unknown.to_numpy()))
         raise ValueError(f"run {run}: row image_id {frame['image_id'].iloc[i]!r} has status "
-                         f"{frame['status'].iloc[i]!r} (expected 'ok' or 'error')")
+                         f"{frame['status'].iloc[i]!r} (expected {OK!r} or {ERROR!r})")
     return frame
 
 
@@ -203,7 +204,7 @@ def _spread_histogram(run: str, split: str | None, schema: pa.Schema) -> dict:
     missing = [c for c in ("heatmap", "degenerate") if c not in schema.names]
     if missing:
         return dict(entry, skipped=f"results have no {', '.join(missing)} column")
-    where = (pc.field("status") == "ok") & (pc.field("degenerate") == False)  # noqa: E712
+    where = (pc.field("status") == OK) & (pc.field("degenerate") == False)  # noqa: E712
     if split is not None:
         where &= _split_filter(run, schema, split)
     values, undefined = [], 0

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from embcam.report.render import html_table, md_table, num
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
 from embcam.runstate import RunFolder
+from embcam.schemas import ERROR, OK, STATUSES
 
 FOLDER = "pairs"  # RUN/pairs: what explain --pairs writes
 COLUMNS = ("query_id", "match_id", "status", "error", "cosine")
@@ -60,8 +61,8 @@ def pairs_section(run: str, out_dir: Path, folder: str, *, shown: int = 24, spli
         raise ValueError(f"pairs shown must be >= 0, got {shown}")
     frame, files = read_pairs(run)
     order = ["query_id", "match_id", "in_file", "at_row"]
-    ok = frame[frame["status"] == "ok"].sort_values(["cosine", *order], kind="stable")
-    failed = frame[frame["status"] == "error"].sort_values(order, kind="stable")
+    ok = frame[frame["status"] == OK].sort_values(["cosine", *order], kind="stable")
+    failed = frame[frame["status"] == ERROR].sort_values(order, kind="stable")
     chosen = ok.head(shown)
     cos = ok["cosine"].to_numpy(np.float64)
     entry = {
@@ -105,12 +106,12 @@ def read_pairs(run: str) -> tuple[pd.DataFrame, list[str]]:
     for name in ("query_id", "match_id", "status"):
         if frame[name].isna().any():
             raise ValueError(f"run {run}: pairs have a null {name} ({_where(frame, frame[name].isna(), files)})")
-    unknown = ~frame["status"].isin(["ok", "error"])
+    unknown = ~frame["status"].isin(STATUSES)
     if unknown.any():
-        raise ValueError(f"run {run}: a pair has status {frame['status'][unknown].iloc[0]!r}, expected 'ok' "
-                         f"or 'error' ({_where(frame, unknown, files)})")
+        raise ValueError(f"run {run}: a pair has status {frame['status'][unknown].iloc[0]!r}, expected {OK!r} "
+                         f"or {ERROR!r} ({_where(frame, unknown, files)})")
     frame["cosine"] = frame["cosine"].astype(np.float64)
-    bad = (frame["status"] == "ok") & ~np.isfinite(frame["cosine"])
+    bad = (frame["status"] == OK) & ~np.isfinite(frame["cosine"])
     if bad.any():
         raise ValueError(f"run {run}: an ok pair has no finite cosine ({_where(frame, bad, files)})")
     return frame, files
@@ -223,7 +224,7 @@ def _errors_note(entry: dict) -> str:
 def _shown_rows(entry: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Query", "Match", "Cosine", "Status", "Overlays"]
     rows = [[_id_text(p["query_id"], p["query_label"]), _id_text(p["match_id"], p["match_label"]),
-             num(p["cosine"]), "ok", ", ".join(p["files"].values()) or "—"] for p in entry["pairs"]]
+             num(p["cosine"]), OK, ", ".join(p["files"].values()) or "—"] for p in entry["pairs"]]
     return header, rows
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from embcam.locations import has_scheme, redact
 from embcam.metrics import THRESHOLDS
 from embcam.runstate import RESULTS, SUMMARY, RunFolder, covered
+from embcam.schemas import ERROR, OK, STATUSES
 
 # Columns the table reads, with the type they are cast to; optional ones may be absent.
 _F64, _BOOL, _STR = pa.float64(), pa.bool_(), pa.string()
@@ -140,12 +141,12 @@ def read_results(run: str, split: str | None) -> dict:
         dup = str(unique[counts > 1][0])
         raise ValueError(f"run {run}: image_id {dup!r} appears {counts[counts > 1][0]} times "
                          "in results (duplicate rows from a re-run?)")
-    bad = ~np.isin(cols["status"], ["ok", "error"])
+    bad = ~np.isin(cols["status"], STATUSES)
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"run {run}: row image_id {ids[i]!r} has status {cols['status'][i]!r} "
-                         "(expected 'ok' or 'error')")
-    no_flag = (cols["status"] == "ok") & ~cols["degenerate?"]
+                         f"(expected {OK!r} or {ERROR!r})")
+    no_flag = (cols["status"] == OK) & ~cols["degenerate?"]
     if no_flag.any():
         raise ValueError(f"run {run}: row image_id {ids[int(np.argmax(no_flag))]!r} has status "
                          "ok but degenerate is null")

@@ -9,6 +9,7 @@ import numpy as np
 
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
 from embcam.report.runs import RATIO_COLUMNS, check_distinct, method_key, read_results, read_summary
+from embcam.schemas import OK
 from embcam.wsol import BOX_THRESHOLDS, IOU_THRESHOLDS, evaluate_run
 
 REGIONS = {"bbox": "BBox", "mask": "Mask"}
@@ -62,7 +63,7 @@ def evaluate(runs: list[str], split: str | None, allow_partial: bool = False,
             except FileNotFoundError as e:  # no manifest: no boxes or masks to measure against
                 entry["wsol_skipped"] = str(e)
         per_run.append(entry)
-        ok_ids[run] = cols["image_id"][cols["status"] == "ok"]
+        ok_ids[run] = cols["image_id"][cols["status"] == OK]
 
     methods: dict[str, dict] = {}
     for entry in per_run:
@@ -93,7 +94,7 @@ def evaluate(runs: list[str], split: str | None, allow_partial: bool = False,
 def _run_entry(run: str, summary: dict, cols: dict) -> dict:
     """Counts and per-run values of one run."""
     config = summary.get("config", {})
-    ok = cols["status"] == "ok"
+    ok = cols["status"] == OK
     degenerate = ok & cols["degenerate"]
     evaluated = ok & ~degenerate
 
