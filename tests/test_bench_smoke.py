@@ -153,18 +153,20 @@ def test_class_mean_proxies_normalise_each_embedding_then_the_sum():
 
 
 @pytest.mark.slow
-def test_catalog_benchmark_reports_what_it_measured(tmp_path):
+def test_catalog_benchmark_reports_what_it_measured(tmp_path, ray_session):
     """Four real `embcam explain` runs (self and mean proxies, 4 and 8 images) and the plain
     loop: every figure follows from the seconds recorded, and each run did what it says. The
     mean runs get auto's plan for a catalog of 10^8 images: their maps no longer fit the object
-    store (a 48 px small-resnet's are 576 bytes)."""
+    store (a 48 px small-resnet's are 576 bytes). The runs join the session's Ray (--address),
+    to spare four Ray start-ups."""
     bench = load_bench(CATALOG_BENCH)
     out = tmp_path / "catalog.json"
     threads = torch.get_num_threads()
+    address = ray_session.get_runtime_context().gcs_address
     try:
         bench.run(["--models", "embcam:small-resnet+linear:16", "--image-size", "48", "--sides", "48:64",
                    "--images", "4", "8", "--batch-size", "4", "--classes", "2", "--catalog-rows", "100000000",
-                   "--json", str(out)],
+                   f"--extra-args=--address {address}", "--json", str(out)],
                   log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)  # the benchmark sets it process-wide
@@ -196,8 +198,17 @@ def test_catalog_benchmark_reports_what_it_measured(tmp_path):
             assert summary["plan"] == r["plan"] and summary["plan_reason"]
             assert summary["counts"]["ok"] == summary["counts"]["results"] == run["images"]
             assert 0 < summary["wall_seconds"] < run["seconds"]  # the job's own clock starts after the process
+        # the steady figures: each 8-image run's passes at their steady rates (two batches each)
+        (large,) = [run for run in job["runs"] if run["images"] == 8]
+        rates = [p["steady_images_per_second"] for p in large["summary"]["passes"].values()]
+        assert len(rates) == (1 if r["proxy"] == "self" else 2) and all(rate > 0 for rate in rates)
+        assert job["steady_per_image_s"] == pytest.approx(sum(1 / rate for rate in rates), rel=1e-12)
+        assert plain["steady_per_image_s"] > 0
+        assert r["steady_ratio"] == pytest.approx(plain["steady_per_image_s"] / job["steady_per_image_s"], rel=1e-12)
     self_row, mean_row = rows
     assert self_row["mean_over_self"] is None and self_row["plain"] == mean_row["plain"]
+    assert mean_row["steady_mean_over_self"] == pytest.approx(
+        mean_row["job"]["steady_per_image_s"] / self_row["job"]["steady_per_image_s"], rel=1e-12)
     self_per_image, mean_per_image = self_row["job"]["per_image_s"], mean_row["job"]["per_image_s"]
     assert mean_row["mean_over_self"] == (pytest.approx(mean_per_image / self_per_image, rel=1e-12)
                                           if min(self_per_image, mean_per_image) > 0 else None)
