@@ -30,15 +30,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__, user_code
+from .architectures import source_suggestion
 from .attempts import Attempts, fault_point
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
-from .locations import default_image_root
-from .manifest import ManifestError, scan_manifest
+from .locations import default_image_root, has_scheme
+from .manifest import ManifestError, scan_manifest, suggest_column
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
-from .models import load_model
+from .models import load_checked
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
@@ -116,6 +117,7 @@ class ExplainConfig:
     working_dir: str | None = None       # a folder every worker runs in, on its Python path
     address: str | None = None
     overwrite: bool = False
+    allow_partial_checkpoint: bool = False  # run with a checkpoint that leaves model tensors unloaded
 
     def check(self) -> None:
         if self.proxies:
@@ -135,6 +137,8 @@ class ExplainConfig:
         for path in self.py_modules or []:
             if not (os.path.isdir(path) or (path.endswith(".py") and os.path.isfile(path))):
                 raise ValueError(f"--py-modules {path}: not a package folder or a .py file")
+        if self.checkpoint is not None and not has_scheme(self.checkpoint) and not os.path.isfile(self.checkpoint):
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such file")
         if self.working_dir is not None and not os.path.isdir(self.working_dir):
             raise ValueError(f"--working-dir {self.working_dir}: not a folder")
         for name in ("batch_size", "max_pixels", "max_bytes"):
@@ -184,11 +188,13 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     run = RunFolder(cfg.out)
     with user_code.importable(cfg.py_modules, cfg.working_dir):
-        net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
+        net, preprocessing, spec, fit = _driver_model(cfg)  # bad model or partial checkpoint: fail now
         identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
         state, note = _run_state(run, cfg, identity)   # another configuration's run: refused now
         shape = None if state == "complete" else output_shape(net, cfg, preprocessing.size)
     del net
+    if fit is not None and fit.partial:  # only with --allow-partial-checkpoint
+        log(f"embcam explain: {fit.warning()}")
     image_root = cfg.image_root or default_image_root(cfg.manifest)
     if state == "complete":
         summary = run.read_json(SUMMARY)
@@ -228,7 +234,8 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, preprocessing.size,
-                           cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"]),
+                           cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"],
+                           cfg.allow_partial_checkpoint),
                shape, cfg.limits(image_root), image_root, gpus,
                Progress(log if progress and not bars else None))
     proxies = bank
@@ -255,6 +262,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         if not cfg.keep_maps:  # written for the pairs only
             run.delete(MAPS)
     summary = _summary(cfg, run, spec, saved, job.passes, gpus, scan.rows, resumed, time.time() - started)
+    summary["checkpoint"] = fit.to_json() if fit is not None else None
     run.write_json(summary, SUMMARY)
     run.write_bytes(b"", DONE)                        # the completion marker, last
     run.delete(STATE, ATTEMPTS)
@@ -470,9 +478,10 @@ def _driver_model(cfg: ExplainConfig):
     any work; user code this process cannot find fails in one line that says how to ship it."""
     missing = user_code.missing_user_module(cfg.model)
     if missing:
-        raise ValueError(f"--model {cfg.model}: no module named {missing!r} here: ship your code with "
-                         "--py-modules PATH or --working-dir DIR, or install it on every node")
-    return load_model(cfg.model, cfg.checkpoint, cfg.image_size)
+        raise ValueError(f"--model {cfg.model}: no module named {missing!r} here{source_suggestion(cfg.model)}; "
+                         "for your own code: ship it with --py-modules PATH or --working-dir DIR, or install it "
+                         "on every node")
+    return load_checked(cfg.model, cfg.checkpoint, cfg.image_size, cfg.allow_partial_checkpoint)
 
 
 # --- driver-side checks and bookkeeping ---------------------------------------------------
@@ -511,8 +520,9 @@ def _scanned_manifest(cfg: ExplainConfig, pairs: pa.Table | None = None):
         check_known(pairs, pa.concat_arrays(stats["found"]) if stats["found"] else pa.array([], pa.string()))
         scan = replace(scan, rows=len(wanted))
     if cfg.proxy in ("mean", "onehot", "bank") and stats["labelled"] == 0:
+        hint = suggest_column("label", scan.columns) if "label" not in scan.columns else None
         raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
-                            "and the manifest has none")
+                            "and the manifest has none" + (f"; {hint}" if hint else ""))
     if cfg.proxy_split and cfg.proxy_split not in stats["splits"]:
         raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
                             f"(found: {', '.join(sorted(map(str, stats['splits'])))})")
