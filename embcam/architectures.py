@@ -167,8 +167,8 @@ class Architecture:
 
     ``make(head, image_size)`` builds it randomly initialised. A weight file in the
     source's own names maps onto the model so: a key under a ``classifiers`` name (the
-    source's final Linear) goes to the embedding head named by its value when the shapes
-    fit, and is dropped otherwise; any other key ``k`` becomes the first of
+    source's final Linear) goes to the embedding head named by its value (left out when
+    the head is ``identity``); any other key ``k`` becomes the first of
     ``prefix + k`` (``prefixes``) that the model has. ``legacy_key`` renames old keys."""
 
     source: str
@@ -210,16 +210,25 @@ def architecture(source: str, name: str, spec: str | None = None) -> Architectur
     known = _registry(source)
     if name in known:
         return known[name]
-    names = ", ".join(sorted(known, key=_natural))
+    listing = f"`embcam models {source}:` lists its {len(known)} architectures" if len(known) > 1 else (
+        f"{source} has: {', '.join(known)}")
     raise ValueError(f"unknown architecture {name!r} in {spec or source + ':' + name!r}{_close(name, list(known))}; "
-                     f"{source} has: {names}; {sources_line()}")
+                     f"{listing}; {sources_line()}")
 
 
 def unknown_source_message(spec: str) -> str:
     """The error for a spec whose source is neither built in nor an importable module."""
     source = spec.partition(":")[0]
     return (f"unknown model source {source!r} in {spec!r} (not a built-in source, and no module of "
-            f"that name imports){_close(source, list(BUILTIN_SOURCES) + ['torchscript'])}; {sources_line()}")
+            f"that name imports){source_suggestion(spec)}; {sources_line()}")
+
+
+def source_suggestion(spec: str) -> str:
+    """'; did you mean 'torchvision:resnet18'?' for a spec whose source is a misspelt
+    built-in one (``torchvison:resnet18``); else ''."""
+    source, _, rest = spec.partition(":")
+    matches = difflib.get_close_matches(source, [*BUILTIN_SOURCES, "torchscript"], n=1, cutoff=0.6)
+    return f"; did you mean {matches[0] + ':' + rest!r}?" if matches and matches[0] != source else ""
 
 
 def sources_line() -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .checkpoints import CheckpointLoad
 from .locations import join_location, redact
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
@@ -44,7 +45,12 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (local or URI): results/, proxies.parquet, summary.json")
     p.add_argument("--model", help="model spec, e.g. torchvision:resnet50+linear:128 (default: the checkpoint's)")
     p.add_argument("--checkpoint",
-                   help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec")
+                   help="weights (torch.load with weights_only=True); embcam checkpoints carry their spec. "
+                        "They must fit the model exactly: a tensor the file lacks or has with another shape "
+                        "is an error that names it")
+    p.add_argument("--allow-partial-checkpoint", action="store_true",
+                   help="run even when --checkpoint leaves some of the model's tensors unloaded (they keep "
+                        "their random init): said at the start, in the summary and in summary.json")
     p.add_argument("--target-layer",
                    help="dotted module name to explain (default: the backbone output, layer4 of a ResNet)")
     p.add_argument("--reshape", choices=["tokens", "nhwc", "nchw"],
@@ -129,6 +135,7 @@ def explain_config(args: argparse.Namespace):
 
     return ExplainConfig(
         manifest=args.manifest, out=args.out, model=args.model, checkpoint=args.checkpoint,
+        allow_partial_checkpoint=args.allow_partial_checkpoint,
         target_layer=args.target_layer, reshape=args.reshape, proxy="bank" if args.proxies else args.proxy,
         proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
         image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
@@ -175,12 +182,14 @@ def format_summary(summary: dict) -> str:
     out = summary["config"]["out"]
     results = redact(join_location(out, "results"))
     k = summary["config"]["top_k_channels"]
+    fit = summary.get("checkpoint")
     top = (lambda key: f"  {f(m[key + '_topk'])}") if k else (lambda key: "")
     lines = [
         f"embcam explain: {c['results']} rows ({c['ok']} ok, {c['error']} error, {c['degenerate']} degenerate) "
         f"in {summary['wall_seconds']:.1f} s = {summary['images_per_second']:.1f} images/s "
         f"[{summary['model']}, proxy {summary['config']['proxy']}, {summary['plan']} plan]"
         + (f"; {c['resumed']} rows carried over from an earlier attempt" if c.get("resumed") else ""),
+        *([f"embcam explain: {CheckpointLoad.from_json(fit).warning()}"] if fit and fit.get("partial") else []),
         "",
         "                 uniform  EmbeddingCAM" + (f"  top-{k} channels" if k else ""),
         f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}      " + top("ratio_bbox"),
@@ -246,12 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sanity", help="model-randomisation and deletion checks of a run's heatmaps", add_help=False)
 
     make = sub.add_parser("make-manifest", help="write a manifest: synthetic | cub | folders")
-    make.add_argument("kind", choices=["synthetic", "cub", "folders"])
-    make.add_argument("source", help="output folder (synthetic) or dataset root (cub, folders)")
-    make.add_argument("--out", help="manifest path (cub, folders)")
-    make.add_argument("--classes", type=int, default=100, help="synthetic: number of classes")
-    make.add_argument("--per-class", type=int, default=30, help="synthetic: images per class")
-    make.add_argument("--seed", type=int, default=0)
+    kinds = make.add_subparsers(dest="kind", required=True, metavar="KIND")
+    synthetic = kinds.add_parser("synthetic", help="generate an annotated dataset (boxes, masks, train/eval "
+                                 "splits) and its manifest, OUT_DIR/manifest.parquet")
+    synthetic.add_argument("out_dir", metavar="OUT_DIR", help="folder for the images and the manifest")
+    synthetic.add_argument("--classes", type=int, default=100, help="number of classes (default 100)")
+    synthetic.add_argument("--per-class", type=int, default=30, help="images per class (default 30)")
+    synthetic.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cub = kinds.add_parser("cub", help="a manifest of CUB-200-2011: boxes, masks where segmentations/ is "
+                           "found, classes 1-100 split train and 101-200 eval")
+    cub.add_argument("root", metavar="CUB_200_2011", help="the dataset's folder (images.txt, images/, ...)")
+    folders = kinds.add_parser("folders", help="a manifest of a folder-per-class catalog: each sub-folder of "
+                               "ROOT is a label, every image below it a row")
+    folders.add_argument("root", metavar="ROOT", help="the folder holding one folder per class")
+    for maker in (cub, folders):
+        maker.add_argument("--out", required=True, metavar="MANIFEST.parquet", help="the manifest to write")
     make.set_defaults(run=make_manifest)
 
     models = sub.add_parser("models", help="list the model specs: default target layer, input size, embedding width")
@@ -313,14 +331,12 @@ def make_manifest(args: argparse.Namespace) -> int:
     from . import datasets
 
     if args.kind == "synthetic":
-        path = datasets.generate_dataset(args.source, num_classes=args.classes,
+        path = datasets.generate_dataset(args.out_dir, num_classes=args.classes,
                                          images_per_class=args.per_class, seed=args.seed)
         print(json.dumps({"manifest": str(path), **datasets.summary(path)}, indent=2, default=str))
         return 0
-    if not args.out:
-        raise ValueError("--out MANIFEST.parquet is required for cub and folders")
     maker = datasets.cub_manifest if args.kind == "cub" else datasets.folder_manifest
-    print(maker(args.source, args.out))
+    print(maker(args.root, args.out))
     return 0
 
 

@@ -9,6 +9,7 @@ a missing file) are not checked here: the job turns them into error rows.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import os
@@ -28,6 +29,13 @@ from embcam.schemas import arrow_schema, conform, load_schema
 
 MAX_EXAMPLES = 5
 REMOTE_TIMEOUT_S = 60.0  # a remote manifest that does not answer fails after about this long
+# what users often call the manifest's columns (compared lower-cased): the did-you-mean of a missing one
+COLUMN_SYNONYMS = {
+    "uri": ("path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "img",
+            "img_path", "image_uri", "image_url", "url", "location"),
+    "image_id": ("id", "name", "key", "image_name", "imageid", "img_id"),
+    "label": ("class", "class_name", "category", "target", "y", "labels"),
+}
 
 
 class ManifestError(ValueError):
@@ -137,6 +145,7 @@ class ManifestScan:
 
     rows: int
     ids_sha256: str
+    columns: tuple[str, ...] = ()  # every column of the first file, manifest columns or not
 
 
 SCAN_BATCH_ROWS = 65536
@@ -148,8 +157,8 @@ def scan_manifest(source: str | os.PathLike, sink=None) -> ManifestScan:
     to find duplicates across files). ``sink(table)``, when given, receives every
     validated batch in order, cast to the manifest schema."""
     fs, paths = resolve_source(source)
-    rows, digest, hashes = 0, hashlib.sha256(), []
-    for where, table in _stream(fs, paths):
+    rows, digest, hashes, columns = 0, hashlib.sha256(), [], []
+    for where, table in _stream(fs, paths, columns):
         _check_structure(table, where=where)
         table = _cast_known(table)
         for name in ("image_id", "uri"):
@@ -166,12 +175,12 @@ def scan_manifest(source: str | os.PathLike, sink=None) -> ManifestScan:
     suspects = ordered[1:][ordered[1:] == ordered[:-1]]
     if len(suspects):
         _check_unique_in(fs, paths, set(suspects.tolist()))
-    return ManifestScan(rows, digest.hexdigest())
+    return ManifestScan(rows, digest.hexdigest(), tuple(columns))
 
 
-def _stream(fs: pafs.FileSystem, paths: list[str]):
+def _stream(fs: pafs.FileSystem, paths: list[str], found: list[str] | None = None):
     """(where, table) for each batch of each file: the manifest columns only, the same in
-    every file; read errors become ManifestError."""
+    every file; read errors become ManifestError. ``found`` gets every column of the first file."""
     known = [column["name"] for column in load_schema("manifest")["columns"]]
     first_columns = None
     for path in paths:
@@ -181,6 +190,9 @@ def _stream(fs: pafs.FileSystem, paths: list[str]):
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
         with handle:
+            _check_required(parquet.schema_arrow.names, f"manifest file {path}")
+            if found is not None and not found:
+                found.extend(parquet.schema_arrow.names)
             columns = [name for name in known if name in parquet.schema_arrow.names]
             if first_columns is None:
                 first_columns = columns
@@ -264,11 +276,7 @@ def validate_manifest(table: pa.Table) -> pa.Table:
 def _check_structure(table: pa.Table, where: str) -> None:
     """Required columns present, boxes all-or-nothing, every known column of a usable type."""
     spec = {column["name"]: column for column in load_schema("manifest")["columns"]}
-    missing = [name for name, column in spec.items()
-               if column.get("required") and name not in table.column_names]
-    if missing:
-        raise ManifestError(f"{where}: missing required column(s) {', '.join(map(repr, missing))} "
-                            f"(columns found: {', '.join(table.column_names) or 'none'})")
+    _check_required(table.column_names, where)
     bbox = [name for name in BBOX_COLUMNS if name in table.column_names]
     if bbox and len(bbox) < len(BBOX_COLUMNS):
         absent = [name for name in BBOX_COLUMNS if name not in bbox]
@@ -281,6 +289,28 @@ def _check_structure(table: pa.Table, where: str) -> None:
             raise ManifestError(
                 f"{where}: column {name!r} has type {column.type}, expected {expected}{hint}; "
                 f"{_examples(column, range(min(MAX_EXAMPLES, len(column))))}")
+
+
+def _check_required(found: list[str], where: str) -> None:
+    """Every required column among the ``found`` ones (all the file's columns); a missing
+    one names what was found and the likely column to rename."""
+    spec = load_schema("manifest")["columns"]
+    missing = [column["name"] for column in spec if column.get("required") and column["name"] not in found]
+    if missing:
+        hints = [hint for name in missing if (hint := suggest_column(name, found))]
+        raise ManifestError(f"{where}: missing required column(s) {', '.join(map(repr, missing))} "
+                            f"(columns found: {', '.join(found) or 'none'})" + "".join(f"; {h}" for h in hints))
+
+
+def suggest_column(name: str, found: list[str]) -> str | None:
+    """'did you mean 'path'? rename it to 'uri'' when one of the ``found`` columns (none a
+    manifest column) is a usual name for manifest column ``name``, or close to it in spelling."""
+    known = {column["name"] for column in load_schema("manifest")["columns"]}
+    others = [column for column in found if column not in known]
+    synonyms = [column for column in others if column.lower() in COLUMN_SYNONYMS.get(name, ())]
+    close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
+    guess = (synonyms or close or [None])[0]
+    return None if guess is None else f"did you mean {guess!r}? rename it to {name!r}"
 
 
 def _type_ok(found: pa.DataType, expected: str) -> bool:

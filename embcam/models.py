@@ -24,9 +24,15 @@ rebuilds the model) or a plain state dict. A plain state dict may also be in the
 source's own names, as torchvision and timm save them (torchvision's
 ``resnet50-0676ba61.pth``): its keys are mapped onto the embcam model (``conv1.weight``
 -> ``backbone.conv1.weight``), and the source's classifier (``fc.*``, ``classifier.*``,
-``heads.*``, timm's ``pretrained_cfg["classifier"]``) is dropped, with a log line
-(logger ``embcam.models``), unless its shapes are the embedding head's, which it then
-becomes.
+``heads.*``, timm's ``pretrained_cfg["classifier"]``) becomes the embedding head, or is
+left out where the head is ``+identity``.
+
+A file must fit the model exactly: a model tensor it lacks or has with another shape
+(a ``+linear:64`` head for a file whose head is ``Linear(512, 128)``) would keep its
+random init, so it is an error that names the tensors, their shapes and the likely fix,
+unless the caller allows a partial fit (``allow_partial=True``,
+``--allow-partial-checkpoint``); :func:`load_checked` returns the account of what was
+loaded (:class:`embcam.checkpoints.CheckpointLoad`).
 
 Checkpoints are data, never code: they are read with ``torch.load(...,
 weights_only=True)`` (tensors and plain containers; anything else is refused with a
@@ -38,12 +44,12 @@ from __future__ import annotations
 
 import importlib
 import io
-import logging
 import math
 import re
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -64,8 +70,7 @@ from .architectures import (  # noqa: F401
     small_resnet,
     unknown_source_message,
 )
-
-log = logging.getLogger(__name__)
+from .checkpoints import CheckpointLoad
 
 
 def build_model(spec: str, image_size: int | None = None) -> nn.Module:
@@ -130,13 +135,31 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: str, preprocessing
                 "state_dict": state}, path)
 
 
+class LoadedModel(NamedTuple):
+    model: nn.Module  # in eval mode
+    preprocessing: Preprocessing
+    spec: str  # the resolved spec
+    checkpoint: CheckpointLoad | None  # how the weight file fitted (None: no file)
+
+
 def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
-               image_size: int | None = None) -> tuple[nn.Module, Preprocessing, str]:
+               image_size: int | None = None, allow_partial: bool = False) -> tuple[nn.Module, Preprocessing, str]:
     """Build a model from ``spec`` and/or a weight file; returns (model in eval mode, its
-    preprocessing, the resolved spec). The file is an embcam checkpoint or a plain state
-    dict, in embcam's names or, for a built-in source, in the source's own (see the
-    module docstring). Preprocessing: the checkpoint's, else the architecture's;
-    ``image_size`` replaces its size (and sizes a ViT's position embedding)."""
+    preprocessing, the resolved spec): :func:`load_checked` without its account of the file."""
+    return load_checked(spec, checkpoint, image_size, allow_partial)[:3]
+
+
+def load_checked(spec: str | None = None, checkpoint: str | Path | None = None,
+                 image_size: int | None = None, allow_partial: bool = False) -> LoadedModel:
+    """Build a model from ``spec`` and/or a weight file. The file is an embcam checkpoint
+    or a plain state dict, in embcam's names or, for a built-in source, in the source's own
+    (see the module docstring). Preprocessing: the checkpoint's, else the architecture's;
+    ``image_size`` replaces its size (and sizes a ViT's position embedding).
+
+    A file must fit the model exactly: a model tensor it lacks or has with another shape
+    (which would keep its random init), or a tensor the model has no place for, is a
+    ValueError naming them, their shapes and the likely fix. ``allow_partial`` loads what
+    fits instead; ``LoadedModel.checkpoint`` says what that was."""
     state = stored_spec = stored_preprocessing = None
     if checkpoint is not None:
         state, stored_spec, stored_preprocessing = _read_checkpoint(checkpoint)
@@ -151,46 +174,38 @@ def load_model(spec: str | None = None, checkpoint: str | Path | None = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # without a checkpoint every worker must still build the same weights
         model = resolved[0].build(resolved[1], preprocessing.size) if resolved else build_model(spec)
+    fit = None
     if state is not None:
+        dropped = []
         if resolved is not None and stored_spec is None:  # embcam checkpoints are in embcam's names
-            state = _from_source_names(state, model, resolved[0], checkpoint)
-        _load_state(model, state, checkpoint)
-    return model.eval(), preprocessing, spec
+            state, dropped = _from_source_names(state, model, resolved[0])
+        fit = _load_state(model, state, str(checkpoint), dropped, spec, allow_partial)
+    return LoadedModel(model.eval(), preprocessing, spec, fit)
 
 
-def _from_source_names(state: dict, model: nn.Module, arch: Architecture, checkpoint) -> dict:
+def _from_source_names(state: dict, model: nn.Module, arch: Architecture) -> tuple[dict, list[str]]:
     """A plain state dict in the source's own names (torchvision's ``conv1.weight``)
-    renamed to the model's (``backbone.conv1.weight``); one already in the model's names
-    passes unchanged. The source's classifier becomes the embedding head when all its
-    shapes are the head's, else it is dropped and the head keeps its seeded init, as do
-    missing BatchNorm step counters (files saved before PyTorch 0.4.1). Keys that fit
-    nowhere stay as they are, for :func:`_load_state` to report."""
+    renamed to the model's (``backbone.conv1.weight``), and the keys of the source's
+    classifier it left out; one already in the model's names passes unchanged. The
+    source's classifier becomes the embedding head (whose shapes :func:`_load_state` then
+    checks); it is left out only where the spec's head is ``+identity`` and has no place
+    for it. Keys that fit nowhere stay as they are, for :func:`_load_state` to report."""
     if not arch.classifiers or (arch.prefixes != ("",) and any(key.startswith(arch.prefixes) for key in state)):
-        return state  # embcam's own architecture, or a file in the model's names
+        return state, []  # embcam's own architecture, or a file in the model's names
     own = model.state_dict()
-    renamed, classifier_keys = {}, {}
+    renamed, dropped = {}, []
     for key, value in state.items():
         key = arch.legacy_key(key) if arch.legacy_key else key
         classifier = next((c for c in arch.classifiers if key.startswith(c + ".")), None)
         if classifier is None:
             renamed[next((p + key for p in arch.prefixes if p + key in own), key)] = value
-        else:
-            classifier_keys.setdefault(classifier, {})[arch.classifiers[classifier] + key[len(classifier):]] = value
-    for classifier, keys in classifier_keys.items():
-        # INFO, not WARNING: dropping the classifier is what loading a classification file as an
-        # embedding model means, and every Ray worker loads the model (a warning per worker).
-        if all(k in own and own[k].shape == v.shape for k, v in keys.items()):
-            renamed.update(keys)
-            log.info("%s: %s's classifier %s.* has the embedding head's shapes: it becomes %s.*", checkpoint,
-                     arch.source, classifier, arch.classifiers[classifier])
-        else:
-            log.info("%s: dropped %d key(s) of %s's classifier %s.* (not the embedding head's shapes); "
-                     "the embedding head keeps its seeded init", checkpoint, len(keys), arch.source, classifier)
-    heads = tuple(f"{head}." for head in arch.classifiers.values())
-    for key, value in own.items():  # what the file cannot give: the head, old files' BatchNorm step counters
-        if key not in renamed and (key.startswith(heads) or key.endswith(".num_batches_tracked")):
-            renamed[key] = value
-    return renamed
+            continue
+        head = arch.classifiers[classifier]
+        if any(k.startswith(head + ".") for k in own):
+            renamed[head + key[len(classifier):]] = value
+        else:  # +identity: explaining the features before the classifier is what the spec asks
+            dropped.append(key)
+    return renamed, dropped
 
 
 def _read_checkpoint(checkpoint: str | Path) -> tuple[dict, str | None, Preprocessing | None]:
@@ -258,21 +273,60 @@ def _checkpoint_preprocessing(entry: object, checkpoint: str | Path) -> Preproce
                      "{'size': an int > 0, 'mean': 3 numbers, 'std': 3 numbers > 0}")
 
 
-def _load_state(model: nn.Module, state: dict, source) -> None:
+def _load_state(model: nn.Module, state: dict, path: str, dropped: list[str], spec: str,
+                allow_partial: bool) -> CheckpointLoad:
+    """Load the tensors of ``state`` that fit ``model``, having accounted for every one;
+    a partial fit is an error unless ``allow_partial``. BatchNorm step counters a file
+    lacks (saved before PyTorch 0.4.1; unused in eval) are not counted as missing."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
-        hint = ("; the position embeddings differ: the file is for another image size (give that size: "
-                "image_size= / --image-size)") if any("pos_embed" in s for s in shapes) else ""
-        raise ValueError(f"checkpoint {source} does not match the model: "
-                         f"missing keys: {show(missing) or 'none'}; unexpected keys: {show(unexpected) or 'none'}; "
-                         f"shape mismatches (checkpoint vs model): {show(shapes) or 'none'}{hint}")
-    model.load_state_dict(state)
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    counters = {k for k in own if k.endswith(".num_batches_tracked") and k not in state}
+    fit = CheckpointLoad(
+        path=path, loaded=len(fits), missing=sorted(set(own) - set(state) - counters),
+        unexpected=sorted(set(state) - set(own)),
+        mismatched=[{"name": k, "checkpoint": list(state[k].shape), "model": list(own[k].shape)}
+                    for k in sorted(set(own) & set(state)) if k not in fits],
+        dropped=sorted(dropped))
+    if fit.partial and not allow_partial:
+        fix = _likely_fix(model, fit, spec)
+        raise ValueError(f"checkpoint {path} does not fit model {spec}: {fit.problems()}"
+                         + (f"; {fix}" if fix else "")
+                         + "; to run anyway with the tensors not loaded at their random init: "
+                           "--allow-partial-checkpoint (allow_partial=True)")
+    model.load_state_dict(fits, strict=False)
+    return fit
+
+
+def _likely_fix(model: nn.Module, fit: CheckpointLoad, spec: str) -> str:
+    """What most likely makes the file fit: another image size (a ViT's position
+    embedding), the head the file has (when only a Linear head is off), no head
+    (+identity), or another architecture."""
+    if any("pos_embed" in m["name"] for m in fit.mismatched):
+        return ("the position embeddings differ: the file is for another image size (give that size: "
+                "image_size= / --image-size)")
+    resolved = resolve(spec) if spec.partition(":")[0] in BUILTIN_SOURCES else None
+    # the embedding head's module: where the source's classifier goes, else EmbeddingNet's head
+    heads = (set(resolved[0].classifiers.values()) or {"head"}) if resolved else set()
+    base = spec.partition("+")[0]
+    unloaded = fit.missing + [m["name"] for m in fit.mismatched]
+    modules = dict(model.named_modules())
+    for m in fit.mismatched:
+        layer, _, leaf = m["name"].rpartition(".")
+        module, file_shape = modules.get(layer), m["checkpoint"]
+        if (leaf == "weight" and isinstance(module, nn.Linear) and len(file_shape) == 2
+                and file_shape[1] == module.in_features and all(n.startswith(layer + ".") for n in unloaded)):
+            said = (f"the checkpoint's {layer} is Linear({file_shape[1]}->{file_shape[0]}), the model's "
+                    f"Linear({module.in_features}->{module.out_features})")
+            if layer in heads:
+                return (f"{said}: use --model {base}+linear:{file_shape[0]} for the checkpoint's head "
+                        f"(or {base}+identity for the features before it)")
+            return said
+    if heads and fit.missing and not fit.mismatched \
+            and all(name.startswith(tuple(h + "." for h in heads)) for name in fit.missing):
+        return f"the checkpoint has no embedding head: use --model {base}+identity"
+    if unloaded:
+        return "the file is likely for another architecture (`embcam models` lists them)"
+    return ""
 
 
 def export_torchscript(model: EmbeddingNet, path: str | Path) -> None:

@@ -29,16 +29,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__, user_code
+from .architectures import source_suggestion
 from .attempts import Attempts, fault_point
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .lifecycle import RunLifecycle, build_summary
-from .locations import default_image_root, redact
-from .manifest import ManifestError, scan_manifest
+from .locations import default_image_root, has_scheme, redact
+from .manifest import ManifestError, scan_manifest, suggest_column
 from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
-from .models import load_model
+from .models import load_checked
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
 from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
@@ -111,6 +112,7 @@ class ExplainConfig:
     working_dir: str | None = None       # a folder every worker runs in, on its Python path
     address: str | None = None
     overwrite: bool = False
+    allow_partial_checkpoint: bool = False  # run with a checkpoint that leaves model tensors unloaded
 
     def check(self) -> None:
         if self.proxies:
@@ -130,6 +132,8 @@ class ExplainConfig:
         for path in self.py_modules or []:
             if not (os.path.isdir(path) or (path.endswith(".py") and os.path.isfile(path))):
                 raise ValueError(f"--py-modules {path}: not a package folder or a .py file")
+        if self.checkpoint is not None and not has_scheme(self.checkpoint) and not os.path.isfile(self.checkpoint):
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such file")
         if self.working_dir is not None and not os.path.isdir(self.working_dir):
             raise ValueError(f"--working-dir {self.working_dir}: not a folder")
         for name in ("batch_size", "max_pixels", "max_bytes"):
@@ -176,7 +180,9 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     scan = _scanned_manifest(cfg, pairs)      # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
     with user_code.importable(cfg.py_modules, cfg.working_dir):
-        net, preprocessing, spec = _driver_model(cfg)  # bad model: fail now
+        net, preprocessing, spec, fit = _driver_model(cfg)  # bad model or partial checkpoint: fail now
+    if fit is not None and fit.partial:  # only with --allow-partial-checkpoint
+        log(f"embcam explain: {fit.warning()}")
     identity = _identity(cfg, scan, spec, preprocessing.size, pairs)
     with RunLifecycle(cfg.out, identity, cfg.overwrite) as life:  # busy, or another configuration's: refused now
         if life.state == "complete":
@@ -187,11 +193,11 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
         with user_code.importable(cfg.py_modules, cfg.working_dir):
             shape = output_shape(net, cfg, preprocessing.size)
         del net
-        return _explain(cfg, life, scan, spec, preprocessing.size, shape, bank, pairs, runtime_env,
+        return _explain(cfg, life, scan, spec, fit, preprocessing.size, shape, bank, pairs, runtime_env,
                         progress, log, verbose, started)
 
 
-def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env, progress, log, verbose, started):
+def _explain(cfg, life, scan, spec, fit, image_size, shape, bank, pairs, runtime_env, progress, log, verbose, started):
     """The run, from Ray's start to the summary, with the lease on ``--out`` held."""
     import ray
 
@@ -230,7 +236,8 @@ def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env,
 
     job = _Job(cfg, run, ManifestCopy(run, block_rows), scan.rows,
                ModelConfig(spec, cfg.checkpoint, cfg.target_layer, image_size,
-                           cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"]),
+                           cfg.batch_size if cfg.compile else None, cfg.reshape, saved["precision"],
+                           cfg.allow_partial_checkpoint),
                shape, cfg.limits(image_root), image_root, gpus, life.attempt,
                Progress(log if progress and not bars else None))
     proxies = bank
@@ -261,7 +268,7 @@ def _explain(cfg, life, scan, spec, image_size, shape, bank, pairs, runtime_env,
         run, scan.rows, time.time() - started, resumed, {"pairs": pair_counts(run)} if cfg.pairs else None,
         config=asdict(cfg), model=spec, plan=saved["plan"], plan_reason=saved["plan_reason"], passes=job.timed_passes(),
         precision=saved["precision"], identity=saved["identity"], run_id=saved["run_id"],
-        devices={"gpus": gpus, "model": saved["device"]}))
+        devices={"gpus": gpus, "model": saved["device"]}, checkpoint=fit.to_json() if fit is not None else None))
 
 
 class _Job:
@@ -478,9 +485,10 @@ def _driver_model(cfg: ExplainConfig):
     any work; user code this process cannot find fails in one line that says how to ship it."""
     missing = user_code.missing_user_module(cfg.model)
     if missing:
-        raise ValueError(f"--model {cfg.model}: no module named {missing!r} here: ship your code with "
-                         "--py-modules PATH or --working-dir DIR, or install it on every node")
-    return load_model(cfg.model, cfg.checkpoint, cfg.image_size)
+        raise ValueError(f"--model {cfg.model}: no module named {missing!r} here{source_suggestion(cfg.model)}; "
+                         "for your own code: ship it with --py-modules PATH or --working-dir DIR, or install it "
+                         "on every node")
+    return load_checked(cfg.model, cfg.checkpoint, cfg.image_size, cfg.allow_partial_checkpoint)
 
 
 # --- driver-side checks and bookkeeping ---------------------------------------------------
@@ -519,8 +527,9 @@ def _scanned_manifest(cfg: ExplainConfig, pairs: pa.Table | None = None):
         check_known(pairs, pa.concat_arrays(stats["found"]) if stats["found"] else pa.array([], pa.string()))
         scan = replace(scan, rows=len(wanted))
     if cfg.proxy in ("mean", "onehot", "bank") and stats["labelled"] == 0:
+        hint = suggest_column("label", scan.columns) if "label" not in scan.columns else None
         raise ManifestError(f"column 'label': --proxy {cfg.proxy} needs a label per image, "
-                            "and the manifest has none")
+                            "and the manifest has none" + (f"; {hint}" if hint else ""))
     if cfg.proxy_split and cfg.proxy_split not in stats["splits"]:
         raise ManifestError(f"column 'split': no row has split {cfg.proxy_split!r} "
                             f"(found: {', '.join(sorted(map(str, stats['splits'])))})")

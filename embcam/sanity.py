@@ -56,7 +56,7 @@ def check_run(run: str, out: str | None = None, *, images: int = 64, seed: int =
     checkpoint = config.get("checkpoint")
     model, preprocess, spec = load_model(config.get("model"),
                                          checkpoint and as_the_job_meant(run, config, str(checkpoint)),
-                                         config.get("image_size"))
+                                         config.get("image_size"), bool(config.get("allow_partial_checkpoint")))
     ids, unreadable, pixels, rows = _sample(run, config, images, seed, preprocess.size, image_root)
     log(f"{len(ids)} images of {redact(run)} loaded ({unreadable} unreadable left out); model {spec}, "
         f"proxy {proxy_mode}")

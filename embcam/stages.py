@@ -45,6 +45,7 @@ class ModelConfig:
     compile_batch_size: int | None = None  # torch.compile the backbone for this batch size
     reshape: str | None = None             # "tokens" | "nhwc": how the target's output becomes (B, K, h, w)
     precision: str = "fp32"                # the forward's autocast dtype (PRECISIONS); the CAM stays float32
+    allow_partial_checkpoint: bool = False  # the driver found the checkpoint partial and was told to go on
 
 
 def resolved_target(model, target_layer: str | None) -> str | None:
@@ -177,7 +178,8 @@ class ExplainModel:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.autocast_dtype = PRECISIONS[model.precision]
-        net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size)
+        net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size,
+                                              model.allow_partial_checkpoint)
         # BatchNorm folded, channels_last: 1.2-2x faster, same maps to ~1e-6 (BENCHMARKS.md).
         # The target is resolved first: a BatchNorm after a default target layer must stay unfolded.
         self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),

@@ -4,7 +4,6 @@ registered architecture's structure, spec errors, ``embcam models``.
 References: torchvision's and timm's own models (classifier replaced by Identity),
 evaluated in float64 with weights written by the test itself; torchvision's documented
 eval sizes typed by hand."""
-import logging
 import re
 import sys
 import textwrap
@@ -26,7 +25,14 @@ from embcam.architectures import (
     format_table,
 )
 from embcam.cli import main
-from embcam.models import _from_source_names, build_model, default_target_layer, get_layer, save_checkpoint
+from embcam.models import (
+    _from_source_names,
+    build_model,
+    default_target_layer,
+    get_layer,
+    load_checked,
+    save_checkpoint,
+)
 
 from conftest import randomise_bn
 
@@ -86,13 +92,14 @@ def without_classifier(net: nn.Module, classifier: str) -> nn.Module:
 
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("name,size,classifier", FILES)
-def test_a_torchvision_weight_file_loads_by_spec(name, size, classifier, tmp_path, caplog):
+def test_a_torchvision_weight_file_loads_by_spec(name, size, classifier, tmp_path):
     net, path = torchvision_file(tmp_path, name, size)
     reference = without_classifier(net, classifier)
-    with caplog.at_level(logging.INFO, logger="embcam.models"):
-        model, prep, spec = load_model(f"torchvision:{name}+identity", checkpoint=path, image_size=size)
+    model, prep, spec, fit = load_checked(f"torchvision:{name}+identity", checkpoint=path, image_size=size)
     assert spec == f"torchvision:{name}+identity" and prep.size == size
-    assert f"dropped 2 key(s) of torchvision's classifier {classifier}.*" in caplog.text
+    # +identity explains the features before torchvision's classifier: left out, and said so
+    assert fit.dropped == [f"{classifier}.bias", f"{classifier}.weight"] and not fit.partial
+    assert fit.loaded == len(reference.state_dict())  # everything else
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), **TIGHT)
@@ -108,21 +115,21 @@ def test_torchvision_keys_are_backbone_plus_torchvisions_and_resnets_keep_theirs
 
 
 @pytest.mark.usefixtures("float64")
-def test_a_classifier_with_the_heads_shapes_becomes_the_head(tmp_path, caplog):
+def test_a_classifier_with_the_heads_shapes_becomes_the_head(tmp_path):
     torch.manual_seed(5)
     net = torchvision.models.resnet18(num_classes=8)
     net = randomise(net, 5)
     torch.save(net.state_dict(), tmp_path / "r8.pth")
     x = torch.randn(2, 3, 48, 48)
-    with caplog.at_level(logging.INFO, logger="embcam.models"):
-        model, _, _ = load_model("torchvision:resnet18+linear:8", tmp_path / "r8.pth")
-    assert "torchvision's classifier fc.* has the embedding head's shapes: it becomes head.*" in caplog.text
+    model, _, _, fit = load_checked("torchvision:resnet18+linear:8", tmp_path / "r8.pth")
+    assert fit.loaded == len(net.state_dict()) and not fit.partial and not fit.dropped
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), **TIGHT)  # the embedding is the fine-tuned fc's output
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="embcam.models"):
-        other, _, _ = load_model("torchvision:resnet18+linear:16", tmp_path / "r8.pth")
-    assert "dropped 2 key(s) of torchvision's classifier fc.*" in caplog.text
+    with pytest.raises(ValueError, match=r"head.weight \(8, 512\) vs \(16, 512\).*use --model "
+                                         r"torchvision:resnet18\+linear:8 for the checkpoint's head"):
+        load_model("torchvision:resnet18+linear:16", tmp_path / "r8.pth")
+    other, _, _, fit = load_checked("torchvision:resnet18+linear:16", tmp_path / "r8.pth", allow_partial=True)
+    assert [m["name"] for m in fit.mismatched] == ["head.bias", "head.weight"] and fit.partial
     seeded, _, _ = load_model("torchvision:resnet18+linear:16")  # no file: the seeded init
     assert torch.equal(other.head.weight, seeded.head.weight) and torch.equal(other.head.bias, seeded.head.bias)
     assert torch.equal(other.backbone.conv1.weight, net.conv1.weight)
@@ -141,15 +148,18 @@ def test_embcam_names_still_load_strictly(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
     with pytest.raises(ValueError, match=r"shape mismatches \(checkpoint vs model\): head.bias \(8,\) vs \(4,\)"):
-        load_model("torchvision:swin_t+linear:4", tmp_path / "ckpt.pt")  # an embcam checkpoint: never lenient
+        load_model("torchvision:swin_t+linear:4", tmp_path / "ckpt.pt")  # an embcam checkpoint: in its names
 
 
 def test_a_file_of_another_architecture_fails_with_the_mismatch(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError) as err:
         load_model("torchvision:resnet34", tmp_path / "r18.pth")
-    assert re.match(r"checkpoint .*r18.pth does not match the model: missing keys: backbone.layer1.2.bn1.bias.*"
-                    r"unexpected keys: none; shape mismatches \(checkpoint vs model\): none$", str(err.value))
+    # resnet34 has 8 BasicBlocks more than resnet18: 2 convs and 2 BatchNorms of 4 tensors each (their
+    # step counters are not counted), so 80 tensors missing
+    assert re.match(r"checkpoint .*r18.pth does not fit model torchvision:resnet34: 80 model tensor\(s\) not "
+                    r"loaded, 120 loaded; missing from the checkpoint: backbone.layer1.2.bn1.bias, .* \(\+75 more\); "
+                    r"the file is likely for another architecture", str(err.value)), str(err.value)
 
 
 @pytest.mark.usefixtures("float64")
@@ -226,9 +236,9 @@ def test_every_torchvision_file_maps_onto_the_model(name):
             weights=None, **({"image_size": size} if name.startswith("vit") else {})).state_dict()
     model = build_on_meta(arch, "identity", size)
     ours = model.state_dict()
-    renamed = _from_source_names(theirs, model, arch, "file")
+    renamed, dropped = _from_source_names(theirs, model, arch)
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in ours.items()}
-    assert len(renamed) == len(theirs) - 2  # the classifier's weight and bias
+    assert len(dropped) == 2 and len(renamed) == len(theirs) - 2  # the classifier's weight and bias
     if name.startswith("vit"):
         assert get_layer(model, model.embcam_target_layer) is model.encoder.layers[-1].ln_1
         assert model.embcam_reshape == "tokens"
@@ -245,16 +255,15 @@ def test_every_torchvision_file_maps_onto_the_model(name):
     ("resnet18", 64, "layer4", None, "fc"),
     ("vit_tiny_patch16_224", 32, "blocks.11.norm1", "tokens", "head"),
 ])
-def test_a_timm_weight_file_round_trips(name, size, target, reshape, classifier, tmp_path, caplog):
+def test_a_timm_weight_file_round_trips(name, size, target, reshape, classifier, tmp_path):
     import timm
 
     torch.manual_seed(8)
     kwargs = {"img_size": size} if name.startswith("vit") else {}
     net = randomise(timm.create_model(name, pretrained=False, **kwargs), 8)
     torch.save(net.state_dict(), tmp_path / "timm.pth")
-    with caplog.at_level(logging.INFO, logger="embcam.models"):
-        model, prep, _ = load_model(f"timm:{name}", tmp_path / "timm.pth", image_size=size)
-    assert f"dropped 2 key(s) of timm's classifier {classifier}.*" in caplog.text
+    model, prep, _, fit = load_checked(f"timm:{name}", tmp_path / "timm.pth", image_size=size)
+    assert fit.dropped == [f"{classifier}.bias", f"{classifier}.weight"] and not fit.partial
     assert (model.embcam_target_layer, model.embcam_reshape) == (target, reshape)
     assert (prep.mean, prep.std) == (net.pretrained_cfg["mean"], net.pretrained_cfg["std"]) and prep.size == size
     net.reset_classifier(0)  # timm's own model with num_classes=0
@@ -293,10 +302,9 @@ SOURCES = r"sources: torchvision:, embcam:, timm:, torchscript:<file>, <package.
 
 @pytest.mark.parametrize("spec, message", [
     ("torchvison:resnet50", r"unknown model source 'torchvison' in 'torchvison:resnet50' \(not a built-in source, "
-                            r"and no module of that name imports\); did you mean 'torchvision'\?; " + SOURCES),
+                            r"and no module of that name imports\); did you mean 'torchvision:resnet50'\?; " + SOURCES),
     ("torchvision:resnet5", r"unknown architecture 'resnet5' in 'torchvision:resnet5'; did you mean 'resnet50'.*; "
-                            r"torchvision has: convnext_base, .* resnet18, resnet34, resnet50, resnet101, .*; "
-                            + SOURCES),
+                            r"`embcam models torchvision:` lists its \d+ architectures; " + SOURCES),
     ("embcam:small-resnt", r"unknown architecture 'small-resnt' in 'embcam:small-resnt'; did you mean "
                            r"'small-resnet'\?; embcam has: small-resnet; " + SOURCES),
     ("torchvision:resnet18+mlp", r"unknown embedding head 'mlp': use 'identity' or 'linear:<d>'"),

@@ -54,6 +54,37 @@ def test_explain_rejects_bad_input_before_any_work(tmp_path, capsys):
     assert "none.parquet" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_make_manifest_kinds_have_their_own_help(capsys):
+    helps = {}
+    for kind in ("synthetic", "cub", "folders"):
+        with pytest.raises(SystemExit) as done:
+            main(["make-manifest", kind, "--help"])
+        assert done.value.code == 0
+        helps[kind] = capsys.readouterr().out
+    assert helps["synthetic"].startswith("usage: embcam make-manifest synthetic [-h] [--classes CLASSES]")
+    assert "--per-class" in helps["synthetic"] and "--out" not in helps["synthetic"]
+    assert helps["cub"].startswith("usage: embcam make-manifest cub [-h] --out MANIFEST.parquet CUB_200_2011")
+    assert helps["folders"].startswith("usage: embcam make-manifest folders [-h] --out MANIFEST.parquet ROOT")
+    assert "--classes" not in helps["cub"] + helps["folders"]
+
+
+def test_a_manifest_whose_uri_column_is_called_path_says_so(tmp_path, capsys):
+    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "label": ["x"]}).to_parquet(tmp_path / "m.parquet")
+    assert main(["explain", "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        f"embcam explain: error: manifest file {tmp_path / 'm.parquet'}: missing required column(s) 'uri' "
+        "(columns found: image_id, path, label); did you mean 'path'? rename it to 'uri'\n")
+
+
+def test_a_mean_proxy_without_label_names_the_likely_column(tmp_path, capsys):
+    pd.DataFrame({"image_id": ["a"], "uri": ["a.jpg"], "class": ["x"]}).to_parquet(tmp_path / "m.parquet")
+    assert main(["explain", "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "o"),
+                 "--proxy", "mean", "--checkpoint", str(DEMO_MODEL)]) == 2
+    assert capsys.readouterr().err == (
+        "embcam explain: error: column 'label': --proxy mean needs a label per image, and the manifest has none; "
+        "did you mean 'class'? rename it to 'label'\n")
+
+
 def test_train_and_report_are_reachable(capsys):
     with pytest.raises(SystemExit) as exit_train:
         main(["train", "--help"])
@@ -98,7 +129,15 @@ BAD_INPUTS = {
     "checkpoint that is not one": (["explain", "--out", "{tmp}/o", "--checkpoint", "{tmp}/garbage.pt"],
                                    "embcam explain: error: checkpoint {tmp}/garbage.pt is not a weights-only"),
     "missing checkpoint": (["explain", "--out", "{tmp}/o", "--checkpoint", "{tmp}/none.pt"],
-                           "embcam explain: error: {tmp}/none.pt: No such file or directory"),
+                           "embcam explain: error: --checkpoint {tmp}/none.pt: no such file\n"),
+    "misspelt source": (["explain", "--out", "{tmp}/o", "--model", "torchvison:resnet18+linear:128"],
+                        "embcam explain: error: --model torchvison:resnet18+linear:128: no module named "
+                        "'torchvison' here; did you mean 'torchvision:resnet18+linear:128'?; for your own code: "
+                        "ship it with --py-modules PATH or --working-dir DIR, or install it on every node\n"),
+    "misspelt architecture": (["explain", "--out", "{tmp}/o", "--model", "torchvision:resnet81"],
+                              "embcam explain: error: unknown architecture 'resnet81' in 'torchvision:resnet81'; "
+                              "did you mean 'resnet18' or 'resnet152' or 'resnet101'?; `embcam models torchvision:` "
+                              "lists its 58 architectures; sources: "),
     "missing proxy bank": (["explain", "--out", "{tmp}/o", "--proxies", "{tmp}/none.parquet",
                             "--checkpoint", str(DEMO_MODEL)],
                            "embcam explain: error: {tmp}/none.parquet: no such file or directory"),
@@ -113,8 +152,14 @@ BAD_INPUTS = {
     "report, missing option": (["report", "{tmp}"],
                                ("embcam report: error: the following arguments are required: --out "
                                 "(see embcam report --help)")),
-    "make-manifest, missing option": (["make-manifest", "cub", "{tmp}"],
-                                      "embcam make-manifest: error: --out MANIFEST.parquet is required"),
+    "make-manifest, missing option": (["make-manifest", "folders", "{tmp}"],
+                                      "embcam make-manifest folders: error: the following arguments are required: "
+                                      "--out (see embcam make-manifest folders --help)\n"),
+    "make-manifest, no kind": (["make-manifest"], "embcam make-manifest: error: the following arguments are "
+                                                  "required: KIND (see embcam make-manifest --help)\n"),
+    "make-manifest, option of another kind": (["make-manifest", "cub", "{tmp}", "--out", "{tmp}/m.parquet",
+                                               "--classes", "3"],
+                                              "embcam: error: unrecognized arguments: --classes 3"),
 }
 
 

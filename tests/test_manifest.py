@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from embcam.locations import default_image_root, resolve_uri, safe_name
-from embcam.manifest import ManifestError, read_manifest, resolve_source, validate_manifest
+from embcam.manifest import (
+    ManifestError,
+    read_manifest,
+    resolve_source,
+    scan_manifest,
+    suggest_column,
+    validate_manifest,
+)
 from embcam.schemas import arrow_schema
 
 
@@ -130,6 +137,27 @@ def test_duplicates_across_files_are_found(tmp_path):
 def test_missing_required_column():
     with pytest.raises(ManifestError, match=r"missing required column\(s\) 'uri'.*found: image_id"):
         validate_manifest(pa.table({"image_id": ["a"]}))
+
+
+def test_a_missing_column_lists_every_column_found_and_the_likely_one(tmp_path):
+    """The user's uri column is called path: every column of the file is listed, and the
+    one to rename named."""
+    pq.write_table(pa.table({"image_id": ["a"], "path": ["a.jpg"], "label": ["x"], "score": [1.0]}),
+                   tmp_path / "m.parquet")
+    with pytest.raises(ManifestError) as info:
+        scan_manifest(tmp_path / "m.parquet")
+    assert str(info.value) == (f"manifest file {tmp_path / 'm.parquet'}: missing required column(s) 'uri' (columns "
+                               "found: image_id, path, label, score); did you mean 'path'? rename it to 'uri'")
+
+
+@pytest.mark.parametrize("found, missing, guess", [
+    (["ID", "Filename"], "image_id", "ID"), (["ID", "Filename"], "uri", "Filename"),
+    (["key", "url"], "uri", "url"), (["image_ids", "uri"], "image_id", "image_ids"),  # by spelling
+    (["category"], "label", "category"), (["uri", "label"], "image_id", None), (["weight"], "uri", None),
+])
+def test_suggest_column(found, missing, guess):
+    expected = None if guess is None else f"did you mean {guess!r}? rename it to {missing!r}"
+    assert suggest_column(missing, found) == expected
 
 
 def test_integer_image_id_is_a_type_error():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
-from embcam.models import Preprocessing, build_model, export_torchscript, get_layer
+from embcam.models import Preprocessing, build_model, export_torchscript, get_layer, load_checked
 
 
 @pytest.mark.parametrize("spec,d", [("torchvision:resnet18+linear:8", 8), ("torchvision:resnet34", 512),
@@ -25,7 +25,8 @@ def test_specs_build_and_explain(spec, d):
 
 
 def test_unknown_specs_and_layers_fail_clearly():
-    with pytest.raises(ValueError, match="unknown architecture 'vgg16' in 'torchvision:vgg16'; torchvision has: .*50"):
+    with pytest.raises(ValueError, match="unknown architecture 'vgg16' in 'torchvision:vgg16'; `embcam models "
+                                         "torchvision:` lists its"):
         build_model("torchvision:vgg16")
     with pytest.raises(ValueError, match="linear:<d>"):
         build_model("torchvision:resnet18+mlp")
@@ -44,7 +45,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatches.*head.weight \(8, 128\) vs \(4, 128\)"):
         load_model("embcam:small-resnet+linear:4", tmp_path / "m.pt")
     torch.save({"backbone.conv1.weight": torch.zeros(1)}, tmp_path / "raw.pt")
-    with pytest.raises(ValueError, match="missing keys: backbone.bn1"):
+    with pytest.raises(ValueError, match="missing from the checkpoint: backbone.bn1"):
         load_model("embcam:small-resnet", tmp_path / "raw.pt")
 
 
@@ -216,6 +217,68 @@ def test_unreadable_files_give_one_line_without_their_text(text, tmp_path):
     assert re.fullmatch(rf"checkpoint {re.escape(str(path))} is not a weights-only PyTorch file \([^()\n]+\)",
                         message), message
     assert not any(secret in message.replace(str(path), "") for secret in secrets), message
+
+
+# -- a checkpoint must fit the model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory):
+    """A user's fine-tune as they save it: torchvision's resnet18 with ``fc = Linear(512, 128)``,
+    its state dict in torchvision's names; random weights, seeded."""
+    import torchvision
+
+    torch.manual_seed(11)
+    net = torchvision.models.resnet18()
+    net.fc = nn.Linear(512, 128)
+    path = tmp_path_factory.mktemp("ft") / "ft.pth"
+    torch.save(net.state_dict(), path)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_whose_head_does_not_fit_is_an_error_naming_shapes_and_fix(fine_tuned):
+    path, _ = fine_tuned
+    with pytest.raises(ValueError) as err:
+        load_model("torchvision:resnet18+linear:64", path)
+    assert str(err.value) == (
+        f"checkpoint {path} does not fit model torchvision:resnet18+linear:64: 2 model tensor(s) not loaded, "
+        "120 loaded; shape mismatches (checkpoint vs model): head.bias (128,) vs (64,), head.weight (128, 512) "
+        "vs (64, 512); the checkpoint's head is Linear(512->128), the model's Linear(512->64): use --model "
+        "torchvision:resnet18+linear:128 for the checkpoint's head (or torchvision:resnet18+identity for the "
+        "features before it); to run anyway with the tensors not loaded at their random init: "
+        "--allow-partial-checkpoint (allow_partial=True)")
+
+
+def test_a_checkpoint_without_the_head_names_the_missing_tensors_and_identity(fine_tuned, tmp_path):
+    _, saved = fine_tuned
+    torch.save({k: v for k, v in saved.items() if not k.startswith("fc.")}, tmp_path / "backbone.pth")
+    with pytest.raises(ValueError, match=r"2 model tensor\(s\) not loaded, 120 loaded; missing from the checkpoint: "
+                                         r"head.bias, head.weight; the checkpoint has no embedding head: use --model "
+                                         r"torchvision:resnet18\+identity; "):
+        load_model("torchvision:resnet18+linear:64", tmp_path / "backbone.pth")
+
+
+def test_a_partial_checkpoint_loads_what_fits_only_when_allowed(fine_tuned):
+    path, saved = fine_tuned
+    model, _, _, fit = load_checked("torchvision:resnet18+linear:64", path, allow_partial=True)
+    assert fit.partial and fit.loaded == 120 and fit.missing == [] and fit.unexpected == []
+    assert fit.mismatched == [{"name": "head.bias", "checkpoint": [128], "model": [64]},
+                              {"name": "head.weight", "checkpoint": [128, 512], "model": [64, 512]}]
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
+    seeded, _, _ = load_model("torchvision:resnet18+linear:64")  # what the head is: its seeded init
+    assert torch.equal(model.head.weight, seeded.head.weight)
+    assert fit.to_json()["partial"] is True and "head.weight (128, 512) vs (64, 512)" in fit.warning()
+
+
+def test_a_matching_checkpoint_loads_exactly(fine_tuned):
+    path, saved = fine_tuned
+    model, _, _, fit = load_checked("torchvision:resnet18+linear:128", path)
+    assert not fit.partial and fit.loaded == len(saved) and fit.dropped == []
+    state = model.state_dict()
+    assert torch.equal(state["head.weight"], saved["fc.weight"]) and torch.equal(state["head.bias"], saved["fc.bias"])
+    for key, value in saved.items():
+        mine = "head" + key[2:] if key.startswith("fc.") else "backbone." + key
+        assert torch.equal(state[mine], value), key
 
 
 @pytest.mark.parametrize("blob, match", [

@@ -1,5 +1,6 @@
 """The explain job end to end on real Ray, Parquet and images."""
 import argparse
+import json
 import subprocess
 import sys
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
-from embcam.cli import add_explain_arguments, explain_config
+from embcam.cli import add_explain_arguments, explain_config, format_summary
 from embcam.datasets import generate_dataset
 from embcam.images import decode_image, resize_square
 from embcam.manifest import ManifestError
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
+from embcam.report import write_report
 from embcam.runstate import RunMismatch
 
 SIZE = 64
@@ -210,3 +212,49 @@ def test_explain_flags_reach_the_config():
     assert (cfg.reshape, cfg.py_modules, cfg.working_dir) == ("tokens", ["a", "b.py"], "w")
     cfg = explain_config(parser.parse_args(["--manifest", "m", "--out", "o"]))
     assert (cfg.reshape, cfg.py_modules, cfg.working_dir) == (None, None, None)
+
+
+def test_a_checkpoint_that_does_not_fit_fails_before_any_work_unless_allowed(ray_session, dataset, tmp_path):
+    """The checkpoint's head is Linear(128, 16); --model asks for +linear:8."""
+    spec = "embcam:small-resnet+linear:8"
+    with pytest.raises(ValueError, match=r"does not fit model embcam:small-resnet\+linear:8: 2 model tensor\(s\) "
+                                         r"not loaded, .* head.weight \(16, 128\) vs \(8, 128\); .* use --model "
+                                         r"embcam:small-resnet\+linear:16 for the checkpoint's head"):
+        explain(dataset, tmp_path / "refused", model=spec)
+    assert not (tmp_path / "refused").exists()  # nothing started
+
+    lines = []
+    root, manifest, checkpoint, table = dataset
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "run"), model=spec,
+                                        checkpoint=str(checkpoint), batch_size=8, allow_partial_checkpoint=True),
+                          progress=False, log=lines.append)
+    assert summary["counts"]["ok"] == 16
+    recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["checkpoint"]
+    assert recorded == summary["checkpoint"] == {
+        "path": str(checkpoint), "loaded": len(build_model(spec).state_dict()) - 2, "missing": [], "unexpected": [],
+        "mismatched": [{"name": "head.bias", "checkpoint": [16], "model": [8]},
+                       {"name": "head.weight", "checkpoint": [16, 128], "model": [8, 128]}],
+        "dropped": [], "partial": True}
+    warning = ("WARNING: partial checkpoint " + str(checkpoint) + " (--allow-partial-checkpoint): 2 model tensor(s) "
+               "not loaded")
+    assert lines[0].startswith("embcam explain: " + warning), lines  # said at the start
+    assert "\nembcam explain: " + warning in format_summary(summary)  # and in the summary printout
+    # the workers loaded the same partial model: the head is the seeded init's, so are the embeddings
+    model, prep, _ = load_model(spec, checkpoint, allow_partial=True)
+    ok = read(tmp_path / "run").query("status == 'ok'")
+    uri = dict(zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist()))
+    images = np.stack([resize_square(decode_image((root / uri[i]).read_bytes()), prep.size) for i in ok.image_id])
+    with torch.no_grad():
+        np.testing.assert_allclose(np.stack(ok.embedding), model(prep(torch.from_numpy(images))).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    report = write_report([str(tmp_path / "run")], str(tmp_path / "report"), overlays=0, spread=False, wsol=False)
+    assert report["catalog"][0]["warnings"][0].startswith(warning)
+    assert warning in (tmp_path / "report" / "report.md").read_text()
+    assert warning in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_a_matching_checkpoint_is_recorded_as_loaded_whole(ray_session, dataset, tmp_path):
+    summary = explain(dataset, tmp_path)
+    fit = summary["checkpoint"]
+    assert fit["partial"] is False and fit["loaded"] == len(build_model("embcam:small-resnet+linear:16").state_dict())
+    assert "WARNING" not in format_summary(summary)

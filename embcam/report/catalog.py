@@ -8,6 +8,7 @@ images to look at, and histograms.
   candidates for mislabelling or off-brand products.
 * With boxes: the images whose heat mass falls mostly outside the box (lowest
   ``ratio_bbox``; "mostly" = below one half).
+* Warnings first: a run whose checkpoint did not fit its model (``--allow-partial-checkpoint``).
 * Histograms of the cosine and of the heat spread (``embcam.results.SPREAD_MEASURE``,
   computed from the stored heatmaps).
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embcam.boxes import is_null
+from embcam.checkpoints import CheckpointLoad
 from embcam.results import SPREAD_MEASURE, open_results, results_schema, spreads
 from embcam.schemas import ERROR, OK, STATUSES
 
@@ -58,6 +60,7 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
         "proxy": config.get("proxy"),
         "model": config.get("model") or summary.get("model"),
         "unfinished": summary.get("unfinished"),
+        "warnings": run_warnings(summary),
         "split": split,
         "counts": _counts(frame, ok),
         "labels": _label_table(frame, ok, cosine, ranked),
@@ -68,6 +71,13 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
                        "spread": _spread_histogram(run, split, schema) if spread else
                        {"measure": SPREAD_MEASURE, "skipped": "not requested (--no-spread)"}},
     }
+
+
+def run_warnings(summary: dict) -> list[str]:
+    """What the report must say before the run's numbers: a checkpoint that did not fit the
+    model (a run with --allow-partial-checkpoint)."""
+    fit = summary.get("checkpoint")
+    return [CheckpointLoad.from_json(fit).warning()] if isinstance(fit, dict) and fit.get("partial") else []
 
 
 def read_frame(run: str, split: str | None, schema: pa.Schema | None = None) -> pd.DataFrame:

@@ -336,7 +336,8 @@ def _errors_note(entry: dict) -> str:
 
 def _catalog_markdown(entry: dict) -> list[str]:
     hists = entry["histograms"]
-    parts = [f"## {_run_title(entry)}", "", _counts_text(entry), "",
+    parts = [f"## {_run_title(entry)}", "", *[f"**{_md_cell(w)}**\n" for w in entry.get("warnings", [])],
+             _counts_text(entry), "",
              "### Labels", "", md_table(*_label_rows(entry)), "", _labels_note(entry), "",
              "### Lowest cosine per label (mislabelling candidates)", "",
              _gallery_note(entry["gallery"]), ""]
@@ -362,7 +363,9 @@ def _histogram_html(name: str, hist: dict | None) -> str:
 def _catalog_html(entry: dict) -> list[str]:
     esc = html.escape
     hists, outside = entry["histograms"], entry["outside_box"]
-    parts = [f"<h2>{esc(_run_title(entry))}</h2>", f"<p>{esc(_counts_text(entry))}</p>",
+    parts = [f"<h2>{esc(_run_title(entry))}</h2>",
+             *[f'<p class="warning"><strong>{esc(w)}</strong></p>' for w in entry.get("warnings", [])],
+             f"<p>{esc(_counts_text(entry))}</p>",
              "<h3>Labels</h3>", html_table(*_label_rows(entry)), f"<p>{esc(_labels_note(entry))}</p>",
              "<h3>Lowest cosine per label (mislabelling candidates)</h3>",
              f"<p>{esc(_gallery_note(entry['gallery']))} Left: image; right: heatmap (min-max, "
