@@ -198,17 +198,18 @@ def test_catalog_benchmark_reports_what_it_measured(tmp_path, ray_session):
             assert summary["plan"] == r["plan"] and summary["plan_reason"]
             assert summary["counts"]["ok"] == summary["counts"]["results"] == run["images"]
             assert 0 < summary["wall_seconds"] < run["seconds"]  # the job's own clock starts after the process
-        # the steady figures: each 8-image run's passes at their steady rates (two batches each)
+        # the steady figures: the 8-image run's passes at their steady rates, where a pass
+        # reported more than once (Ray Data may hand a run this small over in one batch)
         (large,) = [run for run in job["runs"] if run["images"] == 8]
         rates = [p["steady_images_per_second"] for p in large["summary"]["passes"].values()]
-        assert len(rates) == (1 if r["proxy"] == "self" else 2) and all(rate > 0 for rate in rates)
-        assert job["steady_per_image_s"] == pytest.approx(sum(1 / rate for rate in rates), rel=1e-12)
-        assert plain["steady_per_image_s"] > 0
-        assert r["steady_ratio"] == pytest.approx(plain["steady_per_image_s"] / job["steady_per_image_s"], rel=1e-12)
+        assert len(rates) == (1 if r["proxy"] == "self" else 2)
+        steady = sum(1 / rate for rate in rates) if all(rates) else None
+        assert job["steady_per_image_s"] == (pytest.approx(steady, rel=1e-12) if steady else None)
+        assert plain["steady_per_image_s"] > 0  # two batches of 4, timed after the first
+        assert r["steady_ratio"] == (pytest.approx(plain["steady_per_image_s"] / steady, rel=1e-12) if steady
+                                     else None)
     self_row, mean_row = rows
     assert self_row["mean_over_self"] is None and self_row["plain"] == mean_row["plain"]
-    assert mean_row["steady_mean_over_self"] == pytest.approx(
-        mean_row["job"]["steady_per_image_s"] / self_row["job"]["steady_per_image_s"], rel=1e-12)
     self_per_image, mean_per_image = self_row["job"]["per_image_s"], mean_row["job"]["per_image_s"]
     assert mean_row["mean_over_self"] == (pytest.approx(mean_per_image / self_per_image, rel=1e-12)
                                           if min(self_per_image, mean_per_image) > 0 else None)
