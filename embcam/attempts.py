@@ -11,10 +11,6 @@ a job never loops. No Ray here.
 """
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import numpy as np
 
 from .runstate import ATTEMPTS, STATE, RunFolder
@@ -87,38 +83,3 @@ def _failed(batch: dict, rows, reason: str) -> dict:
     for i in rows:
         out["status"][i], out["error"][i] = ERROR, reason
     return out
-
-
-def fault_point(stage: str, image_ids) -> None:
-    """Test hook, set by whoever starts the cluster (never read from data): ``EMBCAM_FAULT``
-    holds faults separated by ``;``, each one of
-
-    - ``<stage>:<image_id>``: SIGKILL the worker that reaches that row in that stage;
-    - ``<stage>:<image_id>:once:<marker file>``: the same, only the first time (the marker
-      records it);
-    - ``<stage>:<image_id>:hold:<marker file>``: create the marker, then block that worker
-      for ever, so the job cannot finish until a test kills it (a Ray cancel, which raises
-      KeyboardInterrupt in the task, ends it too, as it ends any task).
-    """
-    specs = os.environ.get("EMBCAM_FAULT")
-    if not specs:
-        return
-    ids = {str(i) for i in image_ids}
-    for spec in specs.split(";"):
-        fault_stage, image_id, *rest = spec.split(":", 3)
-        if fault_stage != stage or image_id not in ids:
-            continue
-        mode, marker = (rest + [None, None])[:2]
-        if mode not in (None, "once", "hold") or (mode is not None and not marker):
-            raise ValueError(f"EMBCAM_FAULT: {spec!r} is not <stage>:<image_id>[:once|hold:<marker file>]")
-        if mode == "hold":
-            with open(marker, "a"):  # the test waits for this file: the worker is held from here on
-                pass
-            while True:
-                time.sleep(1)
-        if mode == "once":
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
-        os.kill(os.getpid(), signal.SIGKILL)

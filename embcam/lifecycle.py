@@ -28,6 +28,7 @@ import time
 import uuid
 
 from . import __version__
+from .locations import redact
 from .results import summarise
 from .runstate import (
     ATTEMPTS,
@@ -41,6 +42,7 @@ from .runstate import (
     SUMMARY,
     RunFolder,
     RunMismatch,
+    RunWriteError,
     covered,
     identity_differences,
 )
@@ -144,8 +146,12 @@ class RunLifecycle:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, traceback) -> None:
         self.lease.release()
+        failed = write_error(exc)
+        if failed is not None:  # one line naming --out, not a worker's traceback
+            raise OSError(f"--out {redact(self.run.out)}: writing {failed.filename} failed: {failed.strerror}; "
+                          "what was committed is kept: fix it and re-run the same command to resume") from None
 
     def _decide(self) -> tuple[str, str | None]:
         run, out = self.run, self.run.out
@@ -222,3 +228,17 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def write_error(exc: BaseException | None) -> RunWriteError | None:
+    """The failed write into a run folder behind ``exc``, wherever it was raised: here, or
+    in a Ray worker (a RayTaskError carries it as ``cause``, Ray Data chains it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        for candidate in (cause, exc):
+            if isinstance(candidate, RunWriteError) and candidate.filename is not None:
+                return candidate
+        exc = exc.__cause__ or exc.__context__ or (cause if isinstance(cause, BaseException) else None)
+    return None

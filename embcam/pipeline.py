@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 
 from . import __version__, user_code
 from .architectures import source_suggestion
-from .attempts import Attempts, fault_point
+from .attempts import Attempts
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
+from .faults import fault_point
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .lifecycle import RunLifecycle, build_summary

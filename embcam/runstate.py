@@ -24,6 +24,7 @@ rows no piece covers. ``_SUCCESS`` absent but ``run.json`` present means unfinis
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .faults import fault_point
 from .locations import has_scheme
 
 RESULTS, PROXIES, SUMMARY, DONE, STATE = "results", "proxies.parquet", "summary.json", "_SUCCESS", "_embcam"
@@ -48,6 +50,11 @@ _PIECE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 
 class RunMismatch(ValueError):
     """``--out`` holds a run with another configuration."""
+
+
+class RunWriteError(OSError):
+    """A write into the run folder failed (full disk, permissions, a store's refusal);
+    ``filename`` is the file's path inside the run folder."""
 
 
 class RunFolder:
@@ -72,21 +79,36 @@ class RunFolder:
     def write_bytes(self, data: bytes, *parts: str, durable: bool = True) -> None:
         """Put ``data`` at ``parts``: temporary name + rename on a local disk, one PUT elsewhere.
         ``durable``: flushed to the disk first, so that a machine crash cannot leave a
-        committed but empty file (a process crash cannot: the kernel keeps its writes)."""
+        committed but empty file (a process crash cannot: the kernel keeps its writes).
+        A failed write raises RunWriteError and leaves no temporary behind."""
         path = self.join(*parts)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
+        try:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            if self.local:
+                self._write_local(data, path, durable)
+            else:
+                fault_point("write", [parts[-1]])
+                with self.fs.open_output_stream(path) as f:
+                    f.write(data)
+        except OSError as exc:
+            raise RunWriteError(exc.errno, exc.strerror or str(exc), "/".join(parts)) from exc
+
+    @staticmethod
+    def _write_local(data: bytes, path: str, durable: bool) -> None:
         folder, name = path.rsplit("/", 1)
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip dot files
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                fault_point("write", [name])
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk leaves no half-written file behind
+                os.remove(tmp)
+            raise
 
     def write_table(self, table: pa.Table, *parts: str, **options) -> None:
         """``table`` as one Parquet file at ``parts`` (``options``: ``pq.write_table``'s)."""

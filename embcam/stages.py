@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .attempts import Attempts, fault_point
+from .attempts import Attempts
 from .boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
 from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
+from .faults import fault_point
 from .fetch import ReadLimits, read_bytes
 from .images import decode_mask, decode_resized
 from .inference import prepare_for_inference

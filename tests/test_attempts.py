@@ -107,13 +107,13 @@ def test_rows_dying_every_time_fail_whole_after_the_bound(tmp_path, rows):
 @pytest.fixture
 def fault_process():
     """Starts processes that make ``fault_point`` calls under an ``EMBCAM_FAULT``, then print
-    ``returned``; kills any still running at teardown. Each imports ``embcam.attempts``
+    ``returned``; kills any still running at teardown. Each imports ``embcam.faults``
     alone (not the package's ``__init__``, which imports torch): it starts in well under a second."""
     started = []
 
     def start(faults: str, calls: str) -> subprocess.Popen:
         code = (f"import sys, types\npackage = types.ModuleType('embcam')\npackage.__path__ = [{PACKAGE!r}]\n"
-                f"sys.modules['embcam'] = package\nfrom embcam.attempts import fault_point\n{calls}\n"
+                f"sys.modules['embcam'] = package\nfrom embcam.faults import fault_point\n{calls}\n"
                 "print('returned')")
         started.append(subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, EMBCAM_FAULT=faults),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -151,7 +151,7 @@ def assert_complete(out, rows):
     return df, json.loads((Path(out) / "summary.json").read_text())
 
 
-def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, tmp_path):
+def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, tmp_path, capsys):
     start, finish, crash = jobs
     rows = dataset[2]
     out = tmp_path / "run"
@@ -182,10 +182,12 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     np.testing.assert_allclose(np.stack(df.heatmap), np.stack(fresh.heatmap), rtol=1e-5, atol=1e-7)
 
     # complete: says so and does no work; another configuration is refused with the reason
-    code, stdout, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
-    assert code == 0 and "already holds this run, complete" in stderr
-    code, _, stderr = finish(start(dataset, out, "--proxy", "self"))
-    assert code == 2 and "proxy: 'mean' -> 'self'" in stderr and "Traceback" not in stderr
+    # (in this process: the CLI's handling of both is the same as in a job's own process)
+    argv = explain_argv(dataset, out, "--proxy", "mean", "--strategy", "streaming")
+    assert exit_status(argv) == 0 and "already holds this run, complete" in capsys.readouterr().err
+    assert exit_status(explain_argv(dataset, out, "--proxy", "self")) == 2
+    err = capsys.readouterr().err
+    assert "proxy: 'mean' -> 'self'" in err and "Traceback" not in err and err.count("\n") == 1
 
 
 def test_killed_model_and_cpu_workers_lose_nothing(dataset, jobs, tmp_path):
@@ -322,3 +324,24 @@ def test_stored_maps_plan_resumes_after_a_kill_in_each_pass(ray_session, dataset
     np.testing.assert_array_equal(np.stack(df.heatmap), np.stack(fresh.heatmap))
     counts = pd.read_parquet(out / "proxies.parquet")["count"].sum()
     assert counts == pd.read_parquet(tmp_path / "fresh" / "proxies.parquet")["count"].sum() == rows
+
+
+def test_a_failed_write_ends_the_job_in_one_line_and_the_resume_finishes(ray_session, dataset, jobs, tmp_path):
+    """A full disk at the second results piece (``write:<file>:enospc``, raised where the piece
+    is written): one line naming --out and the file, no temporaries left; the same command
+    then finishes the run."""
+    start, finish, crash = jobs
+    manifest, checkpoint, rows = dataset
+    out = tmp_path / "run"
+    piece = "part-000000000008-000000000016.parquet"
+    code, _, stderr = finish(start(dataset, out, fault=f"write:{piece}:enospc"))
+    (line,) = [line for line in stderr.splitlines() if line.startswith("embcam")]  # Ray's own lines aside
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert line.startswith(f"embcam explain: error: --out {out}: writing results/{piece} failed: "
+                           "No space left on device; what was committed is kept")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "results" / piece).exists() and not (out / "_SUCCESS").exists()
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(out), checkpoint=str(checkpoint),
+                                        batch_size=8, block_rows=8), progress=False)
+    assert summary["counts"]["ok"] == rows
+    assert_complete(out, rows)

@@ -1,0 +1,50 @@
+"""Test hooks, set by whoever starts the cluster (never read from data): faults injected at
+named points of the job, so that tests can kill workers, hold them, or make a write fail
+exactly where they want, with the real job around them. No imports from embcam: every
+module may call it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+
+def fault_point(stage: str, image_ids) -> None:
+    """``EMBCAM_FAULT`` holds faults separated by ``;``, each one of
+
+    - ``<stage>:<image_id>``: SIGKILL the worker that reaches that row in that stage;
+    - ``<stage>:<image_id>:once:<marker file>``: the same, only the first time (the marker
+      records it);
+    - ``<stage>:<image_id>:hold:<marker file>``: create the marker, then block that worker
+      for ever, so the job cannot finish until a test kills it (a Ray cancel, which raises
+      KeyboardInterrupt in the task, ends it too, as it ends any task);
+    - ``write:<file name>:enospc``: the write of that file in the run folder fails as on a
+      full disk (the stage ``write`` names files, not rows; ``RunFolder.write_bytes``).
+    """
+    specs = os.environ.get("EMBCAM_FAULT")
+    if not specs:
+        return
+    ids = {str(i) for i in image_ids}
+    for spec in specs.split(";"):
+        fault_stage, image_id, *rest = spec.split(":", 3)
+        if fault_stage != stage or image_id not in ids:
+            continue
+        mode, marker = (rest + [None, None])[:2]
+        if mode == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), image_id)
+        if mode not in (None, "once", "hold") or (mode is not None and not marker):
+            raise ValueError(f"EMBCAM_FAULT: {spec!r} is not <stage>:<image_id>[:once|hold:<marker file>]"
+                             " or write:<file name>:enospc")
+        if mode == "hold":
+            with open(marker, "a"):  # the test waits for this file: the worker is held from here on
+                pass
+            while True:
+                time.sleep(1)
+        if mode == "once":
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), signal.SIGKILL)
