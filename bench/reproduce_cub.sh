@@ -94,8 +94,9 @@ from embcam.models import load_model
 
 
 def imagenet_backbone():
+    # the backbone from the ImageNet file; the embedding head is new (random), as the recipe has it
     model, _, _ = load_model(os.environ["EMBCAM_CUB_MODEL"], os.environ["EMBCAM_CUB_IMAGENET"],
-                             int(os.environ["EMBCAM_CUB_IMAGE_SIZE"]))
+                             int(os.environ["EMBCAM_CUB_IMAGE_SIZE"]), allow_partial=True)
     return model.train()
 PY
     TRAIN_MODEL=embcam_cub_init:imagenet_backbone

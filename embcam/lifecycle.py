@@ -66,9 +66,11 @@ class Lease:
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created: list[tuple[str, ...]] = []
 
     def acquire(self) -> None:
         """Take the lease, or raise RunBusy naming its living holder."""
+        self._created = [parts for parts in ((), (STATE,)) if not self.run.exists(*parts)]  # release removes them
         held = self._read()
         if held is not None and held.get("attempt") != self.attempt and self._alive(held):
             raise RunBusy(_busy(self.run.out, held))
@@ -87,6 +89,9 @@ class Lease:
         held = self._read()
         if held is not None and held.get("attempt") == self.attempt:
             self.run.delete(STATE, LEASE)
+        for parts in reversed(self._created):  # a run refused at its start leaves --out as it found it
+            if self.run.exists(*parts) and not self.run.listing(*parts):
+                self.run.delete(*parts)
 
     def _alive(self, held: dict) -> bool:
         if time.time() - float(held.get("renewed", 0)) > self.timeout:

@@ -156,8 +156,8 @@ def test_without_the_flag_the_model_fails_in_one_line(code, dataset, job, tmp_pa
     done = run("--manifest", dataset, "--out", tmp_path / "run", "--model", "mymodels:factory")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "embcam explain: error: --model mymodels:factory: no module named 'mymodels' here: ship your code "
-        "with --py-modules PATH or --working-dir DIR, or install it on every node"]
+        "embcam explain: error: --model mymodels:factory: no module named 'mymodels' here; for your own code: "
+        "ship it with --py-modules PATH or --working-dir DIR, or install it on every node"]
     assert not (tmp_path / "run").exists()
 
 
