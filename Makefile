@@ -22,8 +22,8 @@ setup: $(VENV)/.installed
 lint: setup  # ruff, configured in pyproject.toml
 	$(VENV)/bin/ruff check .
 
-test: lint  # everything, lint first (CI runs this)
-	$(PY) -m pytest -q
+test: lint  # everything, lint first (CI runs this); both cores (pytest-xdist)
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: setup  # the edit loop: the tests not marked slow (no Ray, no jobs, no subprocesses)
 	$(PY) -m pytest -q -m "not slow"

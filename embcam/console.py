@@ -26,6 +26,12 @@ class RayNoise(logging.Filter):
         "Progress bars disabled",
         # Ray >= 2.59 says so on every local start: token authentication is its default
         "Token authentication is enabled for this Ray cluster",
+        # a worker's exception, logged with its traceback before the driver raises it: embcam
+        # reports it (one line for an expected error, a full traceback for any other)
+        "An exception was raised from a task of operator",
+        "Exception occurred in user code",
+        "Exception occurred in Ray Data or Ray Core internal code",  # how it logs a worker's own exception
+        "Full stack trace:",                                          # when raised as itself (as embcam asks)
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -155,7 +155,7 @@ class RunLifecycle:
         self.lease.release()
         failed = write_error(exc)
         if failed is not None:  # one line naming --out, not a worker's traceback
-            raise OSError(f"--out {redact(self.run.out)}: writing {failed.filename} failed: {failed.strerror}; "
+            raise OSError(f"--out {redact(self.run.out)}: writing {failed.file} failed: {failed.reason}; "
                           "what was committed is kept: fix it and re-run the same command to resume") from None
 
     def _decide(self) -> tuple[str, str | None]:
@@ -243,7 +243,7 @@ def write_error(exc: BaseException | None) -> RunWriteError | None:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
         for candidate in (cause, exc):
-            if isinstance(candidate, RunWriteError) and candidate.filename is not None:
+            if isinstance(candidate, RunWriteError) and candidate.file is not None:
                 return candidate
         exc = exc.__cause__ or exc.__context__ or (cause if isinstance(cause, BaseException) else None)
     return None

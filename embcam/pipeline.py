@@ -212,6 +212,7 @@ def _explain(cfg, life, scan, spec, fit, image_size, shape, bank, pairs, runtime
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bars
     ctx.print_on_execution_start = progress and verbose
+    ctx.raise_original_map_exception = True  # a worker's RunWriteError reaches the lifecycle as itself
     gpus = _gpus(cfg.num_gpus)
     if life.note:
         log(f"embcam explain: {redact(life.note)}")

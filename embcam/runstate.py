@@ -53,8 +53,18 @@ class RunMismatch(ValueError):
 
 
 class RunWriteError(OSError):
-    """A write into the run folder failed (full disk, permissions, a store's refusal);
-    ``filename`` is the file's path inside the run folder."""
+    """A write into the run folder failed (full disk, permissions, a store's refusal).
+    ``file`` (its path inside the run folder) and ``reason`` are attributes of their own,
+    which survive pickling and Ray Data's rewriting of an exception's arguments."""
+
+    file: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, exc: OSError, file: str) -> RunWriteError:
+        error = cls(exc.errno, exc.strerror or str(exc), file)
+        error.file, error.reason = file, exc.strerror or str(exc)
+        return error
 
 
 class RunFolder:
@@ -91,7 +101,7 @@ class RunFolder:
                 with self.fs.open_output_stream(path) as f:
                     f.write(data)
         except OSError as exc:
-            raise RunWriteError(exc.errno, exc.strerror or str(exc), "/".join(parts)) from exc
+            raise RunWriteError.of(exc, "/".join(parts)) from exc
 
     @staticmethod
     def _write_local(data: bytes, path: str, durable: bool) -> None:
