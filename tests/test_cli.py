@@ -332,3 +332,18 @@ def test_explain_verbose_shows_rays_lines(manifest, tmp_path):
     assert "INFO worker.py" in done.stderr and "Started a local Ray instance" in done.stderr, done.stderr
     assert "Execution plan of Dataset" in done.stderr, done.stderr
     assert "embcam explain: 4 rows (4 ok, 0 error, 0 degenerate)" in done.stdout, done.stdout
+
+
+def test_the_cluster_guides_option_list_is_the_parsers():
+    """docs/cluster.md lists the job's options: exactly those the parser has."""
+    import argparse
+
+    from embcam.cli import add_explain_arguments
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    block = text.split("The job's options:", 1)[1].split("```", 2)[1]
+    listed = set(re.findall(r"--[a-z][a-z-]*", block))
+    parser = argparse.ArgumentParser()
+    add_explain_arguments(parser)
+    options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+    assert listed == options, (sorted(options - listed), sorted(listed - options))
