@@ -220,6 +220,11 @@ def run_demo(args: argparse.Namespace) -> int:
                                         address=os.environ.get("RAY_ADDRESS")),
                           progress=not args.no_progress, verbose=args.verbose)
     print(format_summary(summary))
+    from .report import where, write_report
+
+    print("writing the report (Table 1, overlays, the catalog pages) ...", flush=True)
+    write_report([str(out / "run")], str(out / "report"))
+    print(where(str(out / "report"), 1).replace("embcam report", "embcam demo"))
     return 0
 
 

@@ -322,6 +322,10 @@ def test_demo_is_quiet_and_finishes_on_one_cpu(tmp_path):
     assert "embcam explain: 20 rows (20 ok, 0 error, 0 degenerate)" in done.stdout, done.stdout
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert summary["counts"]["ok"] == 20 and (tmp_path / "demo" / "run" / "_SUCCESS").exists()
+    # and it ends where the report is
+    page = tmp_path / "demo" / "report" / "report.html"
+    assert done.stdout.splitlines()[-1].startswith(f"embcam demo: 1 run -> {page}") and page.is_file()
+    assert "## Table 1" in (tmp_path / "demo" / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow  # a job in a process of its own

@@ -289,14 +289,18 @@ def test_split_filter(runs):
         table1(runs[:1], split="test")
 
 
-def test_main_prints_markdown(runs, tmp_path, capsys):
-    assert main([*runs, "--out", str(tmp_path / "cli"), "--overlays", "0"]) == 0
+def test_main_says_where_the_report_is_or_prints_markdown(runs, tmp_path, capsys):
+    assert main([*runs, "--out", str(tmp_path / "page"), "--overlays", "0"]) == 0
+    assert capsys.readouterr().out == (f"embcam report: {len(runs)} runs -> {tmp_path / 'page' / 'report.html'} "
+                                       "(open it in a browser; report.md and report.json beside it)\n")
+    assert (tmp_path / "page" / "report.html").is_file()
+    assert main([*runs, "--out", str(tmp_path / "cli"), "--overlays", "0", "--markdown"]) == 0
     stdout = capsys.readouterr().out
     assert "| EmbeddingCAM (mean proxy) | BBox |" in stdout
     assert "Overlays skipped: not requested" in stdout
     assert stdout == (tmp_path / "cli" / "report.md").read_text() + "\n"
     assert "## MaxBoxAccV2 and PxAP" in stdout
-    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol"]) == 0
+    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol", "--markdown"]) == 0
     plain = capsys.readouterr().out
     assert "| EmbeddingCAM (mean proxy) | BBox |" in plain and "MaxBoxAccV2" not in plain
     with pytest.raises(SystemExit):

@@ -188,7 +188,7 @@ def test_runs_without_pairs_have_no_section(tmp_path, folder):
 
 def test_pairs_shown_zero_and_the_command(tmp_path, capsys):
     run = make_run(tmp_path)
-    assert main([run, "--out", str(tmp_path / "r"), "--pairs-shown", "0"]) == 0
+    assert main([run, "--out", str(tmp_path / "r"), "--pairs-shown", "0", "--markdown"]) == 0
     stdout = capsys.readouterr().out
     assert "## Pairs: " in stdout and "6 more not shown" in stdout
     assert not (tmp_path / "r" / "pairs").exists()

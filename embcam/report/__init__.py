@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                              "query and match side by side with their heatmaps (default 24)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the report's Markdown on stdout (default: a line saying where report.html is)")
     parser.add_argument("--no-wsol", action="store_true",
                         help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020), which read every heatmap "
                              "and mask again (milliseconds per image: minutes to hours for millions of rows)")
@@ -211,5 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                               spread=not args.no_spread, pairs_shown=args.pairs_shown, wsol=not args.no_wsol)
     except (ValueError, OSError) as e:
         parser.exit(2, f"embcam report: error: {error_line(e)}\n")
-    print(render_report_markdown(report))
+    if args.markdown:
+        print(render_report_markdown(report))
+    else:
+        print(where(args.out, len(args.runs)))
     return 0
+
+
+def where(out: str, runs: int) -> str:
+    """The line that says where a written report is."""
+    page = Path(out).resolve() / "report.html"
+    return (f"embcam report: {runs} run{'s' if runs != 1 else ''} -> {page} (open it in a browser; "
+            "report.md and report.json beside it)")
