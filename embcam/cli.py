@@ -191,10 +191,18 @@ def format_summary(summary: dict) -> str:
         + (f"; {c['resumed']} rows carried over from an earlier attempt" if c.get("resumed") else ""),
         *([f"embcam explain: {CheckpointLoad.from_json(fit).warning()}"] if fit and fit.get("partial") else []),
         "",
-        "                 uniform  EmbeddingCAM" + (f"  top-{k} channels" if k else ""),
-        f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}      " + top("ratio_bbox"),
-        f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}      " + top("ratio_mask"),
-        f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})",
+        *(["                 uniform  EmbeddingCAM" + (f"  top-{k} channels" if k else ""),
+           f"  ratio (box)     {f(m['uniform_bbox'])}  {f(m['ratio_bbox'])}      " + top("ratio_bbox"),
+           f"  ratio (mask)    {f(m['uniform_mask'])}  {f(m['ratio_mask'])}      " + top("ratio_mask"),
+           f"  loc. acc. @0.2           {f(m['loc_correct'])}   (IoU >= 0.5, mean IoU {f(m['iou'])})"]
+          if m.get("uniform_bbox") is not None or m.get("uniform_mask") is not None else
+          [f"  mean cosine to the proxy {f(m.get('cosine'))}"
+           + (f" (lowest label: {redact(str(low['label']))}, {f(low['cosine'])})"
+              if (low := m.get("lowest_label_cosine")) else "")
+           + "; no boxes or masks, so no localisation figures"]),
+        *([f"  {c['error']} error rows, e.g. {redact(m['error_example'])!r}; list them: python -c \"import pandas "
+           f"as pd; d = pd.read_parquet('{results}'); print(d[d.status == 'error'][['image_id', 'error']])\""]
+          if c["error"] and m.get("error_example") else []),
         "",
         *([f"pairs: {c['pairs']['rows']} ({c['pairs']['ok']} ok, {c['pairs']['error']} error) in "
            f"{redact(join_location(out, 'pairs'))}"] if c.get("pairs") else []),

@@ -180,10 +180,15 @@ def read_row(path: str | os.PathLike, image_id: str, image_root: str | None = No
 def summarise(run: RunFolder) -> tuple[dict, dict]:
     """(counts, mean metrics) of a run's committed results, as its ``summary.json`` gives them."""
     columns = ["status", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask",
-               "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk"]
-    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=columns).to_pandas()
+               "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk", "cosine"]
+    t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=[*columns, "label", "error"]).to_pandas()
     ok = t[t.status == OK]
     means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
+    by_label = ok.dropna(subset=["label", "cosine"]).groupby("label").cosine.mean()
+    means["lowest_label_cosine"] = ({"label": str(by_label.idxmin()), "cosine": float(by_label.min())}
+                                    if len(by_label) else None)
+    errors = t.error[t.status == ERROR].dropna()
+    means["error_example"] = str(errors.iloc[0]) if len(errors) else None
     sweep = [v for v in ok["iou_sweep"] if v is not None]
     means["loc_accuracy_sweep"] = ({str(t_): float(np.mean([s[j] >= LOC_IOU for s in sweep]))
                                     for j, t_ in enumerate(THRESHOLDS)} if sweep else None)

@@ -34,6 +34,7 @@ from embcam.results import (
     read_row,
     read_rows,
     spreads,
+    summarise,
     upsample,
 )
 from embcam.runstate import ManifestCopy, RunFolder
@@ -367,7 +368,7 @@ def test_show_refuses_unknown_runs_and_ids_in_one_line(real_run, tmp_path, capsy
 def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys):
     out, root, manifest = real_run
     report_dir = tmp_path / "report"
-    assert cli_main(["report", str(out), "--out", str(report_dir), "--gallery", "2"]) == 0
+    assert cli_main(["report", str(out), "--out", str(report_dir), "--gallery", "2", "--markdown"]) == 0
     assert capsys.readouterr().out == (report_dir / "report.md").read_text() + "\n"
     report = json.loads((report_dir / "report.json").read_text())
     assert report["table1"] is None and not (report_dir / "sweep.png").exists()
@@ -425,3 +426,23 @@ def test_reading_results_does_not_import_torch():
             "from embcam import EmbeddingCAM, load_model; assert 'torch' in sys.modules; print(EmbeddingCAM.__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "EmbeddingCAM", done.stderr
+
+
+def test_a_run_without_boxes_is_summarised_by_its_cosines_and_errors(run):
+    """No boxes or masks: the summary shows the mean cosine, the label with the lowest one,
+    and the error rows with an example reason and the line that lists them (no n/a rows)."""
+    from embcam.cli import format_summary
+
+    counts, means = summarise(RunFolder(str(run)))
+    cosines = {i: 0.5 + i / 16 for i in range(5)}  # result_row's; labels a (even i) and b (odd i)
+    assert means["cosine"] == pytest.approx(np.mean(list(cosines.values())))
+    a, b = np.mean([cosines[0], cosines[2], cosines[4]]), np.mean([cosines[1], cosines[3]])
+    assert a == b  # a tie, which goes to the first label in sort order
+    assert means["lowest_label_cosine"] == {"label": "a", "cosine": pytest.approx(a)}
+    assert means["error_example"] == "image: FileNotFoundError: gone" and counts["error"] == 1
+    summary = {"counts": dict(counts, resumed=0), "metrics": means, "wall_seconds": 1.0, "images_per_second": 6.0,
+               "model": "m", "plan": "one-pass", "config": {"out": str(run), "top_k_channels": None, "proxy": "mean"}}
+    text = format_summary(summary)
+    assert "n/a" not in text
+    assert f"mean cosine to the proxy {means['cosine']:.3f} (lowest label: a, " in text
+    assert "1 error rows, e.g. 'image: FileNotFoundError: gone'; list them: python -c" in text
