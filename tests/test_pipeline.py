@@ -258,3 +258,40 @@ def test_a_matching_checkpoint_is_recorded_as_loaded_whole(ray_session, dataset,
     fit = summary["checkpoint"]
     assert fit["partial"] is False and fit["loaded"] == len(build_model("embcam:small-resnet+linear:16").state_dict())
     assert "WARNING" not in format_summary(summary)
+
+
+def test_every_explain_option_reaches_its_config_field():
+    """Each option of `embcam explain`, set to a value unlike its default, arrives in the
+    ExplainConfig field of its name; and every field has its option."""
+    from dataclasses import fields
+
+    parser = argparse.ArgumentParser()
+    add_explain_arguments(parser)
+    config_fields = {f.name for f in fields(ExplainConfig)}
+    renamed = {"allowed_prefix": "allowed_prefixes"}  # --allowed-prefix P ... -> the list of prefixes
+    console_only = {"help", "no_progress", "verbose", "confine_uris"}
+    seen = set()
+    for action in parser._actions:
+        if action.dest in console_only:
+            continue
+        field = renamed.get(action.dest, action.dest)
+        assert field in config_fields, f"{action.option_strings} has no ExplainConfig field"
+        if action.nargs == 0:  # a flag
+            argv, expected = [action.option_strings[0]], True
+        elif action.choices:
+            value = next(c for c in action.choices if c != action.default)
+            argv, expected = [action.option_strings[0], value], value
+        elif action.type in (int, float):
+            value = action.type(7) if action.default != 7 else action.type(8)
+            argv, expected = [action.option_strings[0], str(value)], value
+        elif isinstance(action, argparse._AppendAction):
+            argv, expected = [action.option_strings[0], "a", action.option_strings[0], "b.py"], ["a", "b.py"]
+        else:
+            argv, expected = [action.option_strings[0], f"value-of-{action.dest}"], f"value-of-{action.dest}"
+        required = [arg for name, value in (("manifest", "m"), ("out", "o")) if name != action.dest
+                    for arg in (f"--{name}", value)]
+        cfg = explain_config(parser.parse_args(required + argv))
+        got = getattr(cfg, field)
+        assert got == expected, (action.option_strings, got, expected)
+        seen.add(field)
+    assert config_fields - seen == set(), f"fields without an option: {sorted(config_fields - seen)}"
