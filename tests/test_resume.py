@@ -167,9 +167,10 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     assert 0 < done < rows and not (out / "_SUCCESS").exists() and not (out / "summary.json").exists()
     proxies_written = (out / "proxies.parquet").stat().st_mtime_ns
 
-    code, stdout, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
-    assert code == 0, stderr
-    assert f"resuming {out}" in stderr and "carried over" in stdout
+    # the same command resumes (in this process, on the session's Ray)
+    assert exit_status(explain_argv(dataset, out, "--proxy", "mean", "--strategy", "streaming")) == 0
+    captured = capsys.readouterr()
+    assert f"resuming {out}" in captured.err and "carried over" in captured.out
     df, summary = assert_complete(out, rows)
     assert summary["counts"]["resumed"] >= done > 0 and summary["counts"]["ok"] == rows
     assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written  # pass 1 was not redone
@@ -308,8 +309,9 @@ def test_stored_maps_plan_resumes_after_a_kill_in_each_pass(ray_session, dataset
     assert 0 < done < rows and committed(partials).keys() == set(committed(out / "maps"))
     proxies_written = (out / "proxies.parquet").stat().st_mtime_ns
 
-    code, _, stderr = finish(start(dataset, out, *plan))
-    assert code == 0, stderr
+    # the resume in this process (the session's Ray): what it must do is the same
+    run_explain(ExplainConfig(manifest=str(manifest), out=str(out), checkpoint=str(checkpoint), batch_size=8,
+                              block_rows=8, proxy="mean", strategy="stored-maps"), progress=False)
     df, summary = assert_complete(out, rows)
     assert summary["plan"] == "stored-maps" and summary["counts"]["resumed"] >= done
     assert list(summary["passes"]) == ["pass 2 of 2, heatmaps from the stored maps"]  # pass 1 was done
