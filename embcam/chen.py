@@ -69,8 +69,8 @@ import torch
 from torch import Tensor
 
 from . import __version__
+from .arguments import OneLineParser, error_line
 from .cam import RESHAPES, EmbeddingCAM, normalise
-from .cli import OneLineParser, error_line
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
 from .lifecycle import RunLifecycle, build_summary
@@ -381,9 +381,9 @@ def run_chen(cfg: ChenConfig, progress: bool = True) -> dict:
             return dict(run.read_json(SUMMARY), already_complete=True)
         life.prepare()
         if life.state == "fresh":
-            copy = ManifestCopy(run, cfg.batch_size)
-            copy.write(test)
-            copy.close()
+            writer = ManifestCopy(run, cfg.batch_size)
+            writer.write(test)
+            writer.close()
         saved = life.record({"config": config, "plan": "chen-weight-transfer", "rows": test.num_rows,
                              "block_rows": cfg.batch_size})
         copy = ManifestCopy(run, saved["block_rows"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .arguments import BAD_INPUT, OneLineParser, error_line
 from .checkpoints import CheckpointLoad
 from .locations import join_location, redact
 
@@ -16,28 +17,6 @@ DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model nev
 DELEGATED = {"report": "embcam.report", "train": "embcam.training", "make-pairs": "embcam.pairing",
              "chen-baseline": "embcam.chen", "sanity": "embcam.sanity",
              "reexplain": "embcam.reexplain"}  # commands with their own parsers
-BAD_INPUT = 2  # exit status of every expected error (bad arguments, specs, files), as argparse's
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line: ``<prog>: error: <message> (see <prog> --help)``."""
-
-    def error(self, message: str):
-        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def error_line(exc: BaseException) -> str:
-    """An expected error as one line: an OSError names its file, newlines are folded, the
-    secrets of any uri in it redacted."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        text = f"{exc.filename}: {exc.strerror}"
-    elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and not str(exc).split()[1:]:
-        text = f"{exc}: no such file or directory"  # pyarrow's: only the path
-    else:
-        text = str(exc) or type(exc).__name__
-    return redact(" ".join(text.split()))
-
-
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     """The explain job's options (shared by ``embcam explain`` and jobs/explain.py)."""
     p.add_argument("--manifest", required=True,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embcam.cli import BAD_INPUT, OneLineParser, error_line
+from embcam.arguments import BAD_INPUT, OneLineParser, error_line
 from embcam.results import open_results, results_schema
 from embcam.schemas import OK
 

@@ -1,8 +1,9 @@
 """The explain job on Ray Data: manifest -> images -> embeddings -> (class proxies) ->
 heatmaps -> metrics -> ``results/part-<start>-<stop>.parquet`` + ``summary.json``.
 
-The per-batch work lives in ``embcam.stages`` and the run folder's rules (commits,
-resume, markers) in ``embcam.runstate`` (no Ray in either); this module wires them. The
+The per-batch work lives in ``embcam.stages`` and ``embcam.tasks``, the run folder's
+rules (commits, resume, markers) in ``embcam.runstate`` and the run's life (lease, begin,
+finish) in ``embcam.lifecycle`` (no Ray in any); this module wires them. The
 manifest is validated in a stream and copied into the run folder; every stage works on
 manifest row ranges read back from that copy, so the driver holds no per-row state.
 CPU tasks fetch and decode, a fixed pool of model actors (one per GPU, or one on a
@@ -28,9 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__, user_code
+from . import __version__, tasks, user_code
 from .architectures import source_suggestion
-from .attempts import Attempts
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
 from .faults import fault_point
@@ -39,7 +39,7 @@ from .inference import check_compilable
 from .lifecycle import RunLifecycle, build_summary
 from .locations import default_image_root, has_scheme, redact
 from .manifest import ManifestError, scan_manifest, suggest_column
-from .maps import MAPS_DTYPES, MapStore, read_stored_rows, write_maps
+from .maps import MAPS_DTYPES, MapStore
 from .models import load_checked
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
@@ -64,15 +64,8 @@ from .stages import (
     PRECISIONS,
     ExplainModel,
     ModelConfig,
-    compute_metrics,
     heatmaps_from_kept_maps,
-    load_images,
-    load_masks,
-    manifest_batch,
-    partial_sums,
     resolved_target,
-    row_runs,
-    to_results,
 )
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
@@ -265,7 +258,8 @@ def _explain(cfg, life, scan, spec, fit, image_size, shape, bank, pairs, runtime
         job.pairs_pass(pairs)
         if not cfg.keep_maps:  # written for the pairs only
             run.delete(MAPS)
-    job.markers.delete(STATE, ATTEMPTS)
+    if job.markers is not run:  # node-local markers (the run's own go with life.finish)
+        job.markers.delete(STATE, ATTEMPTS)
     return life.finish(build_summary(
         run, scan.rows, time.time() - started, resumed, {"pairs": pair_counts(run)} if cfg.pairs else None,
         config=asdict(cfg), model=spec, plan=saved["plan"], plan_reason=saved["plan_reason"], passes=job.timed_passes(),
@@ -294,7 +288,7 @@ class _Job:
 
         ranges = np.asarray(pending, np.int64).reshape(-1, 2)
         return (ray.data.range(len(ranges), override_num_blocks=len(ranges))
-                .map_batches(_read_and_load, batch_size=1, num_cpus=1, batch_format="numpy",
+                .map_batches(tasks.read_and_load, batch_size=1, num_cpus=1, batch_format="numpy",
                              fn_args=(self.copy, ranges, self.run, self.image_root, self.model_cfg.image_size,
                                       self.limits, not self.cfg.full_decode)))
 
@@ -337,7 +331,7 @@ class _Job:
             with self.progress.step(what, _rows_in(todo)):
                 explained = self.model(self.loaded(todo), what, proxy_mode, proxies, "heatmaps", strategy,
                                        self.cfg.top_k_channels)
-                self.commit(explained, _commit_results, self.run, self.maps_dtype)
+                self.commit(explained, tasks.commit_results, self.run, self.maps_dtype)
 
     def mean_proxies_pass(self, store_maps: bool) -> dict:
         """Pass 1: embeddings (with ``store_maps``, their E maps too, into ``OUT/maps/``)
@@ -349,11 +343,12 @@ class _Job:
             with self.progress.step(what, _rows_in(todo)):
                 embedded = self.model(self.loaded(todo), what, "mean", None, "maps" if store_maps else "embeddings")
                 dtype = (self.maps_dtype or self.cfg.maps_dtype) if store_maps else None
-                self.commit(embedded, _commit_pass1, self.run, self.cfg.proxy_split, dtype)
+                self.commit(embedded, tasks.commit_pass1, self.run, self.cfg.proxy_split, dtype)
         fault_point("reduce", ["*"])
         table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
-                              schema=PARTIALS_SCHEMA)
-        acc = _add_partials(MeanProxyAccumulator(), *(table.column(c).to_pylist() for c in ("label", "sum", "count")))
+                              schema=tasks.PARTIALS_SCHEMA)
+        columns = (table.column(c).to_pylist() for c in ("label", "sum", "count"))
+        acc = tasks.add_partials(MeanProxyAccumulator(), *columns)
         return self._persist(acc)
 
     def stored_maps_pass2(self, proxies: dict) -> None:
@@ -370,7 +365,7 @@ class _Job:
         ranges = np.asarray(todo, np.int64).reshape(-1, 2)
         with self.progress.step(what, _rows_in(todo)):
             self.drain(ray.data.range(len(ranges), override_num_blocks=len(ranges))
-                       .map_batches(_heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
+                       .map_batches(tasks.heatmaps_from_stored_maps, batch_size=1, num_cpus=1, batch_format="numpy",
                                     fn_args=(self.copy, ranges, self.run, self.run.pieces(MAPS), self.shape["dims"],
                                              self.image_root, self.limits, proxies)))
 
@@ -382,15 +377,15 @@ class _Job:
             kept = self.model(self.loaded(todo), what, "mean", None, "maps").materialize()
             self.progress.add(_rows_in(todo))  # materialize() tells nothing on the way: all rows at once
         acc = MeanProxyAccumulator()
-        partials = kept.map_batches(_partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
+        partials = kept.map_batches(tasks.partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
                                     batch_format="numpy")
         for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
-            _add_partials(acc, batch["label"], batch["sum"], batch["count"])
+            tasks.add_partials(acc, batch["label"], batch["sum"], batch["count"])
         proxies = self._persist(acc)
         with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
             heatmaps = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies, self.maps_dtype is not None),
                                         batch_format="numpy")
-            self.commit(heatmaps, _commit_results, self.run, self.maps_dtype)
+            self.commit(heatmaps, tasks.commit_results, self.run, self.maps_dtype)
 
     def pairs_pass(self, pairs: pa.Table) -> None:
         """Pair explanations from the stored E maps, on this process (no model: two
@@ -408,78 +403,6 @@ class _Job:
         proxies = acc.finalize()
         self.run.write_table(proxy_table(proxies, dict(acc.counts)), PROXIES)
         return proxies
-
-
-# --- the per-batch functions Ray runs (module level: pickled by reference) ----------------
-
-
-def _read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                   image_root: str, size: int, limits: ReadLimits, reduce: bool) -> dict:
-    start, stop = ranges[int(batch["id"][0])]
-    data = manifest_batch(copy.read(int(start), int(stop)))
-    return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits, reduce))
-
-
-def _partials_from_embeddings(batch: dict, split: str | None) -> dict:
-    return partial_sums(batch, np.asarray(batch["embedding"]), split)
-
-
-def _commit_results(batch: dict, run: RunFolder, maps_dtype: str | None = None) -> dict:
-    """Metrics, then each run of rows as a results piece; its E maps first when stored."""
-    fault_point("commit", batch["image_id"])
-    batch = compute_metrics(batch)
-    rows = np.asarray(batch["row"])
-    for positions, start, stop in row_runs(rows):
-        piece = {k: v[positions] for k, v in batch.items()}
-        if maps_dtype is not None:
-            write_maps(run, piece, maps_dtype, piece_name(start, stop))
-        run.write_table(to_results(piece), RESULTS, piece_name(start, stop))
-    return {"rows": np.array([len(rows)])}
-
-
-def _commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: str | None) -> dict:
-    """Pass 1's pieces, one per run of consecutive manifest rows in the batch (so no two
-    pieces ever overlap): the E maps first when stored, then the run's per-class partial
-    sums, whose piece marks the rows as done. A run without a labelled row still gets a
-    partials piece (one null-label row)."""
-    fault_point("pass1", batch["image_id"])
-    rows = np.asarray(batch["row"])
-    for positions, start, stop in row_runs(rows):
-        piece = {k: v[positions] for k, v in batch.items()}
-        if maps_dtype is not None:
-            write_maps(run, piece, maps_dtype, piece_name(start, stop))
-        part = partial_sums(piece, piece["embedding"], split)
-        parts = [{"label": label, "sum": total, "count": count}
-                 for label, total, count in zip(part["label"], part["sum"].tolist(), part["count"].tolist())]
-        run.write_table(pa.Table.from_pylist(parts or [{"label": None, "sum": [], "count": 0}],
-                                             schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
-    return {"rows": np.array([len(rows)])}
-
-
-def _heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                               pieces: list, grid: tuple, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
-    """One range of pass 2 of the stored-maps plan: manifest rows + what pass 1 stored
-    (decode outcome, size, embedding, E) -> heatmaps, metrics, a results piece."""
-    start, stop = (int(v) for v in ranges[int(batch["id"][0])])
-    rows = manifest_batch(copy.read(start, stop))
-    fault_point("commit", rows["image_id"])
-    stored = read_stored_rows(run, pieces, start, stop, grid)
-    rows.update({k: stored[k] for k in ("status", "error", "embedding", "maps", "width", "height", "orientation")})
-    rows["mask_png"] = load_masks(rows, image_root, limits)
-    explained = compute_metrics(heatmaps_from_kept_maps(rows, "mean", proxies))
-    run.write_table(to_results(explained), RESULTS, piece_name(start, stop))
-    return {"rows": np.array([stop - start])}
-
-
-def _add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyAccumulator:
-    """Add per-class partial sums; a null label marks a piece without labelled rows."""
-    for label, total, count in zip(labels, sums, counts):
-        if label is not None:
-            acc.add_partial(str(label), np.asarray(total, np.float64), int(count))
-    return acc
-
-
-PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
 
 
 def _driver_model(cfg: ExplainConfig):

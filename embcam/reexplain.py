@@ -166,7 +166,7 @@ def _every(log, n: int, total: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import BAD_INPUT, OneLineParser, error_line
+    from .arguments import BAD_INPUT, OneLineParser, error_line
 
     parser = OneLineParser(prog="embcam reexplain", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", metavar="RUN", help="a finished explain run with stored maps (--keep-maps)")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from .cli import OneLineParser, error_line
+from .arguments import OneLineParser, error_line
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
 from .locations import join_location, redact

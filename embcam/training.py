@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .architectures import resolve
-from .cli import OneLineParser
+from .arguments import OneLineParser
 from .fetch import read_bytes
 from .images import ImageDecodeError, decode_image, resize_square
 from .locations import CredentialsInUri, default_image_root, redact, resolve_manifest_uri

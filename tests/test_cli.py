@@ -18,7 +18,8 @@ import tomllib
 
 import embcam
 from embcam import cli
-from embcam.cli import DEMO_MODEL, error_line, main
+from embcam.arguments import error_line
+from embcam.cli import DEMO_MODEL, main
 from embcam.datasets.synthetic import generate_dataset
 
 EMBCAM = str(Path(sys.executable).with_name("embcam"))

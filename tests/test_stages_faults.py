@@ -7,9 +7,9 @@ import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.models import Preprocessing, build_model
-from embcam.pipeline import _commit_pass1
 from embcam.runstate import PARTIALS, STATE, RunFolder, piece_name
 from embcam.stages import ExplainModel, ModelConfig
+from embcam.tasks import commit_pass1
 
 
 def _batch(n, size, seed=0):
@@ -47,7 +47,7 @@ def test_a_batch_that_raises_is_split_and_only_the_bad_row_fails(tmp_path):
 
 
 def test_pass_one_pieces_cover_every_run_and_sum_only_ok_rows_with_a_direction(tmp_path):
-    """Pass 1 (the model's embeddings, then ``_commit_pass1``): one partial-sums piece per run
+    """Pass 1 (the model's embeddings, then ``commit_pass1``): one partial-sums piece per run
     of consecutive manifest rows; failed rows and embeddings without a direction are left out."""
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
@@ -60,7 +60,7 @@ def test_pass_one_pieces_cover_every_run_and_sum_only_ok_rows_with_a_direction(t
     out = stage(batch)
     out["embedding"][6] = 0.0  # row 31 (label a): no direction
     run = RunFolder(str(tmp_path / "run"))
-    _commit_pass1(out, run, None, None)
+    commit_pass1(out, run, None, None)
     assert sorted(run.pieces(STATE, PARTIALS)) == [(7, 10), (20, 22), (30, 32)]
     sums, counts = {}, {}
     for start, stop in run.pieces(STATE, PARTIALS):

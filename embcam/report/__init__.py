@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from embcam.cli import OneLineParser, error_line
+from embcam.arguments import OneLineParser, error_line
 from embcam.locations import location_name, redact, safe_name
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays

@@ -1,0 +1,95 @@
+"""The per-batch functions the explain job's Ray tasks and actors run, at module level so
+that Ray pickles them by reference: read and load a range of manifest rows, commit a
+batch's results, commit pass 1's partial sums (and maps), and pass 2 of the stored-maps
+plan. No Ray here; ``embcam.pipeline`` wires them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .attempts import Attempts
+from .faults import fault_point
+from .fetch import ReadLimits
+from .maps import read_stored_rows, write_maps
+from .proxies import MeanProxyAccumulator
+from .runstate import PARTIALS, RESULTS, STATE, ManifestCopy, RunFolder, piece_name
+from .stages import (
+    compute_metrics,
+    heatmaps_from_kept_maps,
+    load_images,
+    load_masks,
+    manifest_batch,
+    partial_sums,
+    row_runs,
+    to_results,
+)
+
+
+def read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
+                   image_root: str, size: int, limits: ReadLimits, reduce: bool) -> dict:
+    start, stop = ranges[int(batch["id"][0])]
+    data = manifest_batch(copy.read(int(start), int(stop)))
+    return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits, reduce))
+
+
+def partials_from_embeddings(batch: dict, split: str | None) -> dict:
+    return partial_sums(batch, np.asarray(batch["embedding"]), split)
+
+
+def commit_results(batch: dict, run: RunFolder, maps_dtype: str | None = None) -> dict:
+    """Metrics, then each run of rows as a results piece; its E maps first when stored."""
+    fault_point("commit", batch["image_id"])
+    batch = compute_metrics(batch)
+    rows = np.asarray(batch["row"])
+    for positions, start, stop in row_runs(rows):
+        piece = {k: v[positions] for k, v in batch.items()}
+        if maps_dtype is not None:
+            write_maps(run, piece, maps_dtype, piece_name(start, stop))
+        run.write_table(to_results(piece), RESULTS, piece_name(start, stop))
+    return {"rows": np.array([len(rows)])}
+
+
+def commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: str | None) -> dict:
+    """Pass 1's pieces, one per run of consecutive manifest rows in the batch (so no two
+    pieces ever overlap): the E maps first when stored, then the run's per-class partial
+    sums, whose piece marks the rows as done. A run without a labelled row still gets a
+    partials piece (one null-label row)."""
+    fault_point("pass1", batch["image_id"])
+    rows = np.asarray(batch["row"])
+    for positions, start, stop in row_runs(rows):
+        piece = {k: v[positions] for k, v in batch.items()}
+        if maps_dtype is not None:
+            write_maps(run, piece, maps_dtype, piece_name(start, stop))
+        part = partial_sums(piece, piece["embedding"], split)
+        parts = [{"label": label, "sum": total, "count": count}
+                 for label, total, count in zip(part["label"], part["sum"].tolist(), part["count"].tolist())]
+        run.write_table(pa.Table.from_pylist(parts or [{"label": None, "sum": [], "count": 0}],
+                                             schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
+    return {"rows": np.array([len(rows)])}
+
+
+def heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
+                               pieces: list, grid: tuple, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
+    """One range of pass 2 of the stored-maps plan: manifest rows + what pass 1 stored
+    (decode outcome, size, embedding, E) -> heatmaps, metrics, a results piece."""
+    start, stop = (int(v) for v in ranges[int(batch["id"][0])])
+    rows = manifest_batch(copy.read(start, stop))
+    fault_point("commit", rows["image_id"])
+    stored = read_stored_rows(run, pieces, start, stop, grid)
+    rows.update({k: stored[k] for k in ("status", "error", "embedding", "maps", "width", "height", "orientation")})
+    rows["mask_png"] = load_masks(rows, image_root, limits)
+    explained = compute_metrics(heatmaps_from_kept_maps(rows, "mean", proxies))
+    run.write_table(to_results(explained), RESULTS, piece_name(start, stop))
+    return {"rows": np.array([stop - start])}
+
+
+def add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyAccumulator:
+    """Add per-class partial sums; a null label marks a piece without labelled rows."""
+    for label, total, count in zip(labels, sums, counts):
+        if label is not None:
+            acc.add_partial(str(label), np.asarray(total, np.float64), int(count))
+    return acc
+
+
+PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])
