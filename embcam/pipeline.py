@@ -286,11 +286,12 @@ class _Job:
         """The images of the pending row ranges, one read task per range."""
         import ray
 
+        from .image_source import ManifestImages
+
         ranges = np.asarray(pending, np.int64).reshape(-1, 2)
-        return (ray.data.range(len(ranges), override_num_blocks=len(ranges))
-                .map_batches(tasks.read_and_load, batch_size=1, num_cpus=1, batch_format="numpy",
-                             fn_args=(self.copy, ranges, self.run, self.image_root, self.model_cfg.image_size,
-                                      self.limits, not self.cfg.full_decode)))
+        source = ManifestImages(ranges, self.copy, self.run, self.image_root, self.model_cfg.image_size,
+                                self.limits, not self.cfg.full_decode)
+        return ray.data.read_datasource(source, override_num_blocks=len(ranges), num_cpus=1)
 
     def model(self, ds, what: str, proxy_mode, proxies, output, strategy=None, top_k=None):
         """``ds`` through the model actors; ``strategy`` None: the cheapest exact one for this
@@ -317,6 +318,8 @@ class _Job:
         """Run ``done`` (batches of committed row counts) to the end, counting progress."""
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             self.progress.add(int(np.sum(batch["rows"])))
+        # the operators Ray Data ran, fused ones joined by "->" (for the summary)
+        self.passes.setdefault(self.progress.what, {})["ray_operators"] = _operators(done.get_stats_summary())
 
     def timed_passes(self) -> dict:
         """What each pass computed and how, with its rows, seconds and steady rate (Progress)."""
@@ -560,6 +563,12 @@ def _gpus(requested: int | None) -> int:
         shown = ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory"))
         raise ValueError(f"--num-gpus {requested}: the cluster has {found} GPU(s) ({shown})")
     return requested
+
+
+def _operators(stats) -> list[str]:
+    """The operator names of an executed dataset's stats summary, first operator first."""
+    return [name for parent in stats.parents for name in _operators(parent)] + \
+        [op.operator_name for op in stats.operators_stats]
 
 
 def _actor_options(gpus: int, batch_size: int) -> dict:

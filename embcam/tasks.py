@@ -26,10 +26,10 @@ from .stages import (
 )
 
 
-def read_and_load(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                   image_root: str, size: int, limits: ReadLimits, reduce: bool) -> dict:
-    start, stop = ranges[int(batch["id"][0])]
-    data = manifest_batch(copy.read(int(start), int(stop)))
+def read_and_load(start: int, stop: int, copy: ManifestCopy, run: RunFolder, image_root: str, size: int,
+                  limits: ReadLimits, reduce: bool) -> dict:
+    """Manifest rows [start, stop) with their images loaded (or the reason they are not)."""
+    data = manifest_batch(copy.read(start, stop))
     return Attempts(run, "decode")(data, lambda b: load_images(b, image_root, size, limits, reduce))
 
 

@@ -152,6 +152,11 @@ def test_stored_maps_plan_equals_the_model_run(ray_session, dataset, tmp_path):
     assert stored["plan"] == "stored-maps" and kept["plan"] == "embedding-map"
     assert list(stored["passes"]) == ["pass 1 of 2, embeddings and maps", "pass 2 of 2, heatmaps from the stored maps"]
     assert stored["passes"]["pass 1 of 2, embeddings and maps"]["cam_path"] == "closed-form"
+    # decode tasks stay apart from the model actor (fused, decode never overlapped the model)
+    assert stored["passes"]["pass 1 of 2, embeddings and maps"]["ray_operators"] == [
+        "ReadManifestImages", "MapBatches(ExplainModel)", "MapBatches(commit_pass1)"]
+    assert stored["passes"]["pass 2 of 2, heatmaps from the stored maps"]["ray_operators"] == [
+        "ReadRange", "MapBatches(heatmaps_from_stored_maps)"]
     assert stored["precision"] == "fp32" and stored["devices"]["model"] == "cpu"
     assert not (tmp_path / "stored" / "maps").exists()  # written for pass 2 only
     a, b = results(tmp_path / "kept"), results(tmp_path / "stored")
