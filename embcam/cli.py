@@ -135,8 +135,8 @@ def run_explain_command(args: argparse.Namespace) -> int:
     try:
         summary = run_explain(cfg, progress=not args.no_progress, verbose=args.verbose)
     except KeyboardInterrupt:
-        print(f"embcam explain: interrupted; {_progress_note(cfg.out)} "
-              "Re-run the same command to resume.", file=sys.stderr)
+        again = "the same command without --overwrite" if cfg.overwrite else "the same command"
+        print(f"embcam explain: interrupted; {_progress_note(cfg.out)} Re-run {again} to resume.", file=sys.stderr)
         return 130
     print(format_summary(summary))
     return 0

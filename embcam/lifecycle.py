@@ -156,7 +156,8 @@ class RunLifecycle:
         failed = write_error(exc)
         if failed is not None:  # one line naming --out, not a worker's traceback
             raise OSError(f"--out {redact(self.run.out)}: writing {failed.file} failed: {failed.reason}; "
-                          "what was committed is kept: fix it and re-run the same command to resume") from None
+                          "what was committed is kept: fix it and re-run the same command"
+                          + (" without --overwrite" if self.overwrite else "") + " to resume") from None
 
     def _decide(self) -> tuple[str, str | None]:
         run, out = self.run, self.run.out

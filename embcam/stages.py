@@ -174,7 +174,7 @@ class ExplainModel:
                  run=None, keep_maps: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(num_threads or usable_cpus())
         elif model.precision == "fp32":  # TF32 matmuls and convolutions (Ampere and newer; ignored before)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -297,6 +297,12 @@ class ExplainModel:
                 return None
             return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
         return self.bank.get(str(label))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the OS has one (taskset, a
+    container's cpuset), which os.cpu_count() ignores; more threads than that only wait."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def reason(step: str, exc: Exception) -> str:

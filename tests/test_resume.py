@@ -214,9 +214,12 @@ def test_killed_workers_lose_nothing_and_a_row_that_kills_its_worker_becomes_one
     assert not (tmp_path / "out" / "_embcam" / "attempts").exists()
 
 
-def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_session, dataset, jobs, tmp_path,
-                                                                         tmp_path_factory, capsys):
-    start, finish, crash = jobs
+def test_ctrl_c_on_an_overwrite_leaves_nothing_complete_and_the_command_without_overwrite_resumes(
+        ray_session, dataset, jobs, tmp_path, tmp_path_factory, capsys):
+    """A complete run, overwritten by another configuration, interrupted with Ctrl-C: the
+    message says what is committed and how to resume, nothing reads as complete, another
+    configuration is refused, and the command without --overwrite finishes the new run."""
+    start, finish, _ = jobs
     manifest, checkpoint, rows = dataset
     run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                               batch_size=8), progress=False)
@@ -224,8 +227,13 @@ def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_sess
     driver = start(dataset, tmp_path, "--proxy", "mean", "--overwrite", fault=hold)
     wait_until(lambda: held.exists() and not (tmp_path / "_SUCCESS").exists() and pieces(tmp_path), driver,
                finish, "held with a piece of the new run committed")
-    crash(driver)
-    assert 0 < sum(pq.read_metadata(p).num_rows for p in pieces(tmp_path)) < rows
+    driver.send_signal(signal.SIGINT)  # the driver stops though a worker is held (Ray kills it)
+    code, _, stderr = finish(driver)
+    assert code == 130, stderr
+    said = re.search(rf"interrupted; (\d+) of {rows} rows are committed in {re.escape(str(tmp_path))}\. "
+                     r"Re-run the same command without --overwrite to resume\.", stderr)
+    assert said, stderr
+    assert 0 < int(said[1]) <= sum(pq.read_metadata(p).num_rows for p in pieces(tmp_path)) < rows
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "_SUCCESS").exists()
     report = ["report", str(tmp_path), "--out", str(tmp_path / "rep")]
     assert exit_status(report) == 2 and "is unfinished" in capsys.readouterr().err
@@ -235,6 +243,12 @@ def test_overwrite_then_interrupt_leaves_nothing_that_reads_as_complete(ray_sess
     with pytest.raises(RunMismatch, match="proxy: 'mean' -> 'self'"):
         run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                                   batch_size=8), progress=False)
+    # ... and the command without --overwrite resumes the new run (in this process)
+    assert main(explain_argv(dataset, tmp_path, "--proxy", "mean")) == 0
+    assert f"resuming {tmp_path}" in capsys.readouterr().err
+    df, summary = assert_complete(tmp_path, rows)
+    assert summary["counts"]["ok"] == rows and summary["counts"]["resumed"] >= int(said[1])
+    assert summary["config"]["proxy"] == "mean"
 
 
 def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset, tmp_path):
@@ -251,26 +265,6 @@ def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset,
     summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                                         batch_size=8), progress=False)
     assert summary["counts"]["results"] == rows and summary["config"]["proxy"] == "self"
-
-
-def test_ctrl_c_says_what_is_committed_and_the_same_command_resumes(ray_session, dataset, jobs, tmp_path,
-                                                                    tmp_path_factory, capsys):
-    start, finish, _ = jobs
-    rows = dataset[2]
-    hold, held = hold_last_piece(dataset, tmp_path_factory.mktemp("hold"))  # outside the run folder
-    driver = start(dataset, tmp_path, fault=hold)
-    wait_until(lambda: held.exists() and pieces(tmp_path), driver, finish, "held with a piece committed")
-    driver.send_signal(signal.SIGINT)  # the driver stops though a worker is held (Ray kills it)
-    code, _, stderr = finish(driver)
-    assert code == 130 and "interrupted;" in stderr and "Re-run the same command to resume" in stderr
-    said = re.search(rf"interrupted; (\d+) of {rows} rows are committed in {re.escape(str(tmp_path))}\.", stderr)
-    assert said, stderr
-    assert 0 < int(said[1]) <= sum(pq.read_metadata(p).num_rows for p in pieces(tmp_path)) < rows
-    assert not (tmp_path / "_SUCCESS").exists()
-    assert main(explain_argv(dataset, tmp_path)) == 0  # the same command, run in this process
-    assert f"resuming {tmp_path}" in capsys.readouterr().err
-    df, summary = assert_complete(tmp_path, rows)
-    assert summary["counts"]["ok"] == rows
 
 
 def test_stored_maps_plan_resumes_after_a_kill_in_each_pass(ray_session, dataset, jobs, tmp_path):

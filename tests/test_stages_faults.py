@@ -74,3 +74,22 @@ def test_pass_one_pieces_cover_every_run_and_sum_only_ok_rows_with_a_direction(t
     unit = y / np.linalg.norm(y, axis=1, keepdims=True)
     np.testing.assert_allclose(sums[(7, 10, "a")], unit[0] + unit[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sums[(30, 32, "b")], unit[5], rtol=1e-5, atol=1e-6)
+
+
+def test_the_cpu_model_stage_uses_the_cpus_its_process_may_run_on(tmp_path):
+    """A process kept to one CPU (taskset, a container's cpuset) runs the model on one
+    thread: os.cpu_count() would count every CPU of the machine, and the extra threads wait."""
+    import os
+    import subprocess
+    import sys
+
+    assert os.cpu_count() > 1  # else this test could not tell the two apart
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
+                    Preprocessing(32))
+    code = ("import os, torch; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); torch.set_num_threads(7)\n"
+            "from embcam.stages import ExplainModel, ModelConfig\n"
+            f"ExplainModel(ModelConfig(checkpoint={str(tmp_path / 'm.pt')!r}), 'self'); print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]
