@@ -1,9 +1,11 @@
 """What every ``embcam`` command's argument handling shares: a parser whose errors are one
-line, the exit status of an expected error, and that error as one line. A leaf: the
+line, the exit status of an expected error, that error as one line, and a command's config
+built from its options by field name. A leaf: the
 commands import it, and it imports nothing of theirs."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from .locations import redact
 
@@ -27,3 +29,18 @@ def error_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return redact(" ".join(text.split()))
+
+
+def config_from(config_class, args: argparse.Namespace, **computed):
+    """``config_class`` (a dataclass) from parsed options, each field from the option of its
+    name; ``computed`` gives the fields whose value is not one option's as it is. A field
+    with neither is an error here, not a silent default."""
+    values = {}
+    for field in fields(config_class):
+        if field.name in computed:
+            values[field.name] = computed[field.name]
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+        else:
+            raise TypeError(f"{config_class.__name__}.{field.name} has no option of its name")
+    return config_class(**values)

@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .arguments import OneLineParser, error_line
+from .arguments import OneLineParser, config_from, error_line
 from .cam import RESHAPES, EmbeddingCAM, normalise
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
@@ -447,8 +447,8 @@ def format_summary(summary: dict) -> str:
         f"results: {summary['config']['out']}/results/"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``embcam chen-baseline --manifest M --checkpoint CKPT --out RUN [options]``."""
+def build_parser() -> OneLineParser:
+    """``embcam chen-baseline``'s options, one per ChenConfig field (and --no-progress)."""
     parser = OneLineParser(
         prog="embcam chen-baseline",
         description="The Chen et al. (WACV 2020) baseline: Grad-CAM channel weights from triplets of the "
@@ -472,12 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reshape", choices=list(RESHAPES), help="how the target output becomes (K, h, w)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``embcam chen-baseline --manifest M --checkpoint CKPT --out RUN [options]``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = ChenConfig(manifest=args.manifest, out=args.out, checkpoint=args.checkpoint, model=args.model,
-                     train_split=args.train_split, eval_split=args.eval_split, top_k_channels=args.top_k_channels,
-                     triplets_per_image=args.triplets_per_image, seed=args.seed, image_root=args.image_root,
-                     image_size=args.image_size, batch_size=args.batch_size, target_layer=args.target_layer,
-                     reshape=args.reshape, overwrite=args.overwrite)
+    cfg = config_from(ChenConfig, args)
     try:
         summary = run_chen(cfg, progress=not args.no_progress)
     except (ValueError, OSError) as e:

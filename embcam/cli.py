@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .arguments import BAD_INPUT, OneLineParser, error_line
+from .arguments import BAD_INPUT, OneLineParser, config_from, error_line
 from .checkpoints import CheckpointLoad
 from .locations import join_location, redact
 
@@ -112,20 +112,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 def explain_config(args: argparse.Namespace):
     from .pipeline import ExplainConfig
 
-    return ExplainConfig(
-        manifest=args.manifest, out=args.out, model=args.model, checkpoint=args.checkpoint,
-        allow_partial_checkpoint=args.allow_partial_checkpoint,
-        target_layer=args.target_layer, reshape=args.reshape, proxy="bank" if args.proxies else args.proxy,
-        proxies=args.proxies, proxy_split=args.proxy_split, strategy=args.strategy,
-        image_root=args.image_root, image_size=args.image_size, batch_size=args.batch_size,
-        block_rows=args.block_rows, num_gpus=args.num_gpus, top_k_channels=args.top_k_channels,
-        keep_maps=args.keep_maps, maps_dtype=args.maps_dtype, pairs=args.pairs,
-        compile=args.compile, precision=args.precision, full_decode=args.full_decode,
-        max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-        read_timeout=args.read_timeout,
+    return config_from(
+        ExplainConfig, args, proxy="bank" if args.proxies else args.proxy,
         allowed_prefixes=(args.allowed_prefix or []) if args.confine_uris or args.allowed_prefix else None,
-        py_modules=args.py_modules, working_dir=args.working_dir,
-        address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
+        address=args.address or os.environ.get("RAY_ADDRESS"))
 
 
 def run_explain_command(args: argparse.Namespace) -> int:
