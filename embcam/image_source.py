@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
@@ -40,4 +41,13 @@ class ManifestImages(Datasource):
 
 
 def _read(start: int, stop: int, load: tuple) -> list:
-    return [BlockAccessor.batch_to_block(tasks.read_and_load(start, stop, *load))]
+    block = BlockAccessor.batch_to_block(tasks.read_and_load(start, stop, *load))
+    # A column with no value in this range (no error, no label, no mask) comes out of Arrow
+    # untyped, and Ray Data hands an untyped column to the next stage as float NaN: a label
+    # NaN, or an error column that no longer concatenates with another block's strings. So
+    # such a column gets its type: every column that can be all None here is text (a missing
+    # mask's bytes are b"", never None).
+    for i, field in enumerate(block.schema):
+        if pa.types.is_null(field.type):
+            block = block.set_column(i, field.name, pa.nulls(len(block), pa.string()))
+    return [block]

@@ -32,12 +32,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    # the modules of the longest tests (one to two minutes each) first: under pytest-xdist the
-    # last minutes are then short tests that both workers share, not one long test on one
-    items.sort(key=lambda item: item.path.name not in _LONGEST)
-
-
-_LONGEST = {"test_resume.py", "test_reproduce_cub.py", "test_bench_smoke.py", "test_job_transformers.py"}
 
 
 @pytest.fixture(scope="session")
