@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 # torch/torchvision are pinned here (not in pyproject) to the builds this project's
 # machines install from local disk; pyproject keeps open ranges for clusters.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-# the linter is pinned too: a new ruff release may add findings to the same rules.
+# the linters are pinned too: a new release may add findings to the same rules.
 RUFF   ?= ruff==0.17.6
+MYPY   ?= mypy==2.4.1
 
 .PHONY: setup lint test test-fast wheel-check demo bench bench-scale clean
 
@@ -14,13 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]' $(RUFF)
+	$(PY) -m pip install -q -e '.[test]' $(RUFF) $(MYPY)
 	touch $@
 
 setup: $(VENV)/.installed
 
-lint: setup  # ruff, configured in pyproject.toml
+lint: setup  # ruff, and mypy on the core modules; both configured in pyproject.toml
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: lint  # everything, lint first (CI runs this); both cores (pytest-xdist)
 	$(PY) -m pytest -q -n 2 --dist worksteal

@@ -158,7 +158,7 @@ class EmbeddingCAM:
         # Split mode: the target is the forward_features output; no hooks needed
         # (this is also how TorchScript models, which ignore Python hooks, are explained).
         self._split = name is None or (name == "backbone" and hasattr(model, "forward_head"))
-        self._layer = None if self._split else get_layer(model, name)
+        self._layer = None if self._split or name is None else get_layer(model, name)
         if isinstance(model, torch.jit.ScriptModule) and not self._split:
             raise ValueError("TorchScript models are explained at their forward_features output; "
                              "leave target_layer unset")
@@ -259,6 +259,16 @@ class EmbeddingCAM:
             return None
         return analyse_tail(self.model, name, self.reshape)
 
+    def _target(self) -> nn.Module:
+        """The hooked target layer (every strategy but split mode's, which hooks nothing)."""
+        assert self._layer is not None, "split mode hooks no layer"
+        return self._layer
+
+    def _found_tail(self) -> Tail:
+        """The tail the embedding-map strategy found (the only strategy that looks for one)."""
+        assert self._tail is not None, "only the embedding-map strategy has a tail"
+        return self._tail
+
     def _maps_from_tail(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """E from one plain forward and M = W^T / Z (affine tail) or J_g(v)^T / Z."""
         with torch.inference_mode():
@@ -267,7 +277,7 @@ class EmbeddingCAM:
         act = act.to(_heat_dtype(act))
         z = act.shape[-2] * act.shape[-1]
         with torch.no_grad(), _full_precision(act):
-            if self._tail.affine:
+            if self._found_tail().affine:
                 maps = torch.einsum("bkhw,kd->bdhw", act, self._affine_matrix(act) / z)
             else:
                 m = self._pooled_jacobian(act.mean((-2, -1))) / z
@@ -294,7 +304,7 @@ class EmbeddingCAM:
             captured.append(output.detach().requires_grad_(True))
             return captured[-1].clone()  # a non-leaf, so later in-place ops stay legal
 
-        handle = self._layer.register_forward_hook(hook)
+        handle = self._target().register_forward_hook(hook)
         try:
             y = self.model(x)
         finally:
@@ -331,7 +341,7 @@ class EmbeddingCAM:
                 captured.append(output)
                 return output + delta.to(output.dtype)
 
-            handle = self._layer.register_forward_hook(hook)
+            handle = self._target().register_forward_hook(hook)
             try:
                 return self.model(x)
             finally:
@@ -352,7 +362,7 @@ class EmbeddingCAM:
             shapes.append(output.shape)
             raise _TargetReached
 
-        handle = self._layer.register_forward_hook(hook)
+        handle = self._target().register_forward_hook(hook)
         try:
             with torch.no_grad():
                 self.model(x)
@@ -393,7 +403,7 @@ class EmbeddingCAM:
 
     def _pooled_jacobian(self, pooled: Tensor) -> Tensor:
         """J_g(v_b)^T (B, K, d) of the tail g at each image's pooled vector v_b."""
-        head = self._tail.head
+        head = self._found_tail().head
         dtype = next(head.parameters(), pooled).dtype  # the head's own dtype
         with _frozen(self.model):  # torch.func.vjp records even under no_grad
             y, vjp = torch.func.vjp(head, pooled.detach().to(dtype))
@@ -402,7 +412,7 @@ class EmbeddingCAM:
     def _affine_matrix(self, act: Tensor) -> Tensor:
         """W^T (K, d) of the affine tail, read off as g(I) - g(0); cached, and read
         again when a parameter of g changes in place (an optimiser step, load_state_dict)."""
-        head, k = self._tail.head, act.shape[1]
+        head, k = self._found_tail().head, act.shape[1]
         key = (act.device, act.dtype, k)
         versions = tuple(t._version for t in (*head.parameters(), *head.buffers()))
         cached = self._head_matrix.get(key)

@@ -183,7 +183,7 @@ def summarise(run: RunFolder) -> tuple[dict, dict]:
                "iou", "loc_correct", "iou_sweep", "ratio_bbox_topk", "ratio_mask_topk", "cosine"]
     t = pq.read_table(run.piece_paths(RESULTS), filesystem=run.fs, columns=[*columns, "label", "error"]).to_pandas()
     ok = t[t.status == OK]
-    means = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
+    means: dict[str, object] = {c: _mean(ok[c]) for c in columns[2:] if c != "iou_sweep"}
     by_label = ok.dropna(subset=["label", "cosine"]).groupby("label").cosine.mean()
     means["lowest_label_cosine"] = ({"label": str(by_label.idxmin()), "cosine": float(by_label.min())}
                                     if len(by_label) else None)

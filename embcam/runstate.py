@@ -271,7 +271,9 @@ class ManifestCopy:
 
     def __init__(self, run: RunFolder, block_rows: int):
         self.run, self.block_rows, self.file_rows = run, block_rows, block_rows * FILE_BLOCKS
-        self._writer, self._file, self._rows = None, None, 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file: pa.NativeFile | None = None
+        self._rows = 0
         self._open: dict[int, pq.ParquetFile] = {}
 
     def __reduce__(self):
@@ -289,12 +291,13 @@ class ManifestCopy:
                 self.run.fs.create_dir(self.run.join(STATE, MANIFEST), recursive=True)
                 self._file = self.run.fs.open_output_stream(self._path(k))
                 self._writer = pq.ParquetWriter(self._file, table.schema)
+            assert self._writer is not None  # opened above, at the start of each file
             take = min(table.num_rows, self.file_rows - used)
             self._writer.write_table(table.slice(0, take), row_group_size=self.block_rows)
             table, self._rows = table.slice(take), self._rows + take
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._file is not None:
             self._writer.close()
             self._file.close()
             self._writer = self._file = None
