@@ -7,18 +7,19 @@ actor: it never fuses a read into an operator that batches its input (``batch_si
 Mapped, the decode was fused into the actor wherever both asked for one CPU (a CPU-only
 machine): one actor task then decoded ``batch_size`` ranges in turn before its first model
 batch, so decode never overlapped the model and progress came in one lump per task.
-``summary.json`` ``passes.*.ray_operators`` shows the operators each pass ran.
+``summary.json`` ``passes.*.ray_operators`` shows the operators each pass ran. A column
+with no value in a range is typed as text (``schemas.typed_nulls``).
 """
 from __future__ import annotations
 
 from functools import partial
 
 import numpy as np
-import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from . import tasks
+from .schemas import typed_nulls
 
 
 class ManifestImages(Datasource):
@@ -41,13 +42,4 @@ class ManifestImages(Datasource):
 
 
 def _read(start: int, stop: int, load: tuple) -> list:
-    block = BlockAccessor.batch_to_block(tasks.read_and_load(start, stop, *load))
-    # A column with no value in this range (no error, no label, no mask) comes out of Arrow
-    # untyped, and Ray Data hands an untyped column to the next stage as float NaN: a label
-    # NaN, or an error column that no longer concatenates with another block's strings. So
-    # such a column gets its type: every column that can be all None here is text (a missing
-    # mask's bytes are b"", never None).
-    for i, field in enumerate(block.schema):
-        if pa.types.is_null(field.type):
-            block = block.set_column(i, field.name, pa.nulls(len(block), pa.string()))
-    return [block]
+    return [typed_nulls(BlockAccessor.batch_to_block(tasks.read_and_load(start, stop, *load)))]

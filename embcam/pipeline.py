@@ -60,6 +60,7 @@ from .runstate import (
     pending_blocks,
     piece_name,
 )
+from .schemas import typed_nulls
 from .stages import (
     PRECISIONS,
     ExplainModel,
@@ -377,7 +378,9 @@ class _Job:
         todo = self.pending(RESULTS)
         what = "embeddings and maps, kept for the class proxies"
         with self.progress.step(what, _rows_in(todo)):
-            kept = self.model(self.loaded(todo), what, "mean", None, "maps").materialize()
+            # the actor's blocks with typed columns: heatmaps_from_kept_maps passes them on (typed_nulls)
+            kept = (self.model(self.loaded(todo), what, "mean", None, "maps")
+                    .map_batches(typed_nulls, batch_size=None, batch_format="pyarrow").materialize())
             self.progress.add(_rows_in(todo))  # materialize() tells nothing on the way: all rows at once
         acc = MeanProxyAccumulator()
         partials = kept.map_batches(tasks.partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},

@@ -126,6 +126,17 @@ def _cast(column: pa.ChunkedArray, field: pa.Field, name: str) -> pa.ChunkedArra
                           f"which cannot be cast to {field.type}: {exc}") from None
 
 
+def typed_nulls(table: pa.Table) -> pa.Table:
+    """``table`` with each untyped (all-null) column typed as text. Between two Ray Data
+    stages an untyped column reaches the next one as float NaN (a label NaN, or an error
+    column of floats that no longer concatenates with another block's strings); in a job's
+    blocks every column that can be all null is text (a missing mask's bytes are b"")."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(i, field.name, pa.nulls(len(table), pa.string()))
+    return table
+
+
 def list_column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     """One list per row of ``values`` (n, width), in its dtype; null where not ``valid``."""
     n, width = values.shape

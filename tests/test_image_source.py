@@ -10,7 +10,7 @@ from ray.data.block import BlockAccessor
 from embcam import image_source
 from embcam.fetch import ReadLimits
 from embcam.runstate import ManifestCopy, RunFolder
-from embcam.schemas import conform
+from embcam.schemas import conform, typed_nulls
 
 
 def test_a_range_without_labels_errors_or_masks_keeps_their_types(tmp_path):
@@ -34,3 +34,10 @@ def test_a_range_without_labels_errors_or_masks_keeps_their_types(tmp_path):
     assert batch["status"].tolist() == ["ok", "ok"] and batch["image"].shape == (2, 16, 16, 3)
     (labelled,) = image_source._read(2, 4, (copy, run, str(tmp_path), 16, ReadLimits(), True))
     assert BlockAccessor.for_block(labelled).to_batch_format("numpy")["label"].tolist() == ["a", "a"]
+
+
+def test_typed_nulls_types_only_untyped_columns():
+    table = pa.table({"error": pa.nulls(3), "label": pa.array(["a", None, "b"]), "x": pa.array([1.0, None, 2.0])})
+    typed = typed_nulls(table)
+    assert typed.schema == pa.schema([("error", pa.string()), ("label", pa.string()), ("x", pa.float64())])
+    assert typed.column("error").null_count == 3 and typed.column("label").equals(table.column("label"))
