@@ -125,8 +125,10 @@ def run_explain_command(args: argparse.Namespace) -> int:
     try:
         summary = run_explain(cfg, progress=not args.no_progress, verbose=args.verbose)
     except KeyboardInterrupt:
-        again = "the same command without --overwrite" if cfg.overwrite else "the same command"
-        print(f"embcam explain: interrupted; {_progress_note(cfg.out)} Re-run {again} to resume.", file=sys.stderr)
+        from .lifecycle import resume_advice
+
+        print(f"embcam explain: interrupted; {_progress_note(cfg.out)} {resume_advice(cfg.overwrite).capitalize()}.",
+              file=sys.stderr)
         return 130
     print(format_summary(summary))
     return 0

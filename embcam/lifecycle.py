@@ -156,8 +156,7 @@ class RunLifecycle:
         failed = write_error(exc)
         if failed is not None:  # one line naming --out, not a worker's traceback
             raise OSError(f"--out {redact(self.run.out)}: writing {failed.file} failed: {failed.reason}; "
-                          "what was committed is kept: fix it and re-run the same command"
-                          + (" without --overwrite" if self.overwrite else "") + " to resume") from None
+                          f"what was committed is kept: fix it and {resume_advice(self.overwrite)}") from None
 
     def _decide(self) -> tuple[str, str | None]:
         run, out = self.run, self.run.out
@@ -211,6 +210,12 @@ class RunLifecycle:
         self.run.write_bytes(b"", DONE)
         self.run.delete(STATE, ATTEMPTS)
         return summary
+
+
+def resume_advice(overwrite: bool) -> str:
+    """How to resume a run that stopped: its own command, less --overwrite (which would
+    delete what was committed)."""
+    return f"re-run the same command{' without --overwrite' if overwrite else ''} to resume"
 
 
 def build_summary(run: RunFolder, rows: int, wall: float, resumed: int = 0, more_counts: dict | None = None,

@@ -1,6 +1,10 @@
 """The model stage under failures: a batch that raises is split until the failing rows are
 alone, and only they become error rows; pass 1's pieces leave out the rows that failed (no
 Ray: the stage and the commit are called directly)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -79,10 +83,6 @@ def test_pass_one_pieces_cover_every_run_and_sum_only_ok_rows_with_a_direction(t
 def test_the_cpu_model_stage_uses_the_cpus_its_process_may_run_on(tmp_path):
     """A process kept to one CPU (taskset, a container's cpuset) runs the model on one
     thread: os.cpu_count() would count every CPU of the machine, and the extra threads wait."""
-    import os
-    import subprocess
-    import sys
-
     assert os.cpu_count() > 1  # else this test could not tell the two apart
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
