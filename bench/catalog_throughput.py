@@ -91,9 +91,9 @@ import embcam
 from embcam.datasets import generate_dataset
 from embcam.images import decode_image_oriented, decode_resized, resize_square
 from embcam.inference import prepare_for_inference
+from embcam.model_stage import PRECISIONS
 from embcam.models import load_model
 from embcam.pipeline import JOB_STRATEGIES
-from embcam.stages import PRECISIONS
 
 MODELS = ["torchvision:resnet50+linear:128", "torchvision:vit_b_16+linear:128", "torchvision:convnext_tiny+identity"]
 CATALOG_COLUMNS = ["image_id", "uri", "label"]

@@ -28,8 +28,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from embcam.datasets import generate_dataset  # noqa: E402
 from embcam.locations import default_image_root  # noqa: E402
 from embcam.manifest import read_manifest  # noqa: E402
+from embcam.model_stage import ExplainModel, ModelConfig
 from embcam.pipeline import ExplainConfig, run_explain  # noqa: E402
-from embcam.stages import INTERNAL_COLUMNS, ExplainModel, ModelConfig, compute_metrics, load_images, to_results  # noqa: E402
+from embcam.stages import INTERNAL_COLUMNS, compute_metrics, load_images, to_results  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "embcam" / "assets" / "demo_model.pt"
 

@@ -28,7 +28,8 @@ import torch
 
 from embcam.locations import default_image_root
 from embcam.manifest import read_manifest
-from embcam.stages import ExplainModel, ModelConfig, compute_metrics, load_images, to_results
+from embcam.model_stage import ExplainModel, ModelConfig
+from embcam.stages import compute_metrics, load_images, to_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "embcam" / "assets" / "demo_model.pt"

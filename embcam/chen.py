@@ -76,6 +76,7 @@ from .inference import prepare_for_inference
 from .lifecycle import RunLifecycle, build_summary
 from .locations import default_image_root
 from .manifest import read_manifest
+from .model_stage import resolved_target
 from .models import load_model
 from .progress import Progress
 from .runstate import (
@@ -90,7 +91,7 @@ from .runstate import (
     piece_name,
 )
 from .schemas import OK
-from .stages import compute_metrics, load_images, manifest_batch, resolved_target, to_results
+from .stages import compute_metrics, load_images, manifest_batch, to_results
 
 PROXY_KIND = "chen"
 CHEN = "chen"  # RUN/_embcam/chen/: the training weights, and the transfer of each test row ...

@@ -40,6 +40,7 @@ from .lifecycle import RunLifecycle, build_summary
 from .locations import default_image_root, has_scheme, redact
 from .manifest import ManifestError, scan_manifest, suggest_column
 from .maps import MAPS_DTYPES, MapStore
+from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
 from .models import load_checked
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
@@ -61,13 +62,7 @@ from .runstate import (
     piece_name,
 )
 from .schemas import typed_nulls
-from .stages import (
-    PRECISIONS,
-    ExplainModel,
-    ModelConfig,
-    heatmaps_from_kept_maps,
-    resolved_target,
-)
+from .stages import heatmaps_from_kept_maps
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "stored-maps", "streaming", "two-pass", "embedding-map")

@@ -16,19 +16,21 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 
-def onehot(indices, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, num_classes) one-hot proxies for class ``indices``."""
+def onehot(indices, num_classes: int, dtype=None):
+    """(B, num_classes) one-hot proxies for class ``indices`` (a torch tensor, float32 unless
+    ``dtype`` says otherwise)."""
+    import torch  # only here: the job's CPU tasks use this module and never load torch
+
     idx = torch.as_tensor(indices, dtype=torch.long)
     if idx.numel() and (idx.min() < 0 or idx.max() >= num_classes):
         raise ValueError(f"class indices must be in [0, {num_classes}), got {idx.tolist()}")
-    return torch.nn.functional.one_hot(idx, num_classes).to(dtype)
+    return torch.nn.functional.one_hot(idx, num_classes).to(dtype or torch.float32)
 
 
 def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor (torch is not imported here)
         x = x.detach().cpu()
     return np.asarray(x, dtype=np.float64)
 

@@ -24,6 +24,7 @@ from .arguments import OneLineParser, error_line
 from .fetch import ReadLimits
 from .inference import prepare_for_inference
 from .locations import join_location, redact
+from .model_stage import resolved_target
 from .models import load_model
 from .proxies import load_proxy_bank
 from .report.plot import draw_cascade, draw_curves, plot_png
@@ -32,7 +33,7 @@ from .results import as_the_job_meant, image_root_of, open_results, read_rows
 from .runstate import PROXIES, SANITY, RunFolder
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
 from .schemas import OK
-from .stages import load_images, resolved_target
+from .stages import load_images
 
 THRESHOLD = 0.5  # the verdict: mean rho below this once the head and the last block are random
 RANDOM_ORDERS = 3

@@ -1,60 +1,34 @@
-"""The explain job's per-batch stages, without Ray.
+"""The explain job's per-batch CPU stages, without Ray and without torch.
 
 Each stage maps a batch (a dict of numpy columns, one entry per manifest row) to a
-batch. The Ray pipeline (``embcam.pipeline``) runs them as Ray Data operators; the
-in-process loop (``run_in_process``) calls them one after the other. A row that fails
-gets ``status="error"`` and a reason, keeps flowing, and is skipped by later stages:
-one bad image never stops the job or loses the other rows.
+batch: manifest rows, decoded images (``load_images``), per-class partial sums, metrics
+and results rows. The model stage between them is ``embcam.model_stage``; the Ray
+pipeline (``embcam.pipeline``) runs them as Ray Data operators. A row that fails gets
+``status="error"`` and a reason, keeps flowing, and is skipped by later stages: one bad
+image never stops the job or loses the other rows. torch is imported by
+``heatmaps_from_kept_maps`` alone, when called: a decode or commit task never loads it.
 """
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from .attempts import Attempts
 from .boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
-from .cam import EmbeddingCAM, heatmaps_from_maps, normalise
 from .faults import fault_point
 from .fetch import ReadLimits, read_bytes
 from .images import decode_mask, decode_resized
-from .inference import prepare_for_inference
 from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
-from .models import default_target_layer, load_model
 from .proxies import MeanProxyAccumulator
 from .schemas import ERROR, OK, conform, list_column
 
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
 INTERNAL_COLUMNS = ("image", "maps", "mask_png")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """What every model worker needs to rebuild the same model."""
-
-    spec: str | None = None
-    checkpoint: str | None = None
-    target_layer: str | None = None
-    image_size: int | None = None
-    compile_batch_size: int | None = None  # torch.compile the backbone for this batch size
-    reshape: str | None = None             # "tokens" | "nhwc": how the target's output becomes (B, K, h, w)
-    precision: str = "fp32"                # the forward's autocast dtype (PRECISIONS); the CAM stays float32
-    allow_partial_checkpoint: bool = False  # the driver found the checkpoint partial and was told to go on
-
-
-def resolved_target(model, target_layer: str | None) -> str | None:
-    """The layer explained: the one named, else the model's default (None: its split point)."""
-    return target_layer if target_layer is not None else default_target_layer(model)
-
-
-def _copy_status(batch: dict) -> dict:
+def with_writable_status(batch: dict) -> dict:
     """A shallow copy whose status/error columns may be written (Ray hands read-only views)."""
     out = dict(batch)
     out["status"] = np.array(batch["status"], dtype=object)
@@ -62,7 +36,7 @@ def _copy_status(batch: dict) -> dict:
     return out
 
 
-def _fail(batch: dict, rows, reason: str) -> None:
+def fail_rows(batch: dict, rows, reason: str) -> None:
     """Fail the OK ones of ``rows`` (a boolean mask or row indices)."""
     rows = np.asarray(rows)
     for i in np.flatnonzero(rows) if rows.dtype == bool else rows:
@@ -110,7 +84,7 @@ def load_images(batch: dict, image_root: str | None, image_size: int, limits: Re
     n = len(batch["image_id"])
     if "status" not in batch:  # straight from a manifest: every row starts OK
         batch = dict(batch, status=np.array([OK] * n, dtype=object), error=np.array([None] * n, dtype=object))
-    out = _copy_status(batch)
+    out = with_writable_status(batch)
     out["width"] = np.zeros(n, np.int32)
     out["height"] = np.zeros(n, np.int32)
     out["orientation"] = np.zeros(n, np.int32)
@@ -152,157 +126,8 @@ def load_masks(batch: dict, image_root: str | None, limits: ReadLimits = ReadLim
             try:
                 masks[i] = read_bytes(resolve_manifest_uri(str(mask_uri), image_root), limits)
             except Exception as exc:  # noqa: BLE001
-                _fail(batch, [i], reason("mask", exc))
+                fail_rows(batch, [i], reason("mask", exc))
     return masks
-
-
-class ExplainModel:
-    """One model per worker: embeddings and heatmaps for a batch of loaded images.
-
-    ``proxy_mode``: self | onehot | bank | mean (the bank/mean vectors in ``proxies``).
-    ``strategy``: the CAM strategy (``embcam.cam.cheapest_strategy`` picks it per pass).
-    ``output``: "heatmaps" (heatmaps now), "maps" (embeddings and embedding maps E, for
-    proxies computed later) or "embeddings" (embeddings only: the mean-proxy pass 1 of the
-    streaming plans). ``keep_maps``: heatmaps and the E maps too (to be stored;
-    ``embcam.maps``). The forward runs under autocast at the model config's precision;
-    the CAM arithmetic and every returned value stay float32.
-    """
-
-    def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
-                 strategy: str = "embedding-map", top_k_channels: int | None = None,
-                 output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
-                 run=None, keep_maps: bool = False):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 in workers; the CPU model wants the cores
-            torch.set_num_threads(num_threads or usable_cpus())
-        elif model.precision == "fp32":  # TF32 matmuls and convolutions (Ampere and newer; ignored before)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.autocast_dtype = PRECISIONS[model.precision]
-        net, self.preprocess, _ = load_model(model.spec, model.checkpoint, model.image_size,
-                                              model.allow_partial_checkpoint)
-        # BatchNorm folded, channels_last: 1.2-2x faster, same maps to ~1e-6 (BENCHMARKS.md).
-        # The target is resolved first: a BatchNorm after a default target layer must stay unfolded.
-        self.model = prepare_for_inference(net, resolved_target(net, model.target_layer),
-                                           compile_batch_size=model.compile_batch_size).to(self.device)
-        self.proxy_mode, self.output, self.keep_maps = proxy_mode, output, keep_maps
-        self.cam = EmbeddingCAM(self.model, model.target_layer, strategy, reshape=model.reshape)
-        # the E maps to return: the heatmaps' own when the strategy forms them, else one more computation
-        self.cam_maps = self.cam if strategy == "embedding-map" or not (output == "maps" or keep_maps) else (
-            EmbeddingCAM(self.model, model.target_layer, "embedding-map", reshape=model.reshape))
-        self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
-                         if top_k_channels else None)
-        self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
-        # A probe (which also compiles): the output shapes, so every batch has every column.
-        size = self.preprocess.size
-        with self._autocast():
-            probe = self.cam(torch.zeros(1, 3, size, size, device=self.device))
-        self.num_outputs, self.map_shape = probe.embeddings.shape[-1], tuple(probe.heatmaps.shape[1:])
-        self.attempts = Attempts(run, "model") if run is not None else None  # rows that kill the worker
-
-    def __call__(self, batch: dict) -> dict:
-        return self.attempts(batch, self._call) if self.attempts else self._call(batch)
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                              enabled=self.autocast_dtype != torch.float32)
-
-    def _call(self, batch: dict) -> dict:
-        ok = np.flatnonzero(batch["status"] == OK)
-        fault_point("model", batch["image_id"][ok])
-        n = len(batch["status"])
-        out = _copy_status({k: v for k, v in batch.items() if k != "image"})
-        out["embedding"] = np.zeros((n, self.num_outputs), np.float32)
-        if self.output == "maps" or self.keep_maps:
-            out["maps"] = np.zeros((n, self.num_outputs) + self.map_shape, np.float32)
-        if self.output == "heatmaps":
-            out["proxy_kind"] = np.array([self.proxy_mode] * n, dtype=object)
-            out["proxy_label"] = np.array([None] * n, dtype=object)
-            out["heatmap"] = np.zeros((n,) + self.map_shape, np.float32)
-            out["score"] = np.zeros(n, np.float32)
-            out["cosine"] = np.zeros(n, np.float32)
-            if self.cam_topk is not None:
-                out["heatmap_topk"] = np.zeros((n,) + self.map_shape, np.float32)
-        if len(ok):
-            with self._autocast():
-                self._split_on_error(lambda rows: self._explain(batch, out, rows), out, ok)
-        return out
-
-    def _split_on_error(self, fn, out: dict, ok) -> None:
-        """``fn(ok)``; when it raises (say, CUDA out of memory), each half again, down to
-        single rows, which then fail with the reason: one bad batch never fails its neighbours."""
-        try:
-            fn(ok)
-        except Exception as exc:  # noqa: BLE001 - the rows fail, the job goes on
-            if len(ok) == 1:
-                _fail(out, ok, reason("model", exc))
-                return
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._split_on_error(fn, out, ok[:len(ok) // 2])
-            self._split_on_error(fn, out, ok[len(ok) // 2:])
-
-    def _images(self, batch: dict, rows) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][rows]))
-        if self.device.type == "cuda":  # pinned: the copy to the GPU runs without a staging copy, asynchronously
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        return self.preprocess(pixels)
-
-    def _explain(self, batch: dict, out: dict, ok) -> None:
-        x = self._images(batch, ok)
-        if self.output == "embeddings":
-            with torch.inference_mode():
-                out["embedding"][ok] = self.model(x).float().cpu().numpy()
-            return
-        if self.output == "maps":
-            y, maps = self.cam_maps.embedding_maps(x)
-            out["embedding"][ok] = y.float().cpu().numpy()
-            out["maps"][ok] = maps.float().cpu().numpy()
-            return
-        proxies, rows = self._row_proxies(batch, out, ok)
-        if self.proxy_mode == "self":
-            result = self.cam(x, "self")
-            proxies = normalise(result.embeddings.float())
-        else:
-            keep = np.isin(ok, rows)
-            x, ok = x[torch.from_numpy(keep).to(self.device)], ok[keep]
-            if not len(ok):
-                return
-            result = self.cam(x, proxies)
-        y = result.embeddings.float()
-        p = proxies.to(y)
-        out["embedding"][ok] = y.cpu().numpy()
-        out["heatmap"][ok] = result.heatmaps.float().cpu().numpy()
-        out["score"][ok] = (y * p).sum(-1).cpu().numpy()
-        out["cosine"][ok] = (normalise(y) * normalise(p)).sum(-1).cpu().numpy()
-        if self.keep_maps:
-            maps = result.maps if result.maps is not None else self.cam_maps.embedding_maps(x)[1]
-            out["maps"][ok] = maps.float().cpu().numpy()
-        if self.cam_topk is not None:
-            top = self.cam_topk(x, "self" if self.proxy_mode == "self" else p)
-            out["heatmap_topk"][ok] = top.heatmaps.float().cpu().numpy()
-
-    def _row_proxies(self, batch: dict, out: dict, ok):
-        """One proxy per OK row (B, d) and the rows that have one; rows without fail."""
-        if self.proxy_mode == "self":
-            return None, ok
-        rows, vectors = assign_proxies(batch, out, ok, self._proxy_for, self.proxy_mode)
-        return (torch.stack(vectors).to(self.device) if vectors else None), np.array(rows, dtype=int)
-
-    def _proxy_for(self, label) -> torch.Tensor | None:
-        if label is None:
-            return None
-        if self.proxy_mode == "onehot":
-            if not str(label).isdigit() or int(label) >= self.num_outputs:
-                return None
-            return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
-        return self.bank.get(str(label))
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity where the OS has one (taskset, a
-    container's cpuset), which os.cpu_count() ignores; more threads than that only wait."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def reason(step: str, exc: Exception) -> str:
@@ -344,7 +169,7 @@ def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple
         label = _present(batch, "label", i)
         vector = lookup(label) if label is not None else None
         if vector is None:
-            _fail(out, [i], f"proxy: no {proxy_mode} proxy for label {label!r}")
+            fail_rows(out, [i], f"proxy: no {proxy_mode} proxy for label {label!r}")
             continue
         rows.append(i)
         vectors.append(vector)
@@ -355,7 +180,7 @@ def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple
 def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_maps: bool = False) -> dict:
     """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model);
     with ``keep_maps`` the maps stay in the batch, for the commit to store."""
-    out = _copy_status(batch if keep_maps else {k: v for k, v in batch.items() if k != "maps"})
+    out = with_writable_status(batch if keep_maps else {k: v for k, v in batch.items() if k != "maps"})
     n = len(out["status"])
     out["heatmap"] = np.zeros((n,) + batch["maps"].shape[2:], np.float32)
     out["score"] = np.zeros(n, np.float32)
@@ -365,6 +190,10 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_ma
     ok = np.flatnonzero(out["status"] == OK)
     rows, vectors = assign_proxies(batch, out, ok, lambda label: proxies.get(str(label)), proxy_mode)
     if rows:
+        import torch  # only here: the other stages run in CPU tasks that never load torch
+
+        from .cam import heatmaps_from_maps, normalise
+
         maps = torch.from_numpy(np.ascontiguousarray(batch["maps"][rows]))
         p = torch.from_numpy(np.stack(vectors))
         y = torch.from_numpy(np.ascontiguousarray(batch["embedding"][rows]))
@@ -376,7 +205,7 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_ma
 
 def compute_metrics(batch: dict) -> dict:
     """Per-image metrics (docs/design.md §7) for every OK row; NaN where a metric is null."""
-    out = _copy_status(batch)
+    out = with_writable_status(batch)
     n = len(out["status"])
     for column in METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):
         out[column] = np.full(n, np.nan, np.float32)
@@ -396,7 +225,7 @@ def compute_metrics(batch: dict) -> dict:
                 for column in ("ratio_bbox", "ratio_mask"):
                     out[column + "_topk"][i] = np.nan if top[column] is None else top[column]
         except Exception as exc:  # noqa: BLE001
-            _fail(out, [i], reason("metrics", exc))
+            fail_rows(out, [i], reason("metrics", exc))
     return out
 
 

@@ -17,10 +17,11 @@ from embcam.cam import cheapest_strategy, embedding_map_path
 from embcam.datasets import generate_dataset
 from embcam.maps import read_stored_rows, write_maps
 from embcam.metrics import heatmap_metrics
+from embcam.model_stage import ExplainModel, ModelConfig
 from embcam.models import GeM, Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, choose_plan, run_explain
 from embcam.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
-from embcam.stages import ExplainModel, ModelConfig, load_images, manifest_batch
+from embcam.stages import load_images, manifest_batch
 
 SIZE = 48
 
