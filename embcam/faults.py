@@ -1,7 +1,7 @@
-"""Test hooks, set by whoever starts the cluster (never read from data): faults injected at
-named points of the job, so that tests can kill workers, hold them, or make a write fail
-exactly where they want, with the real job around them. No imports from embcam: every
-module may call it.
+"""Test hooks, set in the environment of whoever starts the cluster or the job (never read
+from data): faults injected at named points of the job, so that tests can kill workers,
+hold them, or make a write fail exactly where they want, with the real job around them.
+No imports from embcam: every module may call it.
 """
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ import errno
 import os
 import signal
 import time
+
+HOOKS = ("EMBCAM_FAULT", "EMBCAM_TEST_JOB")
+"""``EMBCAM_FAULT``: the faults (``fault_point``); ``EMBCAM_TEST_JOB``: a test's mark on every
+process of a job, by which it stops them all."""
+
+
+def runtime_env() -> dict:
+    """The hooks set in this process, for the workers of a Ray it joins (the workers of a Ray
+    it starts inherit its environment anyway)."""
+    hooks = {name: os.environ[name] for name in HOOKS if name in os.environ}
+    return {"env_vars": hooks} if hooks else {}
 
 
 def fault_point(stage: str, image_ids) -> None:

@@ -29,11 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__, tasks, user_code
+from . import __version__, faults, tasks, user_code
 from .architectures import source_suggestion
 from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from .console import on_terminal, quiet_ray
-from .faults import fault_point
 from .fetch import ReadLimits
 from .inference import check_compilable
 from .lifecycle import RunLifecycle, build_summary
@@ -165,7 +164,7 @@ def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict
     cfg.check()
     if cfg.working_dir:  # the workers run in their copy of it: no path may depend on the cwd
         cfg = user_code.with_absolute_paths(cfg)
-    runtime_env = user_code.runtime_env(cfg)
+    runtime_env = {**user_code.runtime_env(cfg), **faults.runtime_env()}
     pairs = read_pairs(cfg.pairs) if cfg.pairs else None
     scan = _scanned_manifest(cfg, pairs)      # fails fast, before any model work
     bank = load_proxy_bank(cfg.proxies) if cfg.proxy == "bank" else None
@@ -343,7 +342,7 @@ class _Job:
                 embedded = self.model(self.loaded(todo), what, "mean", None, "maps" if store_maps else "embeddings")
                 dtype = (self.maps_dtype or self.cfg.maps_dtype) if store_maps else None
                 self.commit(embedded, tasks.commit_pass1, self.run, self.cfg.proxy_split, dtype)
-        fault_point("reduce", ["*"])
+        faults.fault_point("reduce", ["*"])
         table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
                               schema=tasks.PARTIALS_SCHEMA)
         columns = (table.column(c).to_pylist() for c in ("label", "sum", "count"))

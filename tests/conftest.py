@@ -41,6 +41,9 @@ def ray_session():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 << 20, ignore_reinit_error=True)
+    # Ray Data's cluster-wide actors (stats, autoscaling), made by this process: a test that
+    # kills every process of a job that joined this Ray then never kills them.
+    ray.data.range(1).materialize()
     yield ray
     ray.shutdown()
 

@@ -2,10 +2,11 @@
 workers lose nothing, a row that kills its worker becomes one error row, and a run folder
 never describes what it does not hold.
 
-Each job here runs as its own `embcam explain` process with its own local Ray, so that a
-fault can be injected into its workers (EMBCAM_FAULT) and the driver can be killed. Every
-process of such a job carries a unique marker in its environment; the fixture kills them
-all at the end, the raylet and agents that outlive a killed driver included.
+Each job here runs as its own `embcam explain` process, so that a fault can be injected
+into its workers (EMBCAM_FAULT) and the driver can be killed. It joins the session's Ray,
+as a driver joins a cluster, and hands the faults to its workers through Ray's runtime
+environment (``embcam.faults``). Every process of such a job, its workers included, carries
+a unique marker in its environment (EMBCAM_TEST_JOB), by which the fixture kills them all.
 
 A test that stops a job mid-run never races it: the job holds a worker on the last piece
 (``hold_last_piece``), so it cannot finish, and the test stops it once that worker is
@@ -59,13 +60,14 @@ def _environ_has(pid: int, marker: bytes) -> bool:
 
 
 @pytest.fixture
-def jobs():
-    """Starts `embcam explain` processes; kills every process they started at teardown."""
+def jobs(ray_session):
+    """Starts `embcam explain` processes on the session's Ray; kills every process of theirs
+    (drivers and workers) at teardown."""
     marker = uuid.uuid4().hex
+    address = ray_session.get_runtime_context().gcs_address
 
     def start(dataset, out, *extra, fault=None):
-        env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-        env.pop("RAY_ADDRESS", None)
+        env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS=address)
         if fault:
             env["EMBCAM_FAULT"] = fault
         cmd = [sys.executable, "-m", "embcam.cli", *explain_argv(dataset, out, *extra)]
@@ -79,8 +81,8 @@ def jobs():
         return process.returncode, out, err
 
     def crash(process):
-        """SIGKILL the driver, then (as a machine crash would) every process of its job: a
-        killed driver's workers may otherwise commit their batches in flight for a moment."""
+        """SIGKILL the driver, then (as a machine crash would) every worker of its job: Ray
+        stops them too, but a moment later, in which they could commit their batches in flight."""
         if process.poll() is None:  # else it died by itself (a fault on the driver)
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
@@ -175,7 +177,7 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     assert summary["counts"]["resumed"] >= done > 0 and summary["counts"]["ok"] == rows
     assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written  # pass 1 was not redone
 
-    # the same numbers as one uninterrupted run (in this process: no third Ray to start)
+    # the same numbers as one uninterrupted run (in this process: no interpreter to start)
     manifest, checkpoint, _ = dataset
     run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "fresh"), checkpoint=str(checkpoint),
                               batch_size=8, block_rows=8, proxy="mean", strategy="streaming"), progress=False)
