@@ -5,8 +5,8 @@ batch: manifest rows, decoded images (``load_images``), per-class partial sums, 
 and results rows. The model stage between them is ``embcam.model_stage``; the Ray
 pipeline (``embcam.pipeline``) runs them as Ray Data operators. A row that fails gets
 ``status="error"`` and a reason, keeps flowing, and is skipped by later stages: one bad
-image never stops the job or loses the other rows. torch is imported by
-``heatmaps_from_kept_maps`` alone, when called: a decode or commit task never loads it.
+image never stops the job or loses the other rows. No torch here: the job's decode and
+commit tasks never load it.
 """
 from __future__ import annotations
 
@@ -190,17 +190,20 @@ def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_ma
     ok = np.flatnonzero(out["status"] == OK)
     rows, vectors = assign_proxies(batch, out, ok, lambda label: proxies.get(str(label)), proxy_mode)
     if rows:
-        import torch  # only here: the other stages run in CPU tasks that never load torch
-
-        from .cam import heatmaps_from_maps, normalise
-
-        maps = torch.from_numpy(np.ascontiguousarray(batch["maps"][rows]))
-        p = torch.from_numpy(np.stack(vectors))
-        y = torch.from_numpy(np.ascontiguousarray(batch["embedding"][rows]))
-        out["heatmap"][rows] = heatmaps_from_maps(maps, p).numpy()
-        out["score"][rows] = (y * p).sum(-1).numpy()
-        out["cosine"][rows] = (normalise(y) * normalise(p)).sum(-1).numpy()
+        maps = np.asarray(batch["maps"][rows], np.float32)
+        p = np.stack(vectors).astype(np.float32)
+        y = np.asarray(batch["embedding"][rows], np.float32)
+        # ReLU(E . p) per image, as one batched matrix product: (n, 1, d) @ (n, d, h*w)
+        heat = np.matmul(p[:, None, :], maps.reshape(len(rows), maps.shape[1], -1))[:, 0]
+        out["heatmap"][rows] = np.maximum(heat, 0).reshape((len(rows),) + maps.shape[2:])
+        out["score"][rows] = (y * p).sum(-1)
+        out["cosine"][rows] = (_normalise(y) * _normalise(p)).sum(-1)
     return out
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    """v / |v| along the last axis, a zero vector staying zero (as ``cam.normalise``)."""
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def compute_metrics(batch: dict) -> dict:

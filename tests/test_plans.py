@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
-from embcam.cam import cheapest_strategy, embedding_map_path
+from embcam.cam import cheapest_strategy, embedding_map_path, heatmaps_from_maps, normalise
 from embcam.datasets import generate_dataset
 from embcam.maps import read_stored_rows, write_maps
 from embcam.metrics import heatmap_metrics
@@ -21,7 +21,7 @@ from embcam.model_stage import ExplainModel, ModelConfig
 from embcam.models import GeM, Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, choose_plan, run_explain
 from embcam.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
-from embcam.stages import load_images, manifest_batch
+from embcam.stages import heatmaps_from_kept_maps, load_images, manifest_batch
 
 SIZE = 48
 
@@ -147,8 +147,9 @@ def results(out):
     return pd.read_parquet(out / "results").set_index("image_id").sort_index()
 
 
-def test_stored_maps_plan_equals_the_model_run(ray_session, dataset, tmp_path):
-    kept = explain(dataset, tmp_path / "kept", strategy="embedding-map")
+def test_stored_maps_plan_equals_the_model_run_and_float16_maps_stay_within_their_rounding_bound(
+        ray_session, dataset, tmp_path):
+    kept = explain(dataset, tmp_path / "kept", strategy="embedding-map", keep_maps=True, maps_dtype="float32")
     stored = explain(dataset, tmp_path / "stored", strategy="stored-maps", maps_dtype="float32")
     assert stored["plan"] == "stored-maps" and kept["plan"] == "embedding-map"
     assert list(stored["passes"]) == ["pass 1 of 2, embeddings and maps", "pass 2 of 2, heatmaps from the stored maps"]
@@ -171,19 +172,16 @@ def test_stored_maps_plan_equals_the_model_run(ray_session, dataset, tmp_path):
     np.testing.assert_allclose(heat_b, heat_a, rtol=1e-5, atol=1e-6 * heat_a.max())
     assert pd.read_parquet(tmp_path / "stored" / "proxies.parquet")["count"].sum() == ok.sum()
 
-
-def test_stored_float16_maps_stay_within_their_rounding_bound(ray_session, dataset, tmp_path):
-    explain(dataset, tmp_path / "exact", strategy="stored-maps", maps_dtype="float32", keep_maps=True)
+    # float16 maps (the default) round each E value by at most 2^-11 of it:
+    # |dH| <= sum_k |p_k| |E_k| 2^-11, against the float32 maps the kept run stored
     explain(dataset, tmp_path / "half", strategy="stored-maps")
-    exact, half = results(tmp_path / "exact"), results(tmp_path / "half")
-    ok = exact.status == "ok"
-    proxies = pd.read_parquet(tmp_path / "exact" / "proxies.parquet").set_index("label").proxy
-    maps = pd.read_parquet(tmp_path / "exact" / "maps").set_index("image_id").loc[exact.index[ok]]
+    half = results(tmp_path / "half")
+    proxies = pd.read_parquet(tmp_path / "kept" / "proxies.parquet").set_index("label").proxy
+    maps = pd.read_parquet(tmp_path / "kept" / "maps").set_index("image_id").loc[a.index[ok]]
     e = np.stack(maps.maps).reshape(ok.sum(), 16, -1)
-    p = np.stack(proxies[exact.label[ok]])
-    # float16 rounds each E value by at most 2^-11 of it: |dH| <= sum_k |p_k| |E_k| 2^-11
+    p = np.stack(proxies[a.label[ok]])
     bound = np.einsum("nk,nkc->nc", np.abs(p), np.abs(e)) * 2.0 ** -11
-    diff = np.abs(np.stack(half.heatmap[ok]) - np.stack(exact.heatmap[ok]))
+    diff = np.abs(np.stack(half.heatmap[ok]) - heat_a)
     assert (diff <= bound + 1e-9).all() and diff.max() > 0
 
 
@@ -272,3 +270,25 @@ def test_stored_rows_of_a_range_across_pieces_and_of_a_piece_where_every_image_f
     assert got["maps"].shape == (5, *grid) and not got["maps"][1:3].any() and not got["embedding"][1:3].any()
     with pytest.raises(RuntimeError, match="stored maps hold 4 of manifest rows 5-10"):
         read_stored_rows(run, pieces, 5, 10, grid)
+
+
+def test_heatmaps_from_kept_maps_equal_the_cams_own_in_float64():
+    """The CPU stage's ReLU(E . p), score and cosine (numpy, no torch) against the CAM's own
+    functions in float64; a row without a proxy fails, an error row stays as it was."""
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(4, 6, 3, 5)).astype(np.float32)
+    embeddings = rng.normal(size=(4, 6)).astype(np.float32)
+    proxies = {"a": rng.normal(size=6).astype(np.float32), "b": np.zeros(6, np.float32)}
+    batch = {"image_id": np.array(["i0", "i1", "i2", "i3"], dtype=object), "label": np.array(["a", "b", "c", "a"],
+             dtype=object), "status": np.array(["ok", "ok", "ok", "error"], dtype=object),
+             "error": np.array([None, None, None, "image: broken"], dtype=object), "maps": maps,
+             "embedding": embeddings}
+    out = heatmaps_from_kept_maps(batch, "mean", proxies)
+    assert out["status"].tolist() == ["ok", "ok", "error", "error"] and "maps" not in out
+    assert out["error"][2] == "proxy: no mean proxy for label 'c'" and out["error"][3] == "image: broken"
+    p = torch.from_numpy(np.stack([proxies["a"], proxies["b"]])).double()
+    e, y = torch.from_numpy(maps[:2]).double(), torch.from_numpy(embeddings[:2]).double()
+    np.testing.assert_allclose(out["heatmap"][:2], heatmaps_from_maps(e, p).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["score"][:2], (y * p).sum(-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(out["cosine"][:2], (normalise(y) * normalise(p)).sum(-1).numpy(), rtol=1e-5)
+    assert out["cosine"][1] == 0 and not out["heatmap"][2:].any()  # a zero proxy; rows without a heatmap

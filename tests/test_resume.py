@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embcam import save_checkpoint
+from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cli import main
 from embcam.datasets import generate_dataset
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
 from embcam.runstate import RunFolder, RunMismatch, covered
+from embcam.stages import load_images, manifest_batch
 
 pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
 SIZE = 48
@@ -146,6 +147,21 @@ def results(out) -> pd.DataFrame:
     return pd.read_parquet(Path(out) / "results")
 
 
+def api_explained(dataset, df: pd.DataFrame, proxies_file) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and flat heatmaps of ``df``'s rows by the Python API (no Ray): the job's
+    own decode, the checkpoint's model, EmbeddingCAM against each row's class proxy."""
+    manifest, checkpoint, _ = dataset
+    model, prep, _ = load_model(checkpoint=checkpoint)
+    rows = manifest_batch(pq.read_table(manifest))
+    images = load_images(rows, str(manifest.parent), prep.size)["image"]
+    position = {image_id: i for i, image_id in enumerate(rows["image_id"])}
+    x = prep(torch.from_numpy(images[[position[i] for i in df.image_id]]))
+    proxies = pd.read_parquet(proxies_file).set_index("label").proxy
+    p = torch.from_numpy(np.stack([proxies[label] for label in df.label]).astype(np.float32))
+    out = EmbeddingCAM(model, strategy="autograd")(x, p)
+    return out.embeddings.numpy(), out.heatmaps.flatten(1).numpy()
+
+
 def assert_complete(out, rows):
     df = results(out)
     assert len(df) == rows and df.image_id.is_unique  # one row per manifest row, exactly once
@@ -177,12 +193,16 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     assert summary["counts"]["resumed"] >= done > 0 and summary["counts"]["ok"] == rows
     assert (out / "proxies.parquet").stat().st_mtime_ns == proxies_written  # pass 1 was not redone
 
-    # the same numbers as one uninterrupted run (in this process: no interpreter to start)
-    manifest, checkpoint, _ = dataset
-    run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "fresh"), checkpoint=str(checkpoint),
-                              batch_size=8, block_rows=8, proxy="mean", strategy="streaming"), progress=False)
-    fresh = results(tmp_path / "fresh").set_index("image_id").loc[df.image_id]
-    np.testing.assert_allclose(np.stack(df.heatmap), np.stack(fresh.heatmap), rtol=1e-5, atol=1e-7)
+    # the numbers an uninterrupted run must give: the Python API's, without Ray
+    embeddings, heatmaps = api_explained(dataset, df, out / "proxies.parquet")
+    np.testing.assert_allclose(np.stack(df.embedding), embeddings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack(df.heatmap), heatmaps, rtol=1e-4, atol=1e-6 * heatmaps.max())
+    y = embeddings.astype(np.float64) / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    proxies = pd.read_parquet(out / "proxies.parquet").set_index("label")
+    for label in proxies.index:  # normalise(mean of the normalised embeddings), from all of its images
+        mean = y[(df.label == label).to_numpy()].mean(0)
+        np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    assert proxies["count"].sum() == rows
 
     # complete: says so and does no work; another configuration is refused with the reason
     # (in this process: the CLI's handling of both is the same as in a job's own process)
