@@ -57,7 +57,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(ray_session, data, tmp_path_factory):
-    """The job runs the tests compare: pairs only; all images with float16 / float32 maps; a bank."""
+    """The job runs the tests compare: pairs only (no maps kept); all images with float16 maps;
+    a bank, with float32 maps."""
     root, manifest, checkpoint, _, _ = data
     out = tmp_path_factory.mktemp("runs")
 
@@ -68,8 +69,7 @@ def runs(ray_session, data, tmp_path_factory):
 
     summaries = {"pairs": explain("pairs", pairs=str(root / "pairs.parquet")),
                  "maps16": explain("maps16", keep_maps=True),
-                 "maps32": explain("maps32", keep_maps=True, maps_dtype="float32"),
-                 "bank": explain("bank", proxies=str(root / "bank.parquet"))}
+                 "bank": explain("bank", proxies=str(root / "bank.parquet"), keep_maps=True, maps_dtype="float32")}
     return out, summaries
 
 
@@ -235,7 +235,8 @@ def test_reexplain_equals_a_model_run_within_float16_rounding(data, runs, tmp_pa
     h, w = int(model_run.heatmap_height[ok].iloc[0]), int(model_run.heatmap_width[ok].iloc[0])
     expected = np.stack(model_run.heatmap[ok]).reshape(-1, h, w)
     for dtype in ("float16", "float32"):
-        summary = reexplain(str(out / f"maps{dtype[-2:]}"), str(tmp_path / dtype), proxies=str(root / "bank.parquet"),
+        maps_run = out / ("maps16" if dtype == "float16" else "bank")
+        summary = reexplain(str(maps_run), str(tmp_path / dtype), proxies=str(root / "bank.parquet"),
                             log=lambda line: None)
         got = pd.read_parquet(tmp_path / dtype / "results").set_index("image_id").sort_index()
         assert (got.status == model_run.status).all() and summary["counts"]["ok"] == int(ok.sum())
@@ -277,7 +278,7 @@ def test_reexplain_pairs_from_float16_maps_and_resume(data, runs, tmp_path):
 def test_reexplain_refuses_runs_without_maps_and_wrong_banks(data, runs, tmp_path, capsys):
     root = data[0]
     out, _ = runs
-    assert cli_main(["reexplain", str(out / "bank"), "--proxies", str(root / "bank.parquet"),
+    assert cli_main(["reexplain", str(out / "pairs"), "--proxies", str(root / "bank.parquet"),
                      "--out", str(tmp_path / "a")]) == 2
     assert "keeps no E maps: explain it with --keep-maps" in capsys.readouterr().err
     pq.write_table(pa.table({"label": ["x"], "proxy": [[1.0, 0.0]]}), tmp_path / "short.parquet")
