@@ -41,9 +41,14 @@ def ray_session():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 << 20, ignore_reinit_error=True)
-    # Ray Data's cluster-wide actors (stats, autoscaling), made by this process: a test that
-    # kills every process of a job that joined this Ray then never kills them.
-    ray.data.range(1).materialize()
+    # Ray Data's cluster-wide (detached) actors, made by this process and its job: a test that
+    # kills every process of a job that joined this Ray then never kills them. An actor pool
+    # makes them all (stats, autoscaling, actor locations).
+    class Same:  # local: pickled by value, the workers need not import this file
+        def __call__(self, batch):
+            return batch
+
+    ray.data.range(1).map_batches(Same, concurrency=1).materialize()
     yield ray
     ray.shutdown()
 

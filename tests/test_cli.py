@@ -330,11 +330,15 @@ def test_demo_is_quiet_and_finishes_on_one_cpu(tmp_path):
 
 
 @pytest.mark.slow  # a job in a process of its own
-def test_explain_verbose_shows_rays_lines(manifest, tmp_path):
+def test_explain_verbose_shows_rays_lines(manifest, tmp_path, ray_session):
+    """On the session's Ray (--address), as on a cluster: a Ray start is the demo test's."""
+    address = ray_session.get_runtime_context().gcs_address
     done = _run_embcam(["explain", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
-                        "--checkpoint", str(DEMO_MODEL), "--verbose"], tmp_path)
+                        "--checkpoint", str(DEMO_MODEL), "--verbose", "--address", address], tmp_path,
+                       env={"RAY_AUTH_MODE": "disabled"})  # as the session's Ray was started
     assert done.returncode == 0, done.stderr
-    assert "INFO worker.py" in done.stderr and "Started a local Ray instance" in done.stderr, done.stderr
+    assert "INFO worker.py" in done.stderr and f"Connecting to existing Ray cluster at address: {address}" \
+        in done.stderr, done.stderr
     assert "Execution plan of Dataset" in done.stderr, done.stderr
     assert "embcam explain: 4 rows (4 ok, 0 error, 0 degenerate)" in done.stdout, done.stdout
 

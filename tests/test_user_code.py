@@ -89,16 +89,18 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture
-def job(tmp_path):
-    """Runs `embcam explain ARGS` from an empty cwd, without PYTHONPATH; kills what it left."""
+def job(tmp_path, ray_session):
+    """Runs `embcam explain ARGS` from an empty cwd, without PYTHONPATH, joining the session's
+    Ray as a driver joins a cluster (the user code travels in the job's runtime env, which
+    the session's workers know nothing of); kills what it left."""
     marker = uuid.uuid4().hex
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
+    address = ray_session.get_runtime_context().gcs_address
 
     def run(*args):
-        env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-        for name in ("PYTHONPATH", "RAY_ADDRESS"):
-            env.pop(name, None)
+        env = dict(os.environ, EMBCAM_TEST_JOB=marker, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS=address)
+        env.pop("PYTHONPATH", None)
         cmd = [sys.executable, "-m", "embcam.cli", "explain", "--image-size", str(SIZE), "--batch-size", "4",
                "--no-progress", *map(str, args)]
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
