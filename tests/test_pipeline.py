@@ -67,8 +67,15 @@ def core_heatmaps(dataset, rows, proxies="self"):
     return EmbeddingCAM(model, strategy="autograd")(prep(torch.from_numpy(images)), proxies)
 
 
-def test_self_proxy_job(ray_session, dataset, tmp_path):
-    summary = explain(dataset, tmp_path)
+@pytest.fixture(scope="module")
+def self_run(ray_session, dataset, tmp_path_factory):
+    """One self-proxy job with the dataset's own checkpoint, which several tests read."""
+    out = tmp_path_factory.mktemp("self-run")
+    return out, explain(dataset, out)
+
+
+def test_self_proxy_job(self_run, dataset):
+    tmp_path, summary = self_run
     df = read(tmp_path)
     table = dataset[3]
     assert sorted(df.image_id) == sorted(table.column("image_id").to_pylist())  # every row exactly once
@@ -192,11 +199,10 @@ def test_compiled_job_matches_the_core(ray_session, dataset, tmp_path):
     assert not (tmp_path / "layer").exists()
 
 
-def test_reshape_is_part_of_the_run_identity(ray_session, dataset, tmp_path):
+def test_reshape_is_part_of_the_run_identity(self_run, dataset, tmp_path):
     """A run is resumed only with its own --reshape; a bad one fails before any work."""
-    explain(dataset, tmp_path)
     with pytest.raises(RunMismatch, match=r"another configuration \(reshape: None -> 'nhwc'\)"):
-        explain(dataset, tmp_path, reshape="nhwc")
+        explain(dataset, self_run[0], reshape="nhwc")
     with pytest.raises(ValueError, match=r"--reshape must be one of \('tokens', 'nhwc', 'nchw'\), got 'NHWC'"):
         explain(dataset, tmp_path / "bad", reshape="NHWC")
     assert not (tmp_path / "bad").exists()
@@ -251,8 +257,8 @@ def test_a_checkpoint_that_does_not_fit_fails_before_any_work_unless_allowed(ray
     assert warning in (tmp_path / "report" / "report.html").read_text()
 
 
-def test_a_matching_checkpoint_is_recorded_as_loaded_whole(ray_session, dataset, tmp_path):
-    summary = explain(dataset, tmp_path)
+def test_a_matching_checkpoint_is_recorded_as_loaded_whole(self_run):
+    summary = self_run[1]
     fit = summary["checkpoint"]
     assert fit["partial"] is False and fit["loaded"] == len(build_model("embcam:small-resnet+linear:16").state_dict())
     assert "WARNING" not in format_summary(summary)
