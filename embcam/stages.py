@@ -244,6 +244,11 @@ def to_results(batch: dict) -> pa.Table:
             cols[k] = pa.array([None if v is None or v != v else str(v) for v in cols[k]], pa.string())
     for k in ("image_id", "status", "proxy_kind"):
         cols[k] = pa.array([str(v) for v in batch[k]], pa.string())
+    if "uri" in batch:  # as the manifest gave it, never with its credentials
+        cols["uri"] = pa.array([None if is_null(v) else redact(str(v)) for v in batch["uri"]], pa.string())
+    for k in BBOX_COLUMNS:
+        if k in batch:
+            cols[k] = pa.array([None if is_null(v) else float(v) for v in batch[k]], pa.float64())
     decoded = ok | (np.asarray(batch["width"]) > 0)
     cols["width"] = pa.array(batch["width"], pa.int32(), mask=~decoded)
     cols["height"] = pa.array(batch["height"], pa.int32(), mask=~decoded)

@@ -98,6 +98,13 @@ def test_self_proxy_job(self_run, dataset):
     assert ok.ratio_bbox.between(0, 1).all() and ok.uniform_bbox.between(0, 1).all()
     assert (ok.iou_sweep.map(len) == 8).all()
 
+    # self-contained: each row carries the manifest's uri and box (nulls where it has none)
+    manifest = table.to_pandas().set_index("image_id").loc[df.image_id]
+    assert df.uri.tolist() == manifest.uri.tolist()
+    for column in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"):
+        np.testing.assert_array_equal(df[column].to_numpy(float), manifest[column].to_numpy(float))
+    assert df.bbox_x0.notna().sum() == manifest.bbox_x0.notna().sum() > 0
+
     # the results open with pandas alone, in a process without Ray
     code = ("import sys, pandas as pd, numpy as np; df = pd.read_parquet(sys.argv[1]); "
             "ok = df[df.status == 'ok'].iloc[0]; "

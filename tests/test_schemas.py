@@ -15,8 +15,8 @@ NAMES = ["manifest", "results", "proxies", "pairs", "maps"]
 EXPECTED_COLUMNS = {
     "manifest": ["image_id", "uri", "label", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
                  "mask_uri", "split"],
-    "results": ["image_id", "label", "split", "status", "error", "width", "height", "orientation",
-                "embedding",
+    "results": ["image_id", "label", "split", "uri", "status", "error", "width", "height", "orientation",
+                "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "embedding",
                 "proxy_kind", "proxy_label", "score", "cosine", "heatmap", "heatmap_height",
                 "heatmap_width", "degenerate", "ratio_bbox", "ratio_mask", "uniform_bbox",
                 "uniform_mask", "pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1",
