@@ -10,10 +10,13 @@
   so a million-row run reads only what it is asked for; a ``filter`` is pushed down.
 * :func:`read_row` / :func:`read_rows` fetch whole rows by ``image_id``, reading the heavy
   columns only of the row groups that hold them, and join the run's manifest: the row
-  gains the manifest's ``uri`` (resolved against the run's image root) and its
-  ``bbox_x0..bbox_y1``. Results rows do not carry these; the run folder keeps a copy of
-  the validated manifest (``_embcam/manifest/``), and runs from before that copy existed
-  are joined with the manifest their config names.
+  gains the manifest's ``uri`` resolved against the run's image root (rows carry the uri
+  as the manifest gave it, and the box, since results contract version 2; older rows
+  get both from the join). The run folder keeps a copy of the validated manifest
+  (``_embcam/manifest/``); runs from before that copy existed are joined with the
+  manifest their config names.
+* :func:`read_frame` is the results as a pandas DataFrame with each heatmap as a 2-D
+  array; :func:`iou_sweep_thresholds` says which IoU thresholds ``iou_sweep`` holds.
 * :func:`heatmap`, :func:`upsample`, :func:`heat_spread` and :func:`overlay` take one row:
   a dict (as above), a pandas Series, or a one-row pyarrow table or struct.
 
@@ -26,6 +29,7 @@ applied, so they match the row's ``width``, ``height`` and boxes.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 
@@ -44,7 +48,7 @@ from embcam.locations import default_image_root, has_scheme, redact, resolve_uri
 from embcam.manifest import resolve_source
 from embcam.metrics import LOC_IOU, THRESHOLDS
 from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
-from embcam.schemas import ERROR, OK
+from embcam.schemas import ERROR, IOU_SWEEP_METADATA, OK
 
 HEAVY_COLUMNS = ("embedding", "heatmap", "heatmap_topk")
 PRED_BOX_COLUMNS = ("pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1")
@@ -54,7 +58,8 @@ GT_COLOUR, PRED_COLOUR = (0, 200, 0), (255, 0, 0)  # RGB: ground truth green, pr
 SPREAD_MEASURE = ("normalised entropy of the raw heatmap: q = H / sum(H), "
                   "-sum(q ln q) / ln(h w); 0 = all heat in one cell, 1 = spread evenly")
 
-__all__ = ["open_results", "results_schema", "read_rows", "read_row", "run_config", "manifest_rows",
+__all__ = ["open_results", "read_frame", "iou_sweep_thresholds", "results_schema", "read_rows", "read_row",
+           "run_config", "manifest_rows",
            "image_root_of", "join_manifest", "heatmap", "upsample", "heat_spread", "spreads",
            "overlay", "overlay_panel", "overlay_file_name", "write_image", "describe",
            "HEAVY_COLUMNS", "PRED_BOX_COLUMNS", "SPREAD_MEASURE"]
@@ -88,6 +93,29 @@ def open_results(path: str | os.PathLike, columns: Iterable[str] | None = None,
     schema = pa.schema([full.schema.field(c) for c in wanted])
     dataset = pads.dataset(folder, filesystem=fs, format="parquet", schema=schema)
     return dataset if filter is None else dataset.filter(filter)
+
+
+def read_frame(path: str | os.PathLike, columns: Iterable[str] | None = None,
+               filter: pc.Expression | None = None):
+    """The results as a pandas DataFrame, each ``heatmap`` (and ``heatmap_topk``) a float32
+    (heatmap_height, heatmap_width) array, None where the row has none. ``columns`` and
+    ``filter`` as :func:`open_results`, but the default is every column, vectors included."""
+    names = results_schema(path).names if columns is None else \
+        list(dict.fromkeys([columns] if isinstance(columns, str) else columns))
+    maps = [c for c in ("heatmap", "heatmap_topk") if c in names]
+    shape = ["heatmap_height", "heatmap_width"]
+    frame = open_results(path, names + [c for c in shape if maps and c not in names], filter).to_table().to_pandas()
+    for column in maps:
+        frame[column] = [None if values is None else np.asarray(values, np.float32).reshape(int(h), int(w))
+                         for values, h, w in zip(frame[column], frame.heatmap_height, frame.heatmap_width)]
+    return frame[names]
+
+
+def iou_sweep_thresholds(path: str | os.PathLike) -> tuple[float, ...]:
+    """The IoU thresholds of the ``iou_sweep`` column, in its order: from the results files'
+    metadata, or the job's own for results written before they were stored there."""
+    stored = (results_schema(path).metadata or {}).get(IOU_SWEEP_METADATA)
+    return tuple(json.loads(stored)) if stored else tuple(THRESHOLDS)
 
 
 def results_schema(path: str | os.PathLike) -> pa.Schema:

@@ -42,6 +42,10 @@ ARROW_TYPES = {
 }
 
 
+IOU_SWEEP_METADATA = b"embcam.iou_sweep_thresholds"
+"""The key, in the metadata of every results file, of the JSON list of ``iou_sweep``'s IoU thresholds."""
+
+
 class SchemaError(ValueError):
     """Data does not fit a schema (missing column, impossible cast, null where not allowed)."""
 

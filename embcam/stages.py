@@ -10,6 +10,8 @@ commit tasks never load it.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +23,7 @@ from .images import decode_mask, decode_resized
 from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
 from .proxies import MeanProxyAccumulator
-from .schemas import ERROR, OK, conform, list_column
+from .schemas import ERROR, IOU_SWEEP_METADATA, OK, conform, list_column
 
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
@@ -271,5 +273,6 @@ def to_results(batch: dict) -> pa.Table:
                 cols[k] = pa.array(values == 1, pa.bool_(), mask=null)
             else:
                 cols[k] = pa.array(values, pa.float32(), mask=null)
-    return conform(pa.table(cols), "results")
+    table = conform(pa.table(cols), "results")
+    return table.replace_schema_metadata({IOU_SWEEP_METADATA: json.dumps(THRESHOLDS)})
 

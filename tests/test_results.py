@@ -29,8 +29,10 @@ from embcam.results import (
     describe,
     heat_spread,
     heatmap,
+    iou_sweep_thresholds,
     open_results,
     overlay,
+    read_frame,
     read_row,
     read_rows,
     spreads,
@@ -446,3 +448,25 @@ def test_a_run_without_boxes_is_summarised_by_its_cosines_and_errors(run):
     assert "n/a" not in text
     assert f"mean cosine to the proxy {means['cosine']:.3f} (lowest label: a, " in text
     assert "1 error rows, e.g. 'image: FileNotFoundError: gone'; list them: python -c" in text
+
+
+def test_read_frame_gives_2d_heatmaps_and_the_sweeps_thresholds(real_run, tmp_path):
+    out, _, _ = real_run
+    flat = pd.read_parquet(out / "results")
+    frame = read_frame(out)
+    assert list(frame.columns) == list(flat.columns) and len(frame) == len(flat) == 10
+    for got, row in zip(frame.heatmap, flat.itertuples()):
+        if row.status == "ok":
+            assert got.shape == (row.heatmap_height, row.heatmap_width) and got.dtype == np.float32
+            np.testing.assert_array_equal(got.ravel(), row.heatmap)
+        else:
+            assert got is None
+    ok = read_frame(out, columns=["image_id", "heatmap"], filter=pc.field("status") == "ok")
+    assert list(ok.columns) == ["image_id", "heatmap"] and len(ok) == 9 and all(h.ndim == 2 for h in ok.heatmap)
+    # iou_sweep's thresholds travel in the files; results written before that get the job's
+    assert iou_sweep_thresholds(out) == (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+    (tmp_path / "results").mkdir()
+    for piece in (out / "results").glob("*.parquet"):
+        pq.write_table(pq.read_table(piece).replace_schema_metadata(None), tmp_path / "results" / piece.name)
+    assert not pq.read_schema(next((tmp_path / "results").glob("*.parquet"))).metadata
+    assert iou_sweep_thresholds(tmp_path) == (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
