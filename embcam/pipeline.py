@@ -345,9 +345,7 @@ class _Job:
         faults.fault_point("reduce", ["*"])
         table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
                               schema=tasks.PARTIALS_SCHEMA)
-        columns = (table.column(c).to_pylist() for c in ("label", "sum", "count"))
-        acc = tasks.add_partials(MeanProxyAccumulator(), *columns)
-        return self._persist(acc)
+        return self._persist(tasks.reduce_partials(table))
 
     def stored_maps_pass2(self, proxies: dict) -> None:
         """Pass 2 of the stored-maps plan: heatmaps ReLU(E . p) and metrics from the maps
@@ -376,12 +374,12 @@ class _Job:
             kept = (self.model(self.loaded(todo), what, "mean", None, "maps")
                     .map_batches(typed_nulls, batch_size=None, batch_format="pyarrow").materialize())
             self.progress.add(_rows_in(todo))  # materialize() tells nothing on the way: all rows at once
-        acc = MeanProxyAccumulator()
         partials = kept.map_batches(tasks.partials_from_embeddings, fn_kwargs={"split": self.cfg.proxy_split},
                                     batch_format="numpy")
-        for batch in partials.iter_batches(batch_format="numpy", batch_size=4096):
-            tasks.add_partials(acc, batch["label"], batch["sum"], batch["count"])
-        proxies = self._persist(acc)
+        table = pa.concat_tables([tasks.PARTIALS_SCHEMA.empty_table()] + [
+            tasks.partials_table(b["label"], b["sum"], b["count"])
+            for b in partials.iter_batches(batch_format="numpy", batch_size=4096)])
+        proxies = self._persist(tasks.reduce_partials(table))
         with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
             heatmaps = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies, self.maps_dtype is not None),
                                         batch_format="numpy")

@@ -97,10 +97,11 @@ class MeanProxyAccumulator:
 
 def proxy_table(proxies: Mapping[str, np.ndarray], counts: Mapping[str, int] | None = None) -> pa.Table:
     labels = sorted(proxies)
-    vectors = [np.asarray(proxies[k], dtype=np.float32).tolist() for k in labels]
+    vectors = np.stack([np.asarray(proxies[k], np.float32) for k in labels]) if labels else np.zeros((0, 0), np.float32)
+    offsets = pa.array(np.arange(len(labels) + 1, dtype=np.int64) * vectors.shape[1], pa.int32())
     return pa.table({
         "label": pa.array(labels, pa.string()),
-        "proxy": pa.array(vectors, pa.list_(pa.float32())),
+        "proxy": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel(), pa.float32())),
         "count": pa.array([int(counts[k]) if counts else 0 for k in labels], pa.int64()),
     })
 

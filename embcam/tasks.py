@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .attempts import Attempts
 from .faults import fault_point
@@ -62,10 +63,10 @@ def commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: str
         if maps_dtype is not None:
             write_maps(run, piece, maps_dtype, piece_name(start, stop))
         part = partial_sums(piece, piece["embedding"], split)
-        parts = [{"label": label, "sum": total, "count": count}
-                 for label, total, count in zip(part["label"], part["sum"].tolist(), part["count"].tolist())]
-        run.write_table(pa.Table.from_pylist(parts or [{"label": None, "sum": [], "count": 0}],
-                                             schema=PARTIALS_SCHEMA), STATE, PARTIALS, piece_name(start, stop))
+        if not len(part["count"]):
+            part = {"label": [None], "sum": np.zeros((1, 0)), "count": [0]}
+        run.write_table(partials_table(part["label"], part["sum"], part["count"]), STATE, PARTIALS,
+                        piece_name(start, stop))
     return {"rows": np.array([len(rows)])}
 
 
@@ -84,11 +85,34 @@ def heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarra
     return {"rows": np.array([stop - start])}
 
 
-def add_partials(acc: MeanProxyAccumulator, labels, sums, counts) -> MeanProxyAccumulator:
-    """Add per-class partial sums; a null label marks a piece without labelled rows."""
-    for label, total, count in zip(labels, sums, counts):
-        if label is not None:
-            acc.add_partial(str(label), np.asarray(total, np.float64), int(count))
+def partials_table(labels, sums, counts) -> pa.Table:
+    """Per-class partial sums (``sums``: one row per label) as ``PARTIALS_SCHEMA`` rows."""
+    sums = np.asarray(sums, np.float64)
+    sums = sums.reshape(len(counts), sums.shape[-1] if sums.size else 0)  # (n, d); (0, 0) without rows
+    offsets = pa.array(np.arange(len(counts) + 1, dtype=np.int64) * sums.shape[1], pa.int32())
+    return pa.table({"label": pa.array([None if v is None else str(v) for v in labels], pa.string()),
+                     "sum": pa.ListArray.from_arrays(offsets, pa.array(sums.ravel(), pa.float64())),
+                     "count": pa.array(np.asarray(counts, np.int64), pa.int64())}, schema=PARTIALS_SCHEMA)
+
+
+def reduce_partials(table: pa.Table) -> MeanProxyAccumulator:
+    """Partial sums (``PARTIALS_SCHEMA`` rows) summed per class in numpy, holding no Python
+    object per value (a Python float list of a million 128-d sums is gigabytes). A null
+    label marks a piece without labelled rows."""
+    table = table.filter(pc.is_valid(table.column("label")))
+    acc = MeanProxyAccumulator()
+    if not table.num_rows:
+        return acc
+    values = pc.list_flatten(table.column("sum")).to_numpy()
+    if len(values) % table.num_rows:
+        raise ValueError("partial sums of different embedding dimensions: the pieces are not one run's")
+    labels, index = np.unique(table.column("label").to_numpy(zero_copy_only=False).astype(str), return_inverse=True)
+    order = np.argsort(index, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(index[order]) != 0])  # each class's first row, in order
+    sums = np.add.reduceat(values.reshape(table.num_rows, -1)[order], starts, axis=0)
+    counts = np.add.reduceat(table.column("count").to_numpy()[order], starts)
+    for label, total, count in zip(labels.tolist(), sums, counts.tolist()):
+        acc.add_partial(label, total, count)
     return acc
 
 
