@@ -103,9 +103,10 @@ def reduce_partials(table: pa.Table) -> MeanProxyAccumulator:
     acc = MeanProxyAccumulator()
     if not table.num_rows:
         return acc
-    values = pc.list_flatten(table.column("sum")).to_numpy()
-    if len(values) % table.num_rows:
+    lengths = pc.list_value_length(table.column("sum"))
+    if pc.min(lengths).as_py() != pc.max(lengths).as_py():
         raise ValueError("partial sums of different embedding dimensions: the pieces are not one run's")
+    values = pc.list_flatten(table.column("sum")).to_numpy()
     labels, index = np.unique(table.column("label").to_numpy(zero_copy_only=False).astype(str), return_inverse=True)
     order = np.argsort(index, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(index[order]) != 0])  # each class's first row, in order

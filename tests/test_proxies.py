@@ -71,3 +71,27 @@ def test_proxy_bank_round_trip_and_validation(tmp_path):
     pq.write_table(pa.table({"label": ["a", "b"], "proxy": [[1.0], [2.0, 3.0]]}), tmp_path / "dims.parquet")
     with pytest.raises(ValueError, match="different dimensions"):
         load_proxy_bank(tmp_path / "dims.parquet")
+
+
+def test_the_pass_one_reduce_sums_each_class_over_its_pieces():
+    """tasks.reduce_partials against a per-row loop; a piece without labelled rows (a null
+    label, an empty sum) adds nothing; pieces of different dimensions are refused."""
+    import pyarrow as pa
+
+    from embcam.tasks import partials_table, reduce_partials
+
+    rng = np.random.default_rng(4)
+    labels, sums, counts = ["b", "a", "b", "c", "a"], rng.normal(size=(5, 4)), [2, 1, 3, 1, 5]
+    table = pa.concat_tables([partials_table(labels[:3], sums[:3], counts[:3]),
+                              partials_table([None], np.zeros((1, 0)), [0]),
+                              partials_table(labels[3:], sums[3:], counts[3:])])
+    acc = reduce_partials(table)
+    assert sorted(acc.sums) == ["a", "b", "c"] and acc.counts == {"a": 6, "b": 5, "c": 1}
+    for label in "abc":
+        expected = sum(s for lab, s in zip(labels, sums) if lab == label)
+        np.testing.assert_allclose(acc.sums[label], expected, rtol=1e-15)
+    assert not reduce_partials(partials_table([None], np.zeros((1, 0)), [0])).sums
+    with pytest.raises(ValueError, match="different embedding dimensions"):
+        reduce_partials(pa.concat_tables([partials_table(["a"], np.ones((1, 4)), [1]),
+                                          partials_table(["b"], np.ones((1, 2)), [1]),
+                                          partials_table(["c"], np.ones((1, 2)), [1])]))
