@@ -15,6 +15,7 @@ from .fetch import ReadLimits
 from .maps import read_stored_rows, write_maps
 from .proxies import MeanProxyAccumulator
 from .runstate import PARTIALS, RESULTS, STATE, ManifestCopy, RunFolder, piece_name
+from .schemas import list_column
 from .stages import (
     compute_metrics,
     heatmaps_from_kept_maps,
@@ -89,9 +90,8 @@ def partials_table(labels, sums, counts) -> pa.Table:
     """Per-class partial sums (``sums``: one row per label) as ``PARTIALS_SCHEMA`` rows."""
     sums = np.asarray(sums, np.float64)
     sums = sums.reshape(len(counts), sums.shape[-1] if sums.size else 0)  # (n, d); (0, 0) without rows
-    offsets = pa.array(np.arange(len(counts) + 1, dtype=np.int64) * sums.shape[1], pa.int32())
     return pa.table({"label": pa.array([None if v is None else str(v) for v in labels], pa.string()),
-                     "sum": pa.ListArray.from_arrays(offsets, pa.array(sums.ravel(), pa.float64())),
+                     "sum": list_column(sums, np.ones(len(sums), bool)),
                      "count": pa.array(np.asarray(counts, np.int64), pa.int64())}, schema=PARTIALS_SCHEMA)
 
 

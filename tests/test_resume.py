@@ -147,7 +147,7 @@ def results(out) -> pd.DataFrame:
     return pd.read_parquet(Path(out) / "results")
 
 
-def api_explained(dataset, df: pd.DataFrame, proxies_file) -> tuple[np.ndarray, np.ndarray]:
+def api_explained(dataset, df: pd.DataFrame, proxies: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and flat heatmaps of ``df``'s rows by the Python API (no Ray): the job's
     own decode, the checkpoint's model, EmbeddingCAM against each row's class proxy."""
     manifest, checkpoint, _ = dataset
@@ -156,7 +156,6 @@ def api_explained(dataset, df: pd.DataFrame, proxies_file) -> tuple[np.ndarray, 
     images = load_images(rows, str(manifest.parent), prep.size)["image"]
     position = {image_id: i for i, image_id in enumerate(rows["image_id"])}
     x = prep(torch.from_numpy(images[[position[i] for i in df.image_id]]))
-    proxies = pd.read_parquet(proxies_file).set_index("label").proxy
     p = torch.from_numpy(np.stack([proxies[label] for label in df.label]).astype(np.float32))
     out = EmbeddingCAM(model, strategy="autograd")(x, p)
     return out.embeddings.numpy(), out.heatmaps.flatten(1).numpy()
@@ -166,11 +165,11 @@ def assert_as_the_python_api(dataset, df: pd.DataFrame, out: Path) -> None:
     """A mean-proxy run's results (every row) are the Python API's: embeddings, heatmaps
     against the run's proxies, and the proxies themselves, normalise(mean of the normalised
     embeddings) of every image of the class."""
-    embeddings, heatmaps = api_explained(dataset, df, out / "proxies.parquet")
+    proxies = pd.read_parquet(out / "proxies.parquet").set_index("label")
+    embeddings, heatmaps = api_explained(dataset, df, proxies.proxy)
     np.testing.assert_allclose(np.stack(df.embedding), embeddings, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.stack(df.heatmap), heatmaps, rtol=1e-4, atol=1e-6 * heatmaps.max())
     y = embeddings.astype(np.float64) / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    proxies = pd.read_parquet(out / "proxies.parquet").set_index("label")
     for label in proxies.index:
         mean = y[(df.label == label).to_numpy()].mean(0)
         np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
