@@ -24,8 +24,8 @@ lint: setup  # ruff, and mypy on the core modules; both configured in pyproject.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint  # everything, lint first (CI runs this); both cores (pytest-xdist)
-	$(PY) -m pytest -q -n 2 --dist worksteal
+test: lint  # everything, lint first (CI runs this); both cores (pytest-xdist), one module per worker
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 test-fast: setup  # the edit loop: the tests not marked slow (no Ray, no jobs, no subprocesses)
 	$(PY) -m pytest -q -m "not slow"

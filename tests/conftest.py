@@ -26,12 +26,21 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_name, None)
 
 
+# The modules that take longest (`pytest --durations=0`), longest first. `make test` gives each
+# module to one worker (--dist loadscope: a module's fixtures, its jobs, run once) in this
+# order, so that the long ones start first and both workers end together.
+LONGEST_FIRST = ("test_resume.py", "test_reproduce_cub.py", "test_bench_smoke.py", "test_pipeline.py",
+                 "test_pairs.py", "test_plans.py", "test_cli.py")
+
+
 def pytest_collection_modifyitems(items):
     """A test that uses the shared Ray (directly or through a fixture) is slow: `make test-fast`
     leaves it out. Tests that run jobs or subprocesses otherwise are marked where they are."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
 
 
 @pytest.fixture(scope="session")

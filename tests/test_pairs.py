@@ -311,20 +311,3 @@ def test_make_pairs_then_explain_pairs_then_report(data, runs, tmp_path):
     assert lowest.query_id in text and lowest.match_id in text
     pair_images = [s for s in page.sources if "pairs" in s]
     assert len(pair_images) >= 4 and all((tmp_path / "report" / s).exists() for s in page.sources)
-
-
-@pytest.mark.parametrize("strategy", ["embedding-map", "streaming", "two-pass"])
-def test_mean_proxy_plans_store_the_maps_they_explained_with(ray_session, data, tmp_path, strategy):
-    """Every plan stores maps from which the run's own proxies give back its own heatmaps."""
-    _, manifest, checkpoint, _, _ = data
-    run = tmp_path / "run"
-    run_explain(ExplainConfig(manifest=str(manifest), out=str(run), checkpoint=str(checkpoint), proxy="mean",
-                              strategy=strategy, keep_maps=True, maps_dtype="float32", batch_size=4), progress=False)
-    reexplain(str(run), str(tmp_path / "again"), proxies=str(run / "proxies.parquet"), log=lambda line: None)
-    a = pd.read_parquet(run / "results").set_index("image_id").sort_index()
-    b = pd.read_parquet(tmp_path / "again" / "results").set_index("image_id").sort_index()
-    ok = a.status == "ok"
-    assert (a.status == b.status).all() and ok.sum() == 9
-    top = float(np.stack(a.heatmap[ok]).max())
-    np.testing.assert_allclose(np.stack(b.heatmap[ok]), np.stack(a.heatmap[ok]), rtol=1e-4, atol=1e-6 * top)
-    np.testing.assert_allclose(b.ratio_bbox[ok], a.ratio_bbox[ok], rtol=1e-4, atol=1e-6)

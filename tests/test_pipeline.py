@@ -18,6 +18,7 @@ from embcam.images import decode_image, resize_square
 from embcam.manifest import ManifestError
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
+from embcam.reexplain import reexplain
 from embcam.report import write_report
 from embcam.runstate import RunMismatch
 
@@ -115,10 +116,21 @@ def test_self_proxy_job(self_run, dataset):
     assert out[0] == "20" and out[-1] == "16"
 
 
-def test_mean_proxies_strategies_agree_and_match_numpy(ray_session, dataset, tmp_path):
-    explain(dataset, tmp_path / "map", proxy="mean", strategy="embedding-map")
-    explain(dataset, tmp_path / "two", proxy="mean", strategy="two-pass", top_k_channels=5)
-    a, b = read(tmp_path / "map"), read(tmp_path / "two")
+@pytest.fixture(scope="module")
+def mean_runs(ray_session, dataset, tmp_path_factory):
+    """The mean-proxy plans, each keeping its E maps in float32: embedding-map (all maps kept
+    until the reduce), two-pass with top-k channels, and streaming with proxies from the
+    train split only."""
+    out = tmp_path_factory.mktemp("mean-runs")
+    plans = {"map": dict(strategy="embedding-map"), "two": dict(strategy="two-pass", top_k_channels=5),
+             "streaming": dict(strategy="streaming", proxy_split="train")}
+    for name, kw in plans.items():
+        explain(dataset, out / name, proxy="mean", keep_maps=True, maps_dtype="float32", **kw)
+    return out
+
+
+def test_mean_proxies_strategies_agree_and_match_numpy(dataset, mean_runs):
+    a, b = read(mean_runs / "map"), read(mean_runs / "two")
     ok = a.status == "ok"
     assert (ok == (b.status == "ok")).all() and ok.sum() == 16
     np.testing.assert_allclose(np.stack(a.heatmap[ok]), np.stack(b.heatmap[ok]), rtol=1e-4,
@@ -128,7 +140,7 @@ def test_mean_proxies_strategies_agree_and_match_numpy(ray_session, dataset, tmp
     # proxies = normalise(mean of normalised embeddings), straight from the embeddings
     y = np.stack(a.embedding[ok]).astype(np.float64)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    proxies = pd.read_parquet(tmp_path / "map" / "proxies.parquet").set_index("label")
+    proxies = pd.read_parquet(mean_runs / "map" / "proxies.parquet").set_index("label")
     for label, group in a[ok].groupby("label"):
         mean = y[(a[ok].label == label).to_numpy()].mean(0)
         np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
@@ -141,15 +153,27 @@ def test_mean_proxies_strategies_agree_and_match_numpy(ray_session, dataset, tmp
                                atol=1e-6 * float(ref.heatmaps.max()))
 
 
-def test_proxy_split_builds_proxies_from_gallery_only(ray_session, dataset, tmp_path):
-    explain(dataset, tmp_path, proxy="mean", proxy_split="train")
-    df = read(tmp_path)
-    proxies = pd.read_parquet(tmp_path / "proxies.parquet")
+def test_proxy_split_builds_proxies_from_gallery_only(mean_runs):
+    df = read(mean_runs / "streaming")
+    proxies = pd.read_parquet(mean_runs / "streaming" / "proxies.parquet")
     train_labels = set(df[(df.split == "train") & (df.status == "ok")].label)
     assert set(proxies.label) == train_labels and len(train_labels) == 2
     eval_rows = df[(df.split == "eval") & df.image_id.str.startswith("c")]
     assert (eval_rows.status == "error").all()
     assert eval_rows.error.str.contains("no mean proxy for label").all()
+
+
+@pytest.mark.parametrize("plan", ["map", "two", "streaming"])
+def test_mean_proxy_plans_store_the_maps_they_explained_with(mean_runs, tmp_path, plan):
+    """Every plan stores maps from which the run's own proxies give back its own heatmaps."""
+    run = mean_runs / plan
+    reexplain(str(run), str(tmp_path / "again"), proxies=str(run / "proxies.parquet"), log=lambda line: None)
+    a, b = read(run), read(tmp_path / "again")
+    ok = a.status == "ok"
+    assert (a.status == b.status).all() and ok.sum() == (8 if plan == "streaming" else 16)
+    top = float(np.stack(a.heatmap[ok]).max())
+    np.testing.assert_allclose(np.stack(b.heatmap[ok]), np.stack(a.heatmap[ok]), rtol=1e-4, atol=1e-6 * top)
+    np.testing.assert_allclose(b.ratio_bbox[ok], a.ratio_bbox[ok], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_manifest_fails_fast(tmp_path, dataset):
@@ -166,10 +190,9 @@ def test_bad_manifest_fails_fast(tmp_path, dataset):
                     progress=False)
 
 
-def test_bank_and_onehot_proxies(ray_session, dataset, tmp_path):
-    explain(dataset, tmp_path / "mean", proxy="mean")
-    explain(dataset, tmp_path / "bank", proxies=str(tmp_path / "mean" / "proxies.parquet"))
-    mean, bank = read(tmp_path / "mean"), read(tmp_path / "bank")
+def test_bank_and_onehot_proxies(ray_session, dataset, mean_runs, tmp_path):
+    explain(dataset, tmp_path / "bank", proxies=str(mean_runs / "map" / "proxies.parquet"))
+    mean, bank = read(mean_runs / "map"), read(tmp_path / "bank")
     ok = mean.status == "ok"
     assert (bank.proxy_kind == "bank").all() and (bank.proxy_label[ok] == bank.label[ok]).all()
     np.testing.assert_allclose(np.stack(bank.heatmap[ok]), np.stack(mean.heatmap[ok]), rtol=1e-4,

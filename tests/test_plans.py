@@ -187,13 +187,15 @@ def test_stored_maps_plan_equals_the_model_run_and_float16_maps_stay_within_thei
 
 def test_pass_one_pieces_never_overlap_and_count_every_row(ray_session, tmp_path):
     """One label per 3 rows, blocks of 5: partial sums are committed per run of manifest
-    rows, so no two pieces overlap and every class gets all of its images."""
+    rows, so no two pieces overlap and every class gets all of its images. The run asks for
+    bf16, which the summary and the run's identity record (its values: test_bf16_forward_against_float64)."""
     manifest = generate_dataset(tmp_path / "data", num_classes=8, images_per_class=3, min_side=48, max_side=56, seed=2)
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
                     Preprocessing(32))
     summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path / "run"), checkpoint=str(tmp_path /
-                                        "m.pt"), batch_size=3, block_rows=5, proxy="mean", strategy="streaming"),
+                                        "m.pt"), batch_size=3, block_rows=5, proxy="mean", strategy="streaming",
+                                        precision="bf16"),
                           progress=False)
     run = RunFolder(str(tmp_path / "run"))
     assert covered(run.pieces(STATE, PARTIALS), 24) == 24  # raises on an overlap
@@ -201,6 +203,9 @@ def test_pass_one_pieces_never_overlap_and_count_every_row(ray_session, tmp_path
     assert len(counts) == 8 and (counts == 3).all() and summary["counts"]["ok"] == 24
     pass1 = summary["passes"]["pass 1 of 2, embeddings"]
     assert pass1["output"] == "embeddings" and pass1["cam"] is None and pass1["rows"] == 24
+    assert summary["precision"] == "bf16"
+    saved = json.loads((tmp_path / "run" / "_embcam" / "run.json").read_text())
+    assert saved["precision"] == "bf16" and saved["identity"]["precision"] == "bf16"
 
 
 # --- precision --------------------------------------------------------------------------------
@@ -232,13 +237,6 @@ def test_bf16_forward_against_float64(tmp_path):
         w, h = int(batch["width"][i]), int(batch["height"][i])
         ratio = heatmap_metrics(got[i], w, h, box)["ratio_bbox"]
         assert abs(ratio - heatmap_metrics(reference[i], w, h, box)["ratio_bbox"]) <= 0.01
-
-
-def test_precision_reaches_the_summary(ray_session, dataset, tmp_path):
-    summary = explain(dataset, tmp_path, strategy="stored-maps", precision="bf16")
-    assert summary["precision"] == "bf16" and summary["counts"]["ok"] == 29
-    saved = json.loads((tmp_path / "_embcam" / "run.json").read_text())
-    assert saved["precision"] == "bf16" and saved["identity"]["precision"] == "bf16"
 
 
 def test_stored_rows_of_a_range_across_pieces_and_of_a_piece_where_every_image_failed(tmp_path):

@@ -32,6 +32,7 @@ import torch
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cli import main
 from embcam.datasets import generate_dataset
+from embcam.lifecycle import RunLifecycle
 from embcam.models import Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, run_explain
 from embcam.runstate import RunFolder, RunMismatch, covered
@@ -279,18 +280,19 @@ def test_ctrl_c_on_an_overwrite_leaves_nothing_complete_and_the_command_without_
 
 
 def test_an_empty_unfinished_output_never_blocks_a_new_run(ray_session, dataset, tmp_path):
+    """A run started with other options that committed nothing (its run.json written, an empty
+    results folder) is replaced by the new run, which explains every row."""
     manifest, checkpoint, rows = dataset
-    (tmp_path / "results").mkdir()  # a failed start left an empty folder
-    summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
-                                        batch_size=8, full_decode=True), progress=False)
-    assert summary["counts"]["results"] == rows
-    # an unfinished run with nothing committed, started with other options, is replaced
-    (tmp_path / "_SUCCESS").unlink()
-    for piece in (tmp_path / "results").glob("part-*"):
-        piece.unlink()
+    with RunLifecycle(str(tmp_path), {"manifest": {"rows": rows}, "proxy": "mean", "full_decode": True}) as life:
+        life.prepare()
+        life.record({"plan": "streaming"})
+    (tmp_path / "results").mkdir()
     summary = run_explain(ExplainConfig(manifest=str(manifest), out=str(tmp_path), checkpoint=str(checkpoint),
                                         batch_size=8), progress=False)
     assert summary["counts"]["results"] == rows and summary["config"]["full_decode"] is False
+    saved = json.loads((tmp_path / "_embcam" / "run.json").read_text())
+    assert saved["identity"]["proxy"] == "self" and saved["plan"] == "one-pass"
+    assert_complete(tmp_path, rows)
 
 
 def test_stored_maps_plan_resumes_after_a_kill_in_each_pass(ray_session, dataset, jobs, tmp_path):
