@@ -100,26 +100,29 @@ def test_hostile_rows_become_error_rows_and_the_rest_is_computed(ray_session, ho
 
 
 def test_confined_uris_stay_under_the_image_root(ray_session, hostile, tmp_path):
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "x.png").write_bytes((hostile / "plain.png").read_bytes())
-    (hostile / "escape.png").unlink(missing_ok=True)
-    (hostile / "escape.png").symlink_to(elsewhere / "x.png")
+    """Confined to the image root and one listed prefix: a uri reaches only those, by an
+    absolute path, by ../ or through a symlink alike."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    for folder in (allowed, elsewhere):
+        folder.mkdir()
+        (folder / "x.png").write_bytes((hostile / "plain.png").read_bytes())
+    for name, folder in (("escape.png", elsewhere), ("listed.png", allowed)):
+        (hostile / name).unlink(missing_ok=True)
+        (hostile / name).symlink_to(folder / "x.png")
     rows = _rows(inside={"uri": "plain.png"}, absolute={"uri": str(elsewhere / "x.png")},
                  dots={"uri": "../" + os.path.relpath(elsewhere / "x.png", hostile.parent)},
-                 link={"uri": "escape.png"}, passwd={"uri": "/etc/passwd"})
+                 link={"uri": "escape.png"}, passwd={"uri": "/etc/passwd"},
+                 listed_absolute={"uri": str(allowed / "x.png")},
+                 listed_dots={"uri": "../" + os.path.relpath(allowed / "x.png", hostile.parent)},
+                 listed_link={"uri": "listed.png"})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
-    cfg = dict(manifest=str(tmp_path / "m.parquet"), checkpoint=str(hostile / "model.pt"),
-               image_root=str(hostile), batch_size=4)
-    run_explain(ExplainConfig(out=str(tmp_path / "a"), allowed_prefixes=[], **cfg), progress=False)
-    df = pd.read_parquet(tmp_path / "a" / "results").set_index("image_id")
-    assert df.status["inside"] == "ok"
+    run_explain(ExplainConfig(manifest=str(tmp_path / "m.parquet"), checkpoint=str(hostile / "model.pt"),
+                              image_root=str(hostile), batch_size=4, out=str(tmp_path / "run"),
+                              allowed_prefixes=[str(allowed)]), progress=False)
+    df = pd.read_parquet(tmp_path / "run" / "results").set_index("image_id")
+    assert set(df.index[df.status == "ok"]) == {"inside", "listed_absolute", "listed_dots", "listed_link"}
     for row in ("absolute", "dots", "link", "passwd"):
         assert "outside the allowed prefixes" in df.error[row], row
-    # a listed prefix lets that folder in
-    run_explain(ExplainConfig(out=str(tmp_path / "b"), allowed_prefixes=[str(elsewhere)], **cfg), progress=False)
-    df = pd.read_parquet(tmp_path / "b" / "results").set_index("image_id")
-    assert set(df.index[df.status == "ok"]) == {"inside", "absolute", "dots", "link"}
 
 
 def test_more_gpus_than_the_cluster_has_fail_at_once(ray_session, hostile, tmp_path):

@@ -191,8 +191,9 @@ def test_sigkilled_driver_resumes_where_it_stopped(ray_session, dataset, jobs, t
     hold, held = hold_last_piece(dataset, tmp_path)
     driver = start(dataset, out, "--proxy", "mean", "--strategy", "streaming", fault=hold)
     wait_until(lambda: held.exists() and pieces(out), driver, finish, "held with a piece of pass 2 committed")
-    # a second driver on the same run is refused while the first one lives ...
-    code, _, stderr = finish(start(dataset, out, "--proxy", "mean", "--strategy", "streaming"))
+    # a second driver on the same run (here, this process) is refused while the first one lives ...
+    code, stderr = exit_status(explain_argv(dataset, out, "--proxy", "mean", "--strategy", "streaming")), \
+        capsys.readouterr().err
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert f"{out} is being written by another embcam run (host {socket.gethostname()}, pid {driver.pid}" in stderr
     crash(driver)  # ... and takes over at once once it is gone (same host, its pid dead)
