@@ -25,7 +25,7 @@ lint: setup  # ruff, and mypy on the core modules; both configured in pyproject.
 	$(VENV)/bin/mypy
 
 test: lint  # everything, lint first (CI runs this); both cores (pytest-xdist), one module per worker
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test-fast: setup  # the edit loop: the tests not marked slow (no Ray, no jobs, no subprocesses)
 	$(PY) -m pytest -q -m "not slow"
