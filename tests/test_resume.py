@@ -315,3 +315,27 @@ def test_a_failed_write_ends_the_job_in_one_line_and_the_resume_finishes(ray_ses
                                         batch_size=8, block_rows=8), progress=False)
     assert summary["counts"]["ok"] == rows
     assert_complete(out, rows)
+
+
+def test_four_driver_kills_on_one_batch_leave_no_false_error_row(ray_session, s3_server, dataset, jobs, tmp_path):
+    """--out on an S3-compatible server, so the model stage counts worker deaths on the node's
+    own disk. The driver is killed three times while the model holds the same batch, then the
+    run finishes (the fourth attempt): every row is ok. Counts that outlived their attempt
+    would have made the third attempt go row by row and the fourth fail the held row as
+    "worker died while processing this row"."""
+    start, finish, crash = jobs
+    manifest, checkpoint, rows = dataset
+    out = s3_server.uri("four-kills")
+    held_row = pq.read_table(manifest, columns=["image_id"]).column("image_id")[rows - 8].as_py()
+    for kill in range(3):
+        held = tmp_path / f"held-{kill}"
+        driver = start(dataset, out, fault=f"model:{held_row}:hold:{held}")
+        wait_until(lambda held=held: held.exists() and held.read_text(), driver, finish, f"held (attempt {kill + 1})")
+        crash(driver)
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=out, checkpoint=str(checkpoint), batch_size=8,
+                                        block_rows=8), progress=False)
+    df = pq.read_table("embcam-test/four-kills/results", filesystem=s3_server.filesystem()).to_pandas()
+    assert len(df) == rows and df.image_id.is_unique
+    assert (df.status == "ok").all(), df[df.status != "ok"].error.tolist()
+    assert summary["counts"]["ok"] == rows and summary["counts"]["resumed"] > 0
+
