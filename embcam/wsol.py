@@ -562,6 +562,7 @@ def evaluate_run(run: str, split: str | None = None, *, image_root: str | None =
     counted), ``files`` ({"results": results files, "measured": those measured here}),
     ``max_side`` and ``seconds``."""
     import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
     from embcam.results import open_results
 
@@ -572,11 +573,11 @@ def evaluate_run(run: str, split: str | None = None, *, image_root: str | None =
     results = open_results(run, columns=[*RESULT_COLUMNS, "status", *([] if split is None else ["split"])])
     acc = WsolAccumulator(max_side)
     rows, measured = 0, []
-    for fragment in results.get_fragments():
-        stored = (stored_counters((fragment.physical_schema.metadata or {}).get(WSOL_COUNTERS_METADATA), split,
-                                  max_side) if use_counters else None)
+    for path in results.files:  # the footer alone, not kept (a dataset fragment would cache it)
+        metadata = pq.read_schema(path, filesystem=results.filesystem).metadata if use_counters else None
+        stored = stored_counters((metadata or {}).get(WSOL_COUNTERS_METADATA), split, max_side)
         if stored is None:
-            measured.append(fragment.path)
+            measured.append(path)
         else:
             rows += stored[0]
             acc.merge(stored[1])
