@@ -1,6 +1,8 @@
 """What MaxBoxAccV2 and PxAP (embcam.wsol) add to `embcam report`, per image and at scale.
 
     .venv/bin/python bench/wsol_cost.py --rows 5000 50000 --json bench/wsol_cost.json
+    .venv/bin/python bench/wsol_cost.py --rows --memory-rows --commit --counter-rows 50000 1000000 \\
+        --json bench/wsol_counters.json
 
 1. Per-image cost of the accumulators (`WsolAccumulator.add`: upsample, levels, 100
    findContours, PxAP counts) and of reading one mask (`read_bytes` + `decode_mask`), on
@@ -14,6 +16,13 @@
    (`table1(wsol=False)`) and of `evaluate_run` (`--rows`); for `--memory-rows` (1,000,000)
    of Table 1 and of the part of `evaluate_run` that grows with N, its manifest index
    (`ManifestAnnotations`).
+3. With the job's counters (`--counter-rows`): the same run folders, each results file
+   carrying its counters in its metadata as the job writes them (`wsol.counters_metadata`),
+   so `evaluate_run` sums them: its time and peak memory, beside Table 1's.
+4. What the counters add to the job's commit stage (`--commit`): per annotated image, the
+   time of `wsol.image_counts` (the work `stages.compute_metrics` adds to each row with a
+   box or a mask) and of `counters_metadata` (what `to_results` adds per file), beside the
+   whole commit (`compute_metrics` + `to_results`) of a batch of the 200 images, at x1 and x3.
 """
 from __future__ import annotations
 
@@ -97,10 +106,15 @@ def per_image_costs(images: list[dict], repeats: int) -> dict:
     return out
 
 
-def write_run(folder: Path, images: list[dict], data: Path, rows: int) -> str:
-    """A run folder of ``rows`` results rows (the images tiled), Table 1's columns computed."""
-    from embcam.metrics import heatmap_metrics
-    from embcam.schemas import conform
+def write_run(folder: Path, images: list[dict], data: Path, rows: int, counters: bool = False) -> str:
+    """A run folder of ``rows`` results rows (the images tiled), Table 1's columns computed;
+    ``counters``: each file with its WSOL counters in its metadata, as the job writes them."""
+    from embcam.metrics import THRESHOLDS, heatmap_metrics
+    from embcam.schemas import IOU_SWEEP_METADATA, WSOL_COUNTERS_METADATA, conform
+    from embcam.wsol import counters_metadata, image_counts
+
+    counts = [image_counts(np.asarray(im["heat"], np.float32), im["width"], im["height"], im["box"], im["mask"])
+              for im in images] if counters else None
 
     (folder / "results").mkdir(parents=True)
     base = []
@@ -116,6 +130,10 @@ def write_run(folder: Path, images: list[dict], data: Path, rows: int) -> str:
     for start in range(0, rows, 256):  # files of 256 rows, as the job writes them
         stop = min(rows, start + 256)
         part = base.take(tile[start:stop]).set_column(0, "image_id", ids[start:stop])
+        if counters:
+            summed = counters_metadata(["eval"] * (stop - start), [counts[i] for i in tile[start:stop].to_numpy()])
+            part = part.replace_schema_metadata({IOU_SWEEP_METADATA: json.dumps(THRESHOLDS),
+                                                 WSOL_COUNTERS_METADATA: summed})
         pq.write_table(part, folder / "results" / f"part-{start:012d}-{stop:012d}.parquet")
     column = {"uri": [im["mask_uri"] for im in images], "mask_uri": [im["mask_uri"] for im in images],
               **{c: [im["box"][j] for im in images] for j, c in enumerate(BBOX)}}
@@ -125,6 +143,46 @@ def write_run(folder: Path, images: list[dict], data: Path, rows: int) -> str:
     config = {"proxy": "self", "manifest": str(folder / "manifest.parquet"), "image_root": str(data)}
     (folder / "summary.json").write_text(json.dumps({"config": config}))
     return str(folder)
+
+
+def commit_costs(images: list[dict], repeats: int) -> dict:
+    """Per annotated image: what the counters add to the commit stage, and the whole commit."""
+    from embcam.schemas import OK
+    from embcam.stages import compute_metrics, to_results
+    from embcam.wsol import counters_metadata, image_counts
+
+    out = {}
+    for s in (1, 3):
+        n = len(images)
+        sizes = [(im["width"] * s, im["height"] * s) for im in images]
+        masks = [cv2.resize(im["mask"], size, interpolation=cv2.INTER_NEAREST) for im, size in zip(images, sizes)]
+        boxes = [tuple(v * s for v in im["box"]) for im in images]
+        batch = {"image_id": np.array([im["image_id"] for im in images], object),
+                 "label": np.array(["a"] * n, object), "split": np.array(["eval"] * n, object),
+                 "status": np.array([OK] * n, object), "error": np.array([None] * n, object),
+                 "proxy_kind": np.array(["self"] * n, object),
+                 "width": np.array([w for w, _ in sizes], np.int32),
+                 "height": np.array([h for _, h in sizes], np.int32),
+                 "heatmap": np.stack([im["heat"] for im in images]).astype(np.float32),
+                 "mask_png": np.array([cv2.imencode(".png", (m * 255).astype(np.uint8))[1].tobytes() for m in masks],
+                                      object),
+                 **{c: np.array([b[j] for b in boxes], np.float64) for j, c in enumerate(BBOX)}}
+        commit, counts_s, meta_s = [], [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            to_results(compute_metrics(batch))
+            commit.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            counts = [image_counts(batch["heatmap"][i], int(batch["width"][i]), int(batch["height"][i]), boxes[i],
+                                   masks[i]) for i in range(n)]
+            counts_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            counters_metadata(["eval"] * n, counts)
+            meta_s.append(time.perf_counter() - t)
+        out[f"x{s}"] = {"images": n, "commit_ms_per_image": round(min(commit) / n * 1e3, 3),
+                        "image_counts_ms_per_image": round(min(counts_s) / n * 1e3, 3),
+                        "counters_metadata_ms_per_image": round(min(meta_s) / n * 1e3, 4)}
+    return out
 
 
 # Peak memory of the call alone: the kernel's high-water mark (VmHWM) is reset after the imports
@@ -161,14 +219,26 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-rows", type=int, nargs="*", default=[1000000],
                         help="run sizes where only memory and Table 1's time are measured: Table 1 as before and "
                              "the manifest index MaxBoxAccV2 and PxAP build (their full pass takes ms a row)")
+    parser.add_argument("--counter-rows", type=int, nargs="*", default=[],
+                        help="run sizes whose results files carry the job's WSOL counters: evaluate_run sums them")
+    parser.add_argument("--commit", action="store_true", help="what the counters add to the commit stage")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="wsol_cost_"))
     images = base_images(work / "data")
-    result = {"per_image": per_image_costs(images, args.repeats), "scale": {}}
+    result = {"per_image": per_image_costs(images, args.repeats) if args.rows else None, "scale": {}}
     print(json.dumps(result["per_image"], indent=2), flush=True)
+    if args.commit:
+        result["commit"] = commit_costs(images, args.repeats)
+        print("commit", json.dumps(result["commit"]), flush=True)
+    for rows in args.counter_rows:
+        run = write_run(work / f"counters-{rows}", images, work / "data", rows, counters=True)
+        entry = {"table1": measure("table1", run), "wsol": measure("wsol", run)}
+        entry["wsol_ms_per_row"] = round(entry["wsol"]["seconds"] / rows * 1e3, 5)
+        result.setdefault("counters", {})[str(rows)] = entry
+        print("counters", rows, json.dumps(entry), flush=True)
     for rows in args.rows:
         run = write_run(work / f"run-{rows}", images, work / "data", rows)
         entry = {"table1": measure("table1", run), "wsol": measure("wsol", run)}

@@ -45,6 +45,10 @@ ARROW_TYPES = {
 IOU_SWEEP_METADATA = b"embcam.iou_sweep_thresholds"
 """The key, in the metadata of every results file, of the JSON list of ``iou_sweep``'s IoU thresholds."""
 
+WSOL_COUNTERS_METADATA = b"embcam.wsol_counters"
+"""The key, in the metadata of every results file since results contract version 3, of the
+file's MaxBoxAccV2 and PxAP counters per split (JSON: ``embcam.wsol.counters_metadata``)."""
+
 
 class SchemaError(ValueError):
     """Data does not fit a schema (missing column, impossible cast, null where not allowed)."""

@@ -23,7 +23,8 @@ from .images import decode_mask, decode_resized
 from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
 from .proxies import MeanProxyAccumulator
-from .schemas import ERROR, IOU_SWEEP_METADATA, OK, conform, list_column
+from .schemas import ERROR, IOU_SWEEP_METADATA, OK, WSOL_COUNTERS_METADATA, conform, list_column
+from .wsol import counters_metadata, image_counts
 
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")
@@ -209,12 +210,15 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(batch: dict) -> dict:
-    """Per-image metrics (docs/design.md §7) for every OK row; NaN where a metric is null."""
+    """Per-image metrics (docs/design.md §7) for every OK row; NaN where a metric is null.
+    ``wsol``: each OK row's MaxBoxAccV2 and PxAP counters (``wsol.image_counts`` of the
+    heatmap as stored, float32), None without a box and a mask; ``to_results`` sums them."""
     out = with_writable_status(batch)
     n = len(out["status"])
     for column in METRIC_COLUMNS + ("ratio_bbox_topk", "ratio_mask_topk"):
         out[column] = np.full(n, np.nan, np.float32)
     out["iou_sweep"] = np.full((n, len(THRESHOLDS)), np.nan, np.float32)
+    out["wsol"] = np.full(n, None, object)
     for i in np.flatnonzero(out["status"] == OK):
         try:
             width, height = int(out["width"][i]), int(out["height"][i])
@@ -225,6 +229,7 @@ def compute_metrics(batch: dict) -> dict:
                 out[column][i] = np.nan if m[column] is None else float(m[column])
             if m["iou_sweep"] is not None:
                 out["iou_sweep"][i] = m["iou_sweep"]
+            out["wsol"][i] = image_counts(np.asarray(out["heatmap"][i], np.float32), width, height, box, mask)
             if "heatmap_topk" in out:
                 top = heatmap_metrics(out["heatmap_topk"][i], width, height, box, mask, thresholds=())
                 for column in ("ratio_bbox", "ratio_mask"):
@@ -236,7 +241,9 @@ def compute_metrics(batch: dict) -> dict:
 
 def to_results(batch: dict) -> pa.Table:
     """The batch as rows of the results schema: list columns for vectors and heatmaps,
-    nulls for the computed columns of error rows and for NaN (absent) metrics."""
+    nulls for the computed columns of error rows and for NaN (absent) metrics. In the
+    file's metadata: ``iou_sweep``'s thresholds and, after ``compute_metrics``, the sum of
+    its OK rows' WSOL counters per split (``wsol.counters_metadata``)."""
     n = len(batch["status"])
     ok = np.asarray(batch["status"] == OK)
     cols: dict = {k: batch[k] for k in ("image_id", "label", "split", "status", "error", "proxy_kind",
@@ -274,5 +281,10 @@ def to_results(batch: dict) -> pa.Table:
             else:
                 cols[k] = pa.array(values, pa.float32(), mask=null)
     table = conform(pa.table(cols), "results")
-    return table.replace_schema_metadata({IOU_SWEEP_METADATA: json.dumps(THRESHOLDS)})
+    metadata = {IOU_SWEEP_METADATA: json.dumps(THRESHOLDS)}
+    if "wsol" in batch:
+        splits = table.column("split").to_pylist()
+        ok_rows = np.flatnonzero(ok)
+        metadata[WSOL_COUNTERS_METADATA] = counters_metadata([splits[i] for i in ok_rows], batch["wsol"][ok_rows])
+    return table.replace_schema_metadata(metadata)
 

@@ -3,8 +3,13 @@ Localization Methods Right"; code: clovaai/wsolevaluation), accumulated in a str
 
 Per image only counters are kept: for MaxBoxAccV2 one correct-count per (IoU threshold
 delta, map threshold tau), for PxAP one pixel count per score bin inside and outside the
-mask, so any number of images costs O(#thresholds) memory. :func:`evaluate_run` reads a
-finished run's results a row batch at a time (docs/design.md §7, "WSOL metrics").
+mask, so any number of images costs O(#thresholds) memory. The explain job computes each
+annotated image's counters where its heatmap, box and mask are in hand
+(:func:`image_counts`, ``embcam.stages.compute_metrics``) and stores their sums per split
+in each results file's Parquet metadata (:func:`counters_metadata`, key
+``schemas.WSOL_COUNTERS_METADATA``); :func:`evaluate_run` sums them, and computes them from
+the heatmaps, a row batch at a time, only for files written without them (docs/design.md
+§7, "WSOL metrics").
 
 The map of an image is the one embcam's metrics use (``embcam.metrics``): the raw heatmap
 upsampled bilinearly (cv2.INTER_LINEAR, torch's align_corners=False) to the metrics grid
@@ -36,8 +41,10 @@ above 1), skipping thresholds with no predicted pixel: wsolevaluation's
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -46,7 +53,7 @@ import pyarrow.compute as pc
 
 from embcam.boxes import BBOX_COLUMNS, Box, checked_bbox
 from embcam.metrics import MAX_GRID_SIDE, grid_shape
-from embcam.schemas import OK
+from embcam.schemas import OK, WSOL_COUNTERS_METADATA
 
 BOX_THRESHOLDS: tuple[float, ...] = tuple(k / 100 for k in range(100))  # 0, 0.01, ..., 0.99
 PXAP_THRESHOLDS: tuple[float, ...] = BOX_THRESHOLDS + (1.0,)
@@ -266,21 +273,28 @@ class PxAP:
 
     def add_levels(self, levels: np.ndarray | None, mask: np.ndarray) -> None:
         """One image: its levels (None: degenerate, H = 0) and its grid mask (bool, same shape)."""
+        self.add_histograms(*self.histograms(levels, mask), levels is None)
+
+    @staticmethod
+    def histograms(levels: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inside, total): one image's pixel counts per level inside its mask and in all."""
         mask = np.asarray(mask, bool)
         if levels is None:
-            self.degenerate += 1
             inside = np.zeros(LEVELS, np.int64)
             inside[DEGENERATE_LEVEL] = mask.sum()
             total = np.zeros(LEVELS, np.int64)
             total[DEGENERATE_LEVEL] = mask.size
-        else:
-            if levels.shape != mask.shape:
-                raise ValueError(f"levels {levels.shape} and mask {mask.shape} differ in shape")
-            inside = np.bincount(levels[mask], minlength=LEVELS)
-            total = np.bincount(levels.ravel(), minlength=LEVELS)
+            return inside, total
+        if levels.shape != mask.shape:
+            raise ValueError(f"levels {levels.shape} and mask {mask.shape} differ in shape")
+        return np.bincount(levels[mask], minlength=LEVELS), np.bincount(levels.ravel(), minlength=LEVELS)
+
+    def add_histograms(self, inside: np.ndarray, total: np.ndarray, degenerate: bool = False) -> None:
+        """One image, given its :meth:`histograms`."""
         self.inside += inside
         self.outside += total - inside
         self.images += 1
+        self.degenerate += bool(degenerate)
 
     def merge(self, other: PxAP) -> PxAP:
         self.inside += other.inside
@@ -326,19 +340,16 @@ class WsolAccumulator:
             mask: np.ndarray | None = None) -> None:
         """One image: its raw heatmap, its size, its ground-truth box(es) in image pixels
         (one (x0, y0, x1, y1) or several) and its mask ((height, width) values in [0, 1])."""
-        if bbox is None and mask is None:
-            return
-        levels = grid_levels(heatmap, width, height, self.max_side)
-        if bbox is not None:
-            gt = np.asarray(bbox, np.float64).reshape(-1, 4)
-            gt = np.array([checked_bbox(b, width, height) for b in gt])
-            if levels is None:
-                self.boxes.add_degenerate()
-            else:
-                self.boxes.add_ious(best_ious(levels, width, height, gt, len(self.boxes.thresholds),
-                                              floor=min(self.boxes.iou_thresholds)))
-        if mask is not None:
-            self.pixels.add_levels(levels, grid_mask(mask, width, height, self.max_side))
+        counts = image_counts(heatmap, width, height, bbox, mask, self.max_side)
+        if counts is not None:
+            self.add_counts(counts)
+
+    def add_counts(self, counts: ImageCounts) -> None:
+        """One image, given what :func:`image_counts` found."""
+        if counts.best_iou is not None:
+            self.boxes.add_degenerate() if counts.degenerate else self.boxes.add_ious(counts.best_iou)
+        if counts.inside is not None:
+            self.pixels.add_histograms(counts.inside, counts.total, counts.degenerate)
 
     def merge(self, other: WsolAccumulator) -> WsolAccumulator:
         self.boxes.merge(other.boxes)
@@ -347,6 +358,107 @@ class WsolAccumulator:
 
     def result(self) -> dict:
         return {"maxboxacc_v2": self.boxes.result(), "pxap": self.pixels.result()}
+
+    def to_json(self) -> dict:
+        """The counters as JSON values: {"boxes": {"images", "degenerate", "correct"
+        (per delta, per tau; left out when all zero)}, "pixels": {"images", "degenerate",
+        "inside", "outside" (per level; left out when all zero)}}."""
+        boxes = {"images": self.boxes.images, "degenerate": self.boxes.degenerate}
+        if self.boxes.correct.any():
+            boxes["correct"] = self.boxes.correct.tolist()
+        pixels = {"images": self.pixels.images, "degenerate": self.pixels.degenerate}
+        if self.pixels.inside.any() or self.pixels.outside.any():
+            pixels.update(inside=self.pixels.inside.tolist(), outside=self.pixels.outside.tolist())
+        return {"boxes": boxes, "pixels": pixels}
+
+    @classmethod
+    def from_json(cls, value: dict, max_side: int = MAX_GRID_SIDE) -> WsolAccumulator:
+        """The accumulator :meth:`to_json` described (the default thresholds)."""
+        acc = cls(max_side)
+        boxes, pixels = value["boxes"], value["pixels"]
+        acc.boxes.images, acc.boxes.degenerate = int(boxes["images"]), int(boxes["degenerate"])
+        if "correct" in boxes:
+            acc.boxes.correct += np.array(boxes["correct"], np.int64).reshape(acc.boxes.correct.shape)
+        acc.pixels.images, acc.pixels.degenerate = int(pixels["images"]), int(pixels["degenerate"])
+        if "inside" in pixels:
+            acc.pixels.inside += np.array(pixels["inside"], np.int64).reshape(LEVELS)
+            acc.pixels.outside += np.array(pixels["outside"], np.int64).reshape(LEVELS)
+        return acc
+
+
+class ImageCounts(NamedTuple):
+    """What one image adds to the counters: its best IoU at each tau (None: no box; zeros
+    for a degenerate map), its pixel counts per level inside the mask and in all (None: no
+    mask), and whether its map is degenerate."""
+
+    best_iou: np.ndarray | None
+    inside: np.ndarray | None
+    total: np.ndarray | None
+    degenerate: bool
+
+
+def image_counts(heatmap, width: int, height: int, bbox: Box | Sequence[Box] | None = None,
+                 mask: np.ndarray | None = None, max_side: int = MAX_GRID_SIDE) -> ImageCounts | None:
+    """One image's counters (see :class:`WsolAccumulator.add` for the arguments); None
+    without a box and a mask, which costs nothing."""
+    if bbox is None and mask is None:
+        return None
+    levels = grid_levels(heatmap, width, height, max_side)
+    best = inside = total = None
+    if bbox is not None:
+        gt = np.asarray(bbox, np.float64).reshape(-1, 4)
+        gt = np.array([checked_bbox(b, width, height) for b in gt])
+        best = (np.zeros(len(BOX_THRESHOLDS)) if levels is None
+                else best_ious(levels, width, height, gt, floor=min(IOU_THRESHOLDS)))
+    if mask is not None:
+        inside, total = PxAP.histograms(levels, grid_mask(mask, width, height, max_side))
+    return ImageCounts(best, inside, total, levels is None)
+
+
+# --- counters stored with the results ------------------------------------------------------------
+
+COUNTERS_VERSION = 1
+
+
+def counters_metadata(splits: Sequence[str | None], counts: Sequence[ImageCounts | None],
+                      max_side: int = MAX_GRID_SIDE) -> bytes:
+    """A results file's WSOL counters (the value of ``schemas.WSOL_COUNTERS_METADATA``):
+    per split, its ok rows and the sum of their :func:`image_counts`. ``splits`` and
+    ``counts``: one entry per ok row of the file (None: not annotated).
+
+    JSON: {"version", "max_side", "iou_thresholds", "box_thresholds", "pxap_thresholds",
+    "splits": [{"split" (null for none), "rows", **WsolAccumulator.to_json()}]}."""
+    groups: dict[str | None, list] = {}
+    for split, c in zip(splits, counts):
+        group = groups.setdefault(split, [0, WsolAccumulator(max_side)])
+        group[0] += 1
+        if c is not None:
+            group[1].add_counts(c)
+    return json.dumps({
+        "version": COUNTERS_VERSION, "max_side": max_side, "iou_thresholds": list(IOU_THRESHOLDS),
+        "box_thresholds": len(BOX_THRESHOLDS), "pxap_thresholds": len(PXAP_THRESHOLDS),
+        "splits": [{"split": split, "rows": rows, **acc.to_json()} for split, (rows, acc) in groups.items()],
+    }, separators=(",", ":")).encode()
+
+
+def stored_counters(value: bytes | None, split: str | None,
+                    max_side: int = MAX_GRID_SIDE) -> tuple[int, WsolAccumulator] | None:
+    """(ok rows, counters) of one results file's :func:`counters_metadata` (of ``split``
+    only, when given); None when the file has none, or counters of another layout (thresholds,
+    grid cap, version): its images are then measured on their heatmaps."""
+    if not value:
+        return None
+    stored = json.loads(value)
+    if (stored.get("version"), stored.get("max_side"), stored.get("iou_thresholds"), stored.get("box_thresholds"),
+            stored.get("pxap_thresholds")) != (COUNTERS_VERSION, max_side, list(IOU_THRESHOLDS),
+                                               len(BOX_THRESHOLDS), len(PXAP_THRESHOLDS)):
+        return None
+    rows, acc = 0, WsolAccumulator(max_side)
+    for group in stored["splits"]:
+        if split is None or group["split"] == split:
+            rows += group["rows"]
+            acc.merge(WsolAccumulator.from_json(group, max_side))
+    return rows, acc
 
 
 # --- a run, in a stream ---------------------------------------------------------------------------
@@ -436,33 +548,66 @@ def _read_limits(run: str, root: str | None):
 
 
 def evaluate_run(run: str, split: str | None = None, *, image_root: str | None = None,
-                 batch_rows: int = 1024, max_side: int = MAX_GRID_SIDE) -> dict:
+                 batch_rows: int = 1024, max_side: int = MAX_GRID_SIDE, use_counters: bool = True) -> dict:
     """MaxBoxAccV2 and PxAP of a run's ``heatmap`` column over its ok rows (of ``split``).
 
-    Reads ``RUN/results`` ``batch_rows`` rows at a time (the heatmaps only as a batch
-    goes), the boxes and mask uris from the run's manifest, and each mask file once
-    (``image_root``: where the masks are now, default the run's image root). A mask that
-    cannot be read now leaves its image out of PxAP (counted, first reason kept).
-    Returns ``{"maxboxacc_v2", "pxap"}`` (:meth:`MaxBoxAccV2.result`, :meth:`PxAP.result`
-    plus ``masks_unreadable`` and ``mask_error``), ``rows`` (ok rows read), ``max_side``
-    and ``seconds``."""
+    Each results file's counters, stored by the job (:func:`counters_metadata`), are summed:
+    a footer read per file. A file without them (written before results contract version
+    3, or ``use_counters=False``) is measured here: read ``batch_rows`` rows at a time (the
+    heatmaps only as a batch goes), with the boxes and mask uris from the run's manifest and
+    each mask file read once (``image_root``: where the masks are now, default the run's
+    image root); a mask that cannot be read now leaves its image out of PxAP (counted,
+    first reason kept). Returns ``{"maxboxacc_v2", "pxap"}`` (:meth:`MaxBoxAccV2.result`,
+    :meth:`PxAP.result` plus ``masks_unreadable`` and ``mask_error``), ``rows`` (ok rows
+    counted), ``files`` ({"results": results files, "measured": those measured here}),
+    ``max_side`` and ``seconds``."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from embcam.results import open_results
+
+    started = time.perf_counter()
+    wanted = pc.field("status") == OK
+    if split is not None:
+        wanted = wanted & (pc.field("split") == split)
+    results = open_results(run, columns=[*RESULT_COLUMNS, "status", *([] if split is None else ["split"])])
+    acc = WsolAccumulator(max_side)
+    rows, measured = 0, []
+    for path in results.files:  # the footer alone, not kept (a dataset fragment would cache it)
+        metadata = pq.read_schema(path, filesystem=results.filesystem).metadata if use_counters else None
+        stored = stored_counters((metadata or {}).get(WSOL_COUNTERS_METADATA), split, max_side)
+        if stored is None:
+            measured.append(path)
+        else:
+            rows += stored[0]
+            acc.merge(stored[1])
+    unreadable, first_error = 0, None
+    if measured:
+        files = pads.dataset(measured, filesystem=results.filesystem, format="parquet", schema=results.schema)
+        counted, unreadable, first_error = _measure(run, files.filter(wanted), acc, image_root, batch_rows)
+        rows += counted
+    out = acc.result()
+    out["pxap"].update(masks_unreadable=unreadable, mask_error=first_error)
+    out.update(rows=rows, files={"results": len(results.files), "measured": len(measured)}, max_side=max_side,
+               seconds=round(time.perf_counter() - started, 3))
+    return out
+
+
+def _measure(run: str, results, acc: WsolAccumulator, image_root: str | None,
+             batch_rows: int) -> tuple[int, int, str | None]:
+    """Add the ok rows of the ``results`` dataset to ``acc`` from their heatmaps (see
+    :func:`evaluate_run`); returns (rows read, masks unreadable, the first one's reason)."""
     from embcam.fetch import read_bytes
     from embcam.images import decode_mask
     from embcam.locations import resolve_uri
-    from embcam.results import image_root_of, open_results
+    from embcam.results import image_root_of
 
-    started = time.perf_counter()
     annotations = ManifestAnnotations(run)
     root = image_root or image_root_of(run)
     limits = _read_limits(run, root)
-    acc = WsolAccumulator(max_side)
     rows, unreadable, first_error = 0, 0, None
     if len(annotations):
-        wanted = pc.field("status") == OK
-        if split is not None:
-            wanted = wanted & (pc.field("split") == split)
-        dataset = open_results(run, columns=RESULT_COLUMNS, filter=wanted)
-        for batch in dataset.to_batches(columns=RESULT_COLUMNS, batch_size=batch_rows):
+        for batch in results.to_batches(columns=RESULT_COLUMNS, batch_size=batch_rows):
             rows += batch.num_rows
             found = annotations.find(batch.column("image_id"))
             if not (found >= 0).any():
@@ -497,8 +642,5 @@ def evaluate_run(run: str, split: str | None = None, *, image_root: str | None =
                         first_error = first_error or f"image_id {image_id!r}: {exc}"
                         mask = None
                 acc.add(raw.reshape(h, w), width, height, box, mask)
-    out = acc.result()
-    out["pxap"].update(masks_unreadable=unreadable, mask_error=first_error)
-    out.update(rows=rows, max_side=max_side, seconds=round(time.perf_counter() - started, 3))
-    return out
+    return rows, unreadable, first_error
 

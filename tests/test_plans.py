@@ -22,6 +22,7 @@ from embcam.models import GeM, Preprocessing, build_model
 from embcam.pipeline import ExplainConfig, choose_plan, run_explain
 from embcam.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
 from embcam.stages import heatmaps_from_kept_maps, load_images, manifest_batch
+from embcam.wsol import evaluate_run
 
 SIZE = 48
 
@@ -171,6 +172,12 @@ def test_stored_maps_plan_equals_the_model_run_and_float16_maps_stay_within_thei
     heat_a, heat_b = np.stack(a.heatmap[ok]), np.stack(b.heatmap[ok])
     np.testing.assert_allclose(heat_b, heat_a, rtol=1e-5, atol=1e-6 * heat_a.max())
     assert pd.read_parquet(tmp_path / "stored" / "proxies.parquet")["count"].sum() == ok.sum()
+    # the WSOL counters each job stored with its results equal embcam.wsol's measure of its heatmaps
+    for run in (tmp_path / "kept", tmp_path / "stored"):
+        summed, measured = evaluate_run(str(run)), evaluate_run(str(run), use_counters=False)
+        assert summed["files"]["measured"] == 0 and measured["files"]["measured"] == summed["files"]["results"] > 1
+        assert summed["maxboxacc_v2"] == measured["maxboxacc_v2"] and summed["pxap"] == measured["pxap"]
+        assert summed["maxboxacc_v2"]["images"] == summed["pxap"]["images"] == summed["rows"] == ok.sum()
 
     # float16 maps (the default) round each E value by at most 2^-11 of it:
     # |dH| <= sum_k |p_k| |E_k| 2^-11, against the float32 maps the kept run stored

@@ -213,6 +213,7 @@ def test_markdown_layout(runs):
     assert ("| EmbeddingCAM (self proxy) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.000 ± 0.000 | 0.333 ± 0.000 | — | "
             "0 / 0.01 / 0; 0 / 0.01 / 0 |") in lines
     assert "ddof = 0" in md
+    assert f"Run {runs[0]}: 2 of its 2 results file(s) carry no WSOL counters" in md  # measured from the heatmaps
     sweep_line = next(line for line in lines
                       if line.startswith("| EmbeddingCAM (self proxy) | 0.500"))
     assert sweep_line.endswith("| 1.000 ± 0.000 |")

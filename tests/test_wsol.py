@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from embcam import wsol
 from embcam.metrics import heatmap_metrics, uniform_fractions
-from embcam.schemas import conform
+from embcam.schemas import WSOL_COUNTERS_METADATA, conform
 
 EIGHT = np.ones((3, 3), int)  # 8-connectivity for scipy.ndimage.label
 
@@ -301,6 +301,21 @@ def test_evaluate_run_equals_the_accumulators_fed_by_hand(tmp_path):
     assert expected["pxap"]["images"] == 5  # im4 has no mask, im7's cannot be read
     everything = wsol.evaluate_run(run)  # no split: the train row im6 too
     assert everything["rows"] == 8 and everything["maxboxacc_v2"]["images"] == 7
+    assert everything["files"] == {"results": 3, "measured": 3}  # written without counters: measured
+
+    # one file with the job's counters (part-0: im0, im3 and the train row im6), two without
+    part = tmp_path / "run" / "results" / "part-0.parquet"
+    table = pq.read_table(part)
+    train = (np.random.default_rng(8).uniform(size=(4, 4)).astype(np.float32), 38, 28, (7.0, 2.0, 36.0, 21.0))
+    counts = [wsol.image_counts(truth[i][0].astype(np.float32), *truth[i][1:]) if i in truth
+              else wsol.image_counts(*train) for i in ("im0", "im3", "im6")]
+    metadata = wsol.counters_metadata(table.column("split").to_pylist(), counts)
+    pq.write_table(table.replace_schema_metadata({WSOL_COUNTERS_METADATA: metadata}), part)
+    got = wsol.evaluate_run(run, "eval")
+    assert got["files"] == {"results": 3, "measured": 2} and got["rows"] == 7
+    assert got["maxboxacc_v2"] == expected["maxboxacc_v2"]
+    assert {k: v for k, v in got["pxap"].items() if k not in ("masks_unreadable", "mask_error")} == expected["pxap"]
+    assert wsol.evaluate_run(run)["maxboxacc_v2"]["images"] == 7
 
 
 def test_evaluate_run_without_a_manifest_says_so(tmp_path):
@@ -308,3 +323,50 @@ def test_evaluate_run_without_a_manifest_says_so(tmp_path):
     (tmp_path / "manifest.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="manifest"):
         wsol.evaluate_run(run)
+
+
+def test_counters_of_pieces_sum_by_hand(tmp_path):
+    """Two results files whose stored counters hold hand-made images; no manifest is needed.
+    Boxes, split eval: A (file 1) IoU 0.8 for tau < 0.1 and 0.4 above; B (file 2) degenerate;
+    C (file 2) 0 for tau < 0.5 and 0.75 above. delta = 0.3: {A} below 0.5, {A, C} from 0.5:
+    2/3 at tau = 0.5; delta = 0.5 and 0.7: 1/3 at tau = 0 (A), as at 0.5 (C). MaxBoxAccV2 =
+    (2/3 + 1/3 + 1/3) / 3 = 4/9. Masks, split eval: D (file 1) 2 mask pixels at level 101
+    (H = 1) and 2 others at level 1 (H < 0.01); E (file 2) 1 mask pixel and 1 other at level 51.
+    Summed: tau = 0: TP = 3, FP = 3 (P = 1/2, R = 1); 0 < tau <= 0.5: TP = 3, FP = 1 (P = 3/4,
+    R = 1); tau > 0.5: TP = 2, FP = 0 (P = 1, R = 2/3), so PxAP = 1/2 (1 - 1) + 3/4 (1 - 2/3)
+    + 1 (2/3 - 0) = 11/12. A train row in file 2 with a box correct everywhere counts only
+    without a split."""
+    def box(ious):
+        return wsol.ImageCounts(np.array(ious, np.float64), None, None, False)
+
+    def mask(inside, outside):
+        inside_counts, total = np.zeros(wsol.LEVELS, np.int64), np.zeros(wsol.LEVELS, np.int64)
+        for level, n in inside.items():
+            inside_counts[level] += n
+            total[level] += n
+        for level, n in outside.items():
+            total[level] += n
+        return wsol.ImageCounts(None, inside_counts, total, False)
+
+    degenerate = wsol.ImageCounts(np.zeros(100), None, None, True)
+    files = [[("eval", box([0.8] * 10 + [0.4] * 90)), ("eval", mask({101: 2}, {1: 2})), ("eval", None)],
+             [("eval", degenerate), ("eval", box([0.0] * 50 + [0.75] * 50)), ("eval", mask({51: 1}, {51: 1})),
+              ("train", box([1.0] * 100))]]
+    (tmp_path / "results").mkdir()
+    for k, rows in enumerate(files):
+        table = conform([dict(image_id=f"f{k}r{i}", split=split, status="ok", proxy_kind="mean")
+                         for i, (split, _) in enumerate(rows)], "results")
+        value = wsol.counters_metadata([split for split, _ in rows], [c for _, c in rows])
+        pq.write_table(table.replace_schema_metadata({WSOL_COUNTERS_METADATA: value}),
+                       tmp_path / "results" / f"part-{k}.parquet")
+    got = wsol.evaluate_run(str(tmp_path), "eval")
+    assert got["files"] == {"results": 2, "measured": 0} and got["rows"] == 6
+    boxes = got["maxboxacc_v2"]
+    assert (boxes["images"], boxes["degenerate"]) == (3, 1)
+    assert [(p["accuracy"], p["threshold"]) for p in boxes["per_iou"]] == [(2 / 3, 0.5), (1 / 3, 0.0), (1 / 3, 0.0)]
+    assert boxes["value"] == pytest.approx(4 / 9, abs=1e-15)
+    assert got["pxap"]["value"] == pytest.approx(11 / 12, abs=1e-15)
+    assert (got["pxap"]["images"], got["pxap"]["mask_pixels"], got["pxap"]["pixels"]) == (2, 3, 6)
+    everything = wsol.evaluate_run(str(tmp_path))
+    assert everything["rows"] == 7 and everything["maxboxacc_v2"]["images"] == 4
+    assert [p["accuracy"] for p in everything["maxboxacc_v2"]["per_iou"]] == [3 / 4, 1 / 2, 1 / 2]

@@ -34,8 +34,10 @@ trained models.
   (from ``iou_sweep``); "best over t" (MaxBoxAcc style) is each run's maximum over t
   (ties to the smallest t), then mean ± std across runs. Both are for the all-channels map.
 * MaxBoxAccV2 and PxAP (Choe et al., CVPR 2020; ``embcam.wsol``, docs/design.md §7): per run
-  from its stored heatmaps, boxes and masks, read again in a stream; degenerate maps count
-  (as incorrect / as H = 0); then mean ± std across runs. ``--no-wsol`` leaves them out.
+  the sum of the counters the job stored in each results file's metadata (a file without
+  them: measured from its stored heatmaps, boxes and masks, read again in a stream);
+  degenerate maps count (as incorrect / as H = 0); then mean ± std across runs.
+  ``--no-wsol`` leaves them out.
 
 ``table1`` returns a JSON-ready dict (every number with its n); ``render_markdown``
 prints it. ``write_report`` writes ``report.md``, ``report.json`` and ``report.html``,
@@ -89,8 +91,9 @@ def write_report(runs: list[str], out_dir: str, *, overlays: int = 24, split: st
     with their ``file``), ``table1`` (the ``table1`` dict with an ``overlays`` entry, or
     None without annotations) and ``table1_note``. When the manifest or the images cannot
     be reached the numbers are still written and the report says why images are missing.
-    ``wsol=False``: Table 1 without MaxBoxAccV2 and PxAP (``embcam.wsol``: they read every
-    heatmap and mask of the runs again, 3-18 ms per image on one core; BENCHMARKS.md §1).
+    ``wsol=False``: Table 1 without MaxBoxAccV2 and PxAP (``embcam.wsol``: the counters the
+    job stored, summed; results files without them have every heatmap and mask read again,
+    3-18 ms per image on one core; BENCHMARKS.md §1).
     """
     if overlays < 0:
         raise ValueError(f"overlays must be >= 0, got {overlays}")
@@ -203,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true",
                         help="print the report's Markdown on stdout (default: a line saying where report.html is)")
     parser.add_argument("--no-wsol", action="store_true",
-                        help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020), which read every heatmap "
-                             "and mask again (milliseconds per image: minutes to hours for millions of rows)")
+                        help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020): for results written "
+                             "before the job stored their counters they read every heatmap and mask again "
+                             "(milliseconds per image: minutes to hours for millions of rows)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.runs, args.out, overlays=args.overlays, split=args.split,

@@ -83,6 +83,12 @@ def _wsol_notes(table: dict) -> list[str]:
     for r in table["runs"]:
         if r.get("wsol_skipped") and r["wsol_skipped"] != "not requested":
             notes.append(f"Run {r['run']}: no MaxBoxAccV2 or PxAP ({r['wsol_skipped']}).")
+    for r in table["runs"]:
+        files = (r.get("wsol") or {}).get("files")
+        if files and files["measured"]:
+            notes.append(f"Run {r['run']}: {files['measured']} of its {files['results']} results file(s) "
+                         "carry no WSOL counters (written before results contract version 3): their MaxBoxAccV2 "
+                         "and PxAP were computed now from the stored heatmaps, a few ms per image.")
     unreadable = [r for r in table["runs"] if r.get("wsol") and r["wsol"]["pxap"]["masks_unreadable"]]
     for r in unreadable:
         p = r["wsol"]["pxap"]

@@ -42,7 +42,8 @@ def table1(runs: list[str], *, split: str | None = None, wsol: bool = True) -> d
     {bbox, mask} x {uniform, all, topk}, ``accuracy``, ``sweep`` and ``wsol``
     (MaxBoxAccV2, its per-IoU accuracies and best thresholds, PxAP), every value a stat
     {mean, std, n_runs, per_run, n_images}) and ``runs`` (per-run counts and values).
-    ``wsol=False`` leaves MaxBoxAccV2 and PxAP out (they read every heatmap and mask again).
+    ``wsol=False`` leaves MaxBoxAccV2 and PxAP out (``wsol.evaluate_run``: the job's counters
+    summed, or, for results files without them, every heatmap and mask read again).
     """
     return evaluate(runs, split, wsol=wsol)[0]
 
