@@ -16,6 +16,7 @@ from .cam import EmbeddingCAM, normalise
 from .faults import fault_point
 from .inference import prepare_for_inference
 from .models import default_target_layer, load_model
+from .proxies import ProxyFile
 from .schemas import OK
 from .stages import assign_proxies, fail_rows, reason, with_writable_status
 
@@ -53,7 +54,7 @@ class ExplainModel:
     the CAM arithmetic and every returned value stay float32.
     """
 
-    def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | None = None,
+    def __init__(self, model: ModelConfig, proxy_mode: str, proxies: dict | ProxyFile | None = None,
                  strategy: str = "embedding-map", top_k_channels: int | None = None,
                  output: str = "heatmaps", device: str | None = None, num_threads: int | None = None,
                  run=None, keep_maps: bool = False):
@@ -77,7 +78,7 @@ class ExplainModel:
             EmbeddingCAM(self.model, model.target_layer, "embedding-map", reshape=model.reshape))
         self.cam_topk = (EmbeddingCAM(self.model, model.target_layer, "autograd", top_k_channels, reshape=model.reshape)
                          if top_k_channels else None)
-        self.bank = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (proxies or {}).items()}
+        self.proxies = proxies  # label -> vector: a dict, or a ProxyFile read here on first use
         # A probe (which also compiles): the output shapes, so every batch has every column.
         size = self.preprocess.size
         with self._autocast():
@@ -181,7 +182,8 @@ class ExplainModel:
             if not str(label).isdigit() or int(label) >= self.num_outputs:
                 return None
             return torch.nn.functional.one_hot(torch.tensor(int(label)), self.num_outputs).float()
-        return self.bank.get(str(label))
+        vector = self.proxies.get(str(label)) if self.proxies is not None else None
+        return None if vector is None else torch.as_tensor(vector, dtype=torch.float32)
 
 
 def usable_cpus() -> int:

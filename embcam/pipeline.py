@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import __version__, faults, tasks, user_code
 from .architectures import source_suggestion
@@ -43,7 +42,7 @@ from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
 from .models import load_checked
 from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
 from .progress import Progress
-from .proxies import MeanProxyAccumulator, load_proxy_bank, proxy_table
+from .proxies import PROXIES_SCHEMA, ProxyFile, load_proxy_bank, proxy_table
 from .runstate import (
     ATTEMPTS,
     MAPS,
@@ -65,6 +64,10 @@ from .stages import heatmaps_from_kept_maps
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "stored-maps", "streaming", "two-pass", "embedding-map")
+# the reduce of pass 1 on Ray: pieces summed by one task, and partial-sum values (float64)
+# per bucket at most, counting every row of a piece as a class of its own (256 MB)
+REDUCE_GROUP_PIECES = 64
+REDUCE_BUCKET_VALUES = 32 << 20
 KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
@@ -230,13 +233,13 @@ def _explain(cfg, life, scan, spec, fit, image_size, shape, bank, pairs, runtime
                            cfg.allow_partial_checkpoint),
                shape, cfg.limits(image_root), image_root, gpus, life.attempt,
                Progress(log if progress and not bars else None))
-    proxies = bank
-    if plan != "one-pass":
-        proxies = load_proxy_bank(run.join(PROXIES), filesystem=run.fs) if run.exists(PROXIES) else None
+    # the workers get the proxies as the run's proxies.parquet, read where they are used
+    proxies = job.proxy_file() if plan != "one-pass" and run.exists(PROXIES) else None
     if plan == "one-pass":
         if bank is not None:  # the bank explained against, kept with the run
             run.write_table(proxy_table(bank), PROXIES)
-        job.explain_pass(cfg.proxy, bank, "autograd" if cfg.strategy == "two-pass" else None)
+            proxies = job.proxy_file()
+        job.explain_pass(cfg.proxy, proxies, "autograd" if cfg.strategy == "two-pass" else None)
     elif plan == "embedding-map" and proxies is None:
         job.kept_maps_pass()
     elif plan == "embedding-map":  # mean proxies persisted by an earlier attempt: only heatmaps are left
@@ -331,7 +334,7 @@ class _Job:
                                        self.cfg.top_k_channels)
                 self.commit(explained, tasks.commit_results, self.run, self.maps_dtype)
 
-    def mean_proxies_pass(self, store_maps: bool) -> dict:
+    def mean_proxies_pass(self, store_maps: bool) -> ProxyFile:
         """Pass 1: embeddings (with ``store_maps``, their E maps too, into ``OUT/maps/``)
         and per-class partial sums, committed per run of manifest rows; then the reduce.
         ``proxies.parquet`` is written before any heatmap."""
@@ -343,11 +346,13 @@ class _Job:
                 dtype = (self.maps_dtype or self.cfg.maps_dtype) if store_maps else None
                 self.commit(embedded, tasks.commit_pass1, self.run, self.cfg.proxy_split, dtype)
         faults.fault_point("reduce", ["*"])
-        table = pq.read_table(self.run.piece_paths(STATE, PARTIALS), filesystem=self.run.fs,
-                              schema=tasks.PARTIALS_SCHEMA)
-        return self._persist(tasks.reduce_partials(table))
+        return self.reduce()
 
-    def stored_maps_pass2(self, proxies: dict) -> None:
+    def reduce(self) -> ProxyFile:
+        """Pass 1's pieces into ``proxies.parquet`` (``reduce_on_ray``)."""
+        return self._write_proxies(reduce_on_ray(self.run, self.copy.block_rows, self.shape["dims"][0]))
+
+    def stored_maps_pass2(self, proxies: ProxyFile) -> None:
         """Pass 2 of the stored-maps plan: heatmaps ReLU(E . p) and metrics from the maps
         pass 1 stored, on CPU tasks; no image is decoded (masks are read, for the metrics)
         and no model runs."""
@@ -379,7 +384,7 @@ class _Job:
         table = pa.concat_tables([tasks.PARTIALS_SCHEMA.empty_table()] + [
             tasks.partials_table(b["label"], b["sum"], b["count"])
             for b in partials.iter_batches(batch_format="numpy", batch_size=4096)])
-        proxies = self._persist(tasks.reduce_partials(table))
+        proxies = self._write_proxies([tasks.proxies_of_bucket(table)])  # a small run: reduced here
         with self.progress.step("heatmaps from the kept maps", _rows_in(todo)):
             heatmaps = kept.map_batches(heatmaps_from_kept_maps, fn_args=("mean", proxies, self.maps_dtype is not None),
                                         batch_format="numpy")
@@ -393,14 +398,44 @@ class _Job:
             with self.progress.step("pairs, from the stored maps", _rows_in(todo)):
                 write_pairs(self.run, pairs, MapStore(self.run), PAIR_BLOCK_ROWS, self.progress.add)
 
-    def _persist(self, acc: MeanProxyAccumulator) -> dict:
-        if not acc.sums:
-            where = f" in split {self.cfg.proxy_split!r}" if self.cfg.proxy_split else ""
-            raise ValueError(f"no labelled image{where} could be embedded, so there is no mean proxy to explain "
-                             "against: are the images where the manifest's uris and --image-root say?")
-        proxies = acc.finalize()
-        self.run.write_table(proxy_table(proxies, dict(acc.counts)), PROXIES)
-        return proxies
+    def _write_proxies(self, tables) -> ProxyFile:
+        """``tables`` (proxies of disjoint classes) into ``proxies.parquet``; none at all is
+        refused before the file appears."""
+        def not_empty(tables):
+            rows = 0
+            for table in tables:
+                rows += table.num_rows
+                yield table
+            if not rows:
+                where = f" in split {self.cfg.proxy_split!r}" if self.cfg.proxy_split else ""
+                raise ValueError(f"no labelled image{where} could be embedded, so there is no mean proxy to explain "
+                                 "against: are the images where the manifest's uris and --image-root say?")
+
+        self.run.write_tables(PROXIES_SCHEMA, not_empty(tables), PROXIES)
+        return self.proxy_file()
+
+    def proxy_file(self) -> ProxyFile:
+        return ProxyFile(self.run.join(PROXIES), self.run.fs)
+
+
+def reduce_on_ray(run: RunFolder, block_rows: int, dim: int):
+    """The proxies of pass 1's pieces in ``run``, made on Ray, as tables of disjoint classes
+    handed over one at a time: a task per group of pieces sums them per class and splits the
+    sums into buckets by label, then a task per bucket makes its classes' proxies. The caller
+    writes each table as it comes, so its memory does not grow with the number of classes."""
+    import ray
+
+    paths = run.piece_paths(STATE, PARTIALS)
+    groups = [paths[i:i + REDUCE_GROUP_PIECES] for i in range(0, len(paths), REDUCE_GROUP_PIECES)]
+    buckets = max(1, -(-len(paths) * block_rows * dim // REDUCE_BUCKET_VALUES))  # a piece row per class at most
+    split = ray.remote(tasks.partials_by_bucket).options(num_returns=buckets)
+    parts = [split.remote(group, run.fs, buckets) for group in groups]
+    parts = [[p] for p in parts] if buckets == 1 else parts  # one return value: one ref, not a list
+    make = ray.remote(tasks.proxies_of_bucket)
+    pending = [make.remote(*(p[b] for p in parts)) for b in range(buckets)]
+    del parts
+    while pending:
+        yield ray.get(pending.pop(0))
 
 
 def _driver_model(cfg: ExplainConfig):

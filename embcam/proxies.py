@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -98,12 +99,22 @@ class MeanProxyAccumulator:
 def proxy_table(proxies: Mapping[str, np.ndarray], counts: Mapping[str, int] | None = None) -> pa.Table:
     labels = sorted(proxies)
     vectors = np.stack([np.asarray(proxies[k], np.float32) for k in labels]) if labels else np.zeros((0, 0), np.float32)
-    offsets = pa.array(np.arange(len(labels) + 1, dtype=np.int64) * vectors.shape[1], pa.int32())
+    return proxy_rows(labels, vectors, [int(counts[k]) if counts else 0 for k in labels])
+
+
+PROXIES_SCHEMA = pa.schema([("label", pa.string()), ("proxy", pa.list_(pa.float32())), ("count", pa.int64())])
+
+
+def proxy_rows(labels, vectors: np.ndarray, counts) -> pa.Table:
+    """A proxies table (``PROXIES_SCHEMA``) from labels, (n, d) vectors and counts."""
+    vectors = np.asarray(vectors, np.float32)
+    offsets = pa.array(np.arange(len(labels) + 1, dtype=np.int64) * (vectors.shape[1] if vectors.ndim == 2 else 0),
+                       pa.int32())
     return pa.table({
         "label": pa.array(labels, pa.string()),
         "proxy": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel(), pa.float32())),
-        "count": pa.array([int(counts[k]) if counts else 0 for k in labels], pa.int64()),
-    })
+        "count": pa.array(np.asarray(counts, np.int64), pa.int64()),
+    }, schema=PROXIES_SCHEMA)
 
 
 def save_proxy_bank(path, proxies: Mapping[str, np.ndarray], counts: Mapping[str, int] | None = None,
@@ -130,3 +141,48 @@ def load_proxy_bank(path, filesystem=None) -> dict[str, np.ndarray]:
     if len(dims) > 1:
         raise ValueError(f"proxy bank {path}: proxies of different dimensions {sorted(dims)}")
     return {str(k): np.asarray(v, dtype=np.float32) for k, v in zip(labels, vectors)}
+
+
+class ProxyFile:
+    """label -> proxy vector (float32) from a proxies Parquet file (``label``, ``proxy``),
+    read once, on first use, in the process that uses it. The job hands its workers this,
+    the file's location, rather than the vectors, so that what ships to each worker does not
+    grow with the number of classes. ``get`` answers as ``dict.get`` does."""
+
+    def __init__(self, path: str, filesystem=None):
+        self.path, self.filesystem = path, filesystem
+        self._read: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __reduce__(self):
+        return ProxyFile, (self.path, self.filesystem)  # the location only, never what was read
+
+    def get(self, label: str, default=None) -> np.ndarray | None:
+        if self._read is None:
+            self._read = _read_proxies(self.path, self.filesystem)
+        labels, vectors = self._read
+        i = int(np.searchsorted(labels, label))
+        return vectors[i] if i < len(labels) and labels[i] == label else default
+
+
+_LAST_READ: dict = {}
+"""The proxies file this process read last, by (path, size, modification time): a job's CPU
+tasks each receive a ProxyFile of their own, and a worker process runs many of them."""
+
+
+def _read_proxies(path: str, filesystem) -> tuple[np.ndarray, np.ndarray]:
+    """A proxies file's labels, sorted (for a binary search per label), and their vectors."""
+    import pyarrow.fs as pafs
+
+    fs, where = (filesystem, path) if filesystem is not None else pafs.FileSystem.from_uri(str(path))
+    info = fs.get_file_info(where)
+    key = (path, info.size, info.mtime_ns)
+    if key not in _LAST_READ:
+        table = pq.read_table(where, columns=["label", "proxy"], filesystem=fs)
+        labels = table.column("label").to_numpy(zero_copy_only=False).astype(str)
+        values = pc.list_flatten(table.column("proxy")).to_numpy()
+        vectors = values.reshape(len(labels), -1 if len(labels) else 0).astype(np.float32, copy=False)
+        order = np.argsort(labels, kind="stable")
+        _LAST_READ.clear()
+        _LAST_READ[key] = labels[order], vectors[order]
+    return _LAST_READ[key]
+

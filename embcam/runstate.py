@@ -126,6 +126,34 @@ class RunFolder:
         pq.write_table(table, sink, **options)
         self.write_bytes(sink.getvalue(), *parts)
 
+    def write_tables(self, schema: pa.Schema, tables, *parts: str) -> int:
+        """``tables``, one after another, as one Parquet file at ``parts``, holding one of
+        them in memory at a time; returns the rows written. The file appears whole or not at
+        all: written under a temporary name, then moved (a rename on a local disk, a copy on
+        an object store); an exception from ``tables`` leaves nothing behind."""
+        path = self.join(*parts)
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip dot files
+        rows = 0
+        try:
+            self.fs.create_dir(folder, recursive=True)
+            with self.fs.open_output_stream(tmp) as sink, pq.ParquetWriter(sink, schema) as writer:
+                for table in tables:
+                    writer.write_table(table)
+                    rows += table.num_rows
+            fault_point("write", [name])
+            if self.local:  # flushed to the disk before the rename, as write_bytes does
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            self.fs.move(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            if isinstance(exc, OSError):
+                raise RunWriteError.of(exc, "/".join(parts)) from exc
+            raise
+        return rows
+
     def write_json(self, value: dict, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=2, default=str).encode(), *parts)
 

@@ -22,7 +22,7 @@ from .fetch import ReadLimits, read_bytes
 from .images import decode_mask, decode_resized
 from .locations import redact, resolve_manifest_uri
 from .metrics import THRESHOLDS, heatmap_metrics
-from .proxies import MeanProxyAccumulator
+from .proxies import MeanProxyAccumulator, ProxyFile
 from .schemas import ERROR, IOU_SWEEP_METADATA, OK, WSOL_COUNTERS_METADATA, conform, list_column
 from .wsol import counters_metadata, image_counts
 
@@ -180,7 +180,8 @@ def assign_proxies(batch: dict, out: dict, ok, lookup, proxy_mode: str) -> tuple
     return rows, vectors
 
 
-def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict, keep_maps: bool = False) -> dict:
+def heatmaps_from_kept_maps(batch: dict, proxy_mode: str, proxies: dict | ProxyFile,
+                            keep_maps: bool = False) -> dict:
     """Heatmaps ReLU(E . p) from kept embedding maps and per-class proxies (no model);
     with ``keep_maps`` the maps stay in the batch, for the commit to store."""
     out = with_writable_status(batch if keep_maps else {k: v for k, v in batch.items() if k != "maps"})

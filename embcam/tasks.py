@@ -5,15 +5,18 @@ plan. No Ray here; ``embcam.pipeline`` wires them.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .attempts import Attempts
 from .faults import fault_point
 from .fetch import ReadLimits
 from .maps import read_stored_rows, write_maps
-from .proxies import MeanProxyAccumulator
+from .proxies import ProxyFile, proxy_rows
 from .runstate import PARTIALS, RESULTS, STATE, ManifestCopy, RunFolder, piece_name
 from .schemas import list_column
 from .stages import (
@@ -72,7 +75,8 @@ def commit_pass1(batch: dict, run: RunFolder, split: str | None, maps_dtype: str
 
 
 def heatmaps_from_stored_maps(batch: dict, copy: ManifestCopy, ranges: np.ndarray, run: RunFolder,
-                               pieces: list, grid: tuple, image_root: str, limits: ReadLimits, proxies: dict) -> dict:
+                               pieces: list, grid: tuple, image_root: str, limits: ReadLimits,
+                               proxies: ProxyFile) -> dict:
     """One range of pass 2 of the stored-maps plan: manifest rows + what pass 1 stored
     (decode outcome, size, embedding, E) -> heatmaps, metrics, a results piece."""
     start, stop = (int(v) for v in ranges[int(batch["id"][0])])
@@ -95,14 +99,13 @@ def partials_table(labels, sums, counts) -> pa.Table:
                      "count": pa.array(np.asarray(counts, np.int64), pa.int64())}, schema=PARTIALS_SCHEMA)
 
 
-def reduce_partials(table: pa.Table) -> MeanProxyAccumulator:
+def sum_partials(table: pa.Table) -> pa.Table:
     """Partial sums (``PARTIALS_SCHEMA`` rows) summed per class in numpy, holding no Python
-    object per value (a Python float list of a million 128-d sums is gigabytes). A null
-    label marks a piece without labelled rows."""
+    object per value (a Python float list of a million 128-d sums is gigabytes): one row
+    per label, labels sorted. A null label marks a piece without labelled rows."""
     table = table.filter(pc.is_valid(table.column("label")))
-    acc = MeanProxyAccumulator()
     if not table.num_rows:
-        return acc
+        return PARTIALS_SCHEMA.empty_table()
     lengths = pc.list_value_length(table.column("sum"))
     if pc.min(lengths).as_py() != pc.max(lengths).as_py():
         raise ValueError("partial sums of different embedding dimensions: the pieces are not one run's")
@@ -112,9 +115,37 @@ def reduce_partials(table: pa.Table) -> MeanProxyAccumulator:
     starts = np.flatnonzero(np.r_[True, np.diff(index[order]) != 0])  # each class's first row, in order
     sums = np.add.reduceat(values.reshape(table.num_rows, -1)[order], starts, axis=0)
     counts = np.add.reduceat(table.column("count").to_numpy()[order], starts)
-    for label, total, count in zip(labels.tolist(), sums, counts.tolist()):
-        acc.add_partial(label, total, count)
-    return acc
+    return partials_table(labels.tolist(), sums, counts)
+
+
+def partials_by_bucket(paths: list[str], filesystem, buckets: int) -> tuple[pa.Table, ...] | pa.Table:
+    """The reduce's first step, for a group of pass 1's pieces: their partial sums summed per
+    class, then split into ``buckets`` tables by a hash of the label that every process
+    computes alike (CRC-32), so that each class's sums meet in one bucket. One bucket: the
+    table itself (a Ray task with one return value hands it over as it is)."""
+    summed = sum_partials(pq.read_table(paths, filesystem=filesystem, schema=PARTIALS_SCHEMA))
+    if buckets == 1:
+        return summed
+    bucket = np.fromiter((zlib.crc32(label.encode()) % buckets for label in summed.column("label").to_pylist()),
+                         np.int64, summed.num_rows)
+    return tuple(summed.filter(pa.array(bucket == b)) for b in range(buckets))
+
+
+def proxies_of_bucket(*tables: pa.Table) -> pa.Table:
+    """The reduce's second step, for one bucket: its classes' sums, summed, as rows of
+    ``proxies.parquet`` (label, proxy = normalise(mean of the normalised embeddings) in
+    float32, count), labels sorted."""
+    summed = sum_partials(pa.concat_tables([PARTIALS_SCHEMA.empty_table(), *tables]))
+    if not summed.num_rows:  # a bucket no class hashed to
+        return proxy_rows([], np.zeros((0, 0), np.float32), [])
+    labels = summed.column("label").to_pylist()
+    counts = summed.column("count").to_numpy()
+    mean = pc.list_flatten(summed.column("sum")).to_numpy().reshape(len(labels), -1) / counts[:, None]
+    norms = np.linalg.norm(mean, axis=1)
+    if np.any(norms == 0):
+        label = labels[int(np.flatnonzero(norms == 0)[0])]
+        raise ValueError(f"class {label!r}: normalised embeddings cancel out, the mean proxy is undefined")
+    return proxy_rows(labels, (mean / norms[:, None]).astype(np.float32), counts)
 
 
 PARTIALS_SCHEMA = pa.schema([("label", pa.string()), ("sum", pa.list_(pa.float64())), ("count", pa.int64())])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embcam import EmbeddingCAM, load_model, save_checkpoint
+from embcam import EmbeddingCAM, load_model, pipeline, save_checkpoint
 from embcam.cli import add_explain_arguments, explain_config, format_summary
 from embcam.datasets import generate_dataset
 from embcam.images import decode_image, resize_square
@@ -124,8 +124,11 @@ def mean_runs(ray_session, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("mean-runs")
     plans = {"map": dict(strategy="embedding-map"), "two": dict(strategy="two-pass", top_k_channels=5),
              "streaming": dict(strategy="streaming", proxy_split="train")}
-    for name, kw in plans.items():
-        explain(dataset, out / name, proxy="mean", keep_maps=True, maps_dtype="float32", **kw)
+    with pytest.MonkeyPatch.context() as patch:  # the reduce on Ray in many tasks: 2 pieces each, 4+ buckets
+        patch.setattr(pipeline, "REDUCE_GROUP_PIECES", 2)
+        patch.setattr(pipeline, "REDUCE_BUCKET_VALUES", 64)
+        for name, kw in plans.items():
+            explain(dataset, out / name, proxy="mean", keep_maps=True, maps_dtype="float32", **kw)
     return out
 
 
@@ -137,14 +140,17 @@ def test_mean_proxies_strategies_agree_and_match_numpy(dataset, mean_runs):
                                atol=1e-6 * np.stack(a.heatmap[ok]).max())
     assert b.heatmap_topk[ok].notna().all() and a.heatmap_topk.isna().all()
 
-    # proxies = normalise(mean of normalised embeddings), straight from the embeddings
+    # proxies = normalise(mean of normalised embeddings), straight from the embeddings: reduced
+    # on the driver (the kept maps' small run) and on Ray (two-pass, in many tasks and buckets)
     y = np.stack(a.embedding[ok]).astype(np.float64)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    proxies = pd.read_parquet(mean_runs / "map" / "proxies.parquet").set_index("label")
-    for label, group in a[ok].groupby("label"):
-        mean = y[(a[ok].label == label).to_numpy()].mean(0)
-        np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
-        assert proxies["count"][label] == len(group)
+    for run in ("two", "map"):
+        proxies = pd.read_parquet(mean_runs / run / "proxies.parquet").set_index("label")
+        assert sorted(proxies.index) == sorted(set(a[ok].label))
+        for label, group in a[ok].groupby("label"):
+            mean = y[(a[ok].label == label).to_numpy()].mean(0)
+            np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+            assert proxies["count"][label] == len(group)
     # the heatmap is the core library's, against the class proxy
     rows = a[ok].reset_index(drop=True)
     p = torch.from_numpy(np.stack([proxies.proxy[label] for label in rows.label]).astype(np.float32))

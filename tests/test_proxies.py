@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -73,25 +74,68 @@ def test_proxy_bank_round_trip_and_validation(tmp_path):
         load_proxy_bank(tmp_path / "dims.parquet")
 
 
-def test_the_pass_one_reduce_sums_each_class_over_its_pieces():
-    """tasks.reduce_partials against a per-row loop; a piece without labelled rows (a null
-    label, an empty sum) adds nothing; pieces of different dimensions are refused."""
+def test_the_pass_one_reduce_sums_each_class_over_its_pieces(tmp_path):
+    """The reduce's steps (tasks.partials_by_bucket over groups of pieces, then
+    tasks.proxies_of_bucket per bucket) against MeanProxyAccumulator on every row at once:
+    each class lands in one bucket, whichever group holds its rows; a piece without
+    labelled rows (a null label, an empty sum) adds nothing; pieces of different dimensions
+    are refused."""
     import pyarrow as pa
 
-    from embcam.tasks import partials_table, reduce_partials
+    from embcam.tasks import partials_by_bucket, partials_table, proxies_of_bucket, sum_partials
 
     rng = np.random.default_rng(4)
-    labels, sums, counts = ["b", "a", "b", "c", "a"], rng.normal(size=(5, 4)), [2, 1, 3, 1, 5]
-    table = pa.concat_tables([partials_table(labels[:3], sums[:3], counts[:3]),
-                              partials_table([None], np.zeros((1, 0)), [0]),
-                              partials_table(labels[3:], sums[3:], counts[3:])])
-    acc = reduce_partials(table)
-    assert sorted(acc.sums) == ["a", "b", "c"] and acc.counts == {"a": 6, "b": 5, "c": 1}
-    for label in "abc":
-        expected = sum(s for lab, s in zip(labels, sums) if lab == label)
-        np.testing.assert_allclose(acc.sums[label], expected, rtol=1e-15)
-    assert not reduce_partials(partials_table([None], np.zeros((1, 0)), [0])).sums
+    labels = [f"c{i % 7}" for i in range(40)]
+    y = rng.normal(size=(40, 4))
+    y_hat = y / np.linalg.norm(y, axis=1, keepdims=True)
+    expected = MeanProxyAccumulator().add(y, labels)
+    paths = []
+    for k, rows in enumerate(np.array_split(np.arange(40), 5)):  # five pieces, classes spread over them
+        piece = MeanProxyAccumulator().add(y[rows], [labels[i] for i in rows]).partials()
+        table = partials_table([p["label"] for p in piece], [p["sum"] for p in piece], [p["count"] for p in piece])
+        paths.append(str(tmp_path / f"part-{k}.parquet"))
+        pq.write_table(table, paths[-1])
+    pq.write_table(partials_table([None], np.zeros((1, 0)), [0]), tmp_path / "empty.parquet")
+    paths.append(str(tmp_path / "empty.parquet"))
+    assert partials_by_bucket(paths, None, 1).equals(sum_partials(pq.read_table(paths)))  # one bucket: one table
+    buckets = [partials_by_bucket(paths[:3], None, 3), partials_by_bucket(paths[3:], None, 3)]
+    proxies = [proxies_of_bucket(*(group[b] for group in buckets)) for b in range(3)]
+    seen = [label for table in proxies for label in table.column("label").to_pylist()]
+    assert sorted(seen) == sorted(expected.sums) and len(seen) == len(set(seen))  # each class once
+    assert all(t.num_rows for t in proxies)  # 7 classes over 3 buckets: the hash spreads them
+    reference = expected.finalize()
+    for table in proxies:
+        for label, vector, count in zip(*(table.column(c).to_pylist() for c in ("label", "proxy", "count"))):
+            mine = y_hat[[i for i, v in enumerate(labels) if v == label]]
+            np.testing.assert_allclose(vector, reference[label], rtol=1e-6)
+            np.testing.assert_allclose(vector, mine.mean(0) / np.linalg.norm(mine.mean(0)), rtol=1e-6)
+            assert count == expected.counts[label] == len(mine)
+    assert sum_partials(partials_table([None], np.zeros((1, 0)), [0])).num_rows == 0
+    assert proxies_of_bucket(partials_table([None], np.zeros((1, 0)), [0])).num_rows == 0  # an empty bucket
     with pytest.raises(ValueError, match="different embedding dimensions"):
-        reduce_partials(pa.concat_tables([partials_table(["a"], np.ones((1, 4)), [1]),
-                                          partials_table(["b"], np.ones((1, 2)), [1]),
-                                          partials_table(["c"], np.ones((1, 2)), [1])]))
+        sum_partials(pa.concat_tables([partials_table(["a"], np.ones((1, 4)), [1]),
+                                       partials_table(["b"], np.ones((1, 2)), [1]),
+                                       partials_table(["c"], np.ones((1, 2)), [1])]))
+    with pytest.raises(ValueError, match="'a': normalised embeddings cancel out"):
+        proxies_of_bucket(partials_table(["a"], np.zeros((1, 2)), [2]))
+
+
+def test_a_proxy_file_is_read_where_it_is_used_and_ships_as_its_location(tmp_path):
+    """ProxyFile answers as the dict load_proxy_bank gives; pickled, it is its path only
+    (never the vectors it read); a file rewritten in place is read again."""
+    import pickle
+
+    from embcam.proxies import ProxyFile
+
+    bank = {f"c{i}": np.random.default_rng(i).normal(size=8).astype(np.float32) for i in (3, 1, 2)}
+    save_proxy_bank(tmp_path / "p.parquet", bank)
+    proxies = ProxyFile(str(tmp_path / "p.parquet"))
+    for label, vector in bank.items():
+        np.testing.assert_array_equal(proxies.get(label), vector)
+    assert proxies.get("c9") is None and proxies.get("c") is None and proxies.get("zz", "none") == "none"
+    shipped = pickle.dumps(proxies)
+    assert len(shipped) < 500 and pickle.loads(shipped).get("c1") is not None
+    save_proxy_bank(tmp_path / "p.parquet", {"c1": np.ones(8, np.float32), "c7": np.zeros(8, np.float32)})
+    fresh = ProxyFile(str(tmp_path / "p.parquet"))
+    np.testing.assert_array_equal(fresh.get("c1"), np.ones(8))
+    assert fresh.get("c3") is None

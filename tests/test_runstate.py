@@ -7,7 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from embcam.manifest import ManifestError, scan_manifest
-from embcam.runstate import ManifestCopy, RunFolder, covered, identity_differences, pending_blocks, piece_name
+from embcam.runstate import (
+    ManifestCopy,
+    RunFolder,
+    RunWriteError,
+    covered,
+    identity_differences,
+    pending_blocks,
+    piece_name,
+)
 
 
 def test_pending_blocks_are_the_uncovered_rows_cut_at_block_boundaries():
@@ -35,6 +43,27 @@ def test_pieces_are_committed_whole_and_listed_by_rows(tmp_path):
     assert pq.read_table(tmp_path / "results").num_rows == 3  # hidden temporaries are not read
     run.drop_temporaries("results")
     assert sorted(os.listdir(tmp_path / "results")) == [piece_name(0, 1), piece_name(5, 7)]
+
+
+def test_streamed_tables_appear_as_one_file_or_not_at_all(tmp_path, monkeypatch):
+    """write_tables: every table in order in one file; a failure while the tables come (an
+    exception from the source, a full disk at the commit) leaves neither the file nor a
+    temporary, and a full disk is a RunWriteError naming the file."""
+    schema = pa.schema([("x", pa.int64())])
+    run = RunFolder(str(tmp_path))
+    assert run.write_tables(schema, (pa.table({"x": [i, i + 1]}, schema=schema) for i in (0, 2, 4)), "t.parquet") == 6
+    assert pq.read_table(tmp_path / "t.parquet").column("x").to_pylist() == [0, 1, 2, 3, 4, 5]
+
+    def failing():
+        yield pa.table({"x": [7]}, schema=schema)
+        raise ValueError("no more")
+
+    with pytest.raises(ValueError, match="no more"):
+        run.write_tables(schema, failing(), "u.parquet")
+    monkeypatch.setenv("EMBCAM_FAULT", "write:v.parquet:enospc")
+    with pytest.raises(RunWriteError, match="v.parquet"):
+        run.write_tables(schema, [pa.table({"x": [1]}, schema=schema)], "v.parquet")
+    assert sorted(os.listdir(tmp_path)) == ["t.parquet"]
 
 
 def test_clear_removes_only_what_embcam_wrote(tmp_path):
