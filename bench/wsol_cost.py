@@ -42,8 +42,8 @@ def base_images(folder: Path) -> list[dict]:
     import torch
 
     from embcam.cam import EmbeddingCAM
+    from embcam.data.images import decode_image, decode_mask, resize_square
     from embcam.datasets.synthetic import generate_dataset
-    from embcam.images import decode_image, decode_mask, resize_square
     from embcam.models import load_model
 
     manifest = generate_dataset(folder, num_classes=100, images_per_class=20, classes=range(50, 60), seed=0)
@@ -58,8 +58,8 @@ def base_images(folder: Path) -> list[dict]:
 
 
 def per_image_costs(images: list[dict], repeats: int) -> dict:
-    from embcam.fetch import read_bytes
-    from embcam.images import decode_mask
+    from embcam.data.fetch import read_bytes
+    from embcam.data.images import decode_mask
     from embcam.wsol import WsolAccumulator
 
     out = {}
@@ -99,8 +99,8 @@ def per_image_costs(images: list[dict], repeats: int) -> dict:
 
 def write_run(folder: Path, images: list[dict], data: Path, rows: int) -> str:
     """A run folder of ``rows`` results rows (the images tiled), Table 1's columns computed."""
+    from embcam.data.schemas import conform
     from embcam.metrics import heatmap_metrics
-    from embcam.schemas import conform
 
     (folder / "results").mkdir(parents=True)
     base = []

@@ -78,7 +78,7 @@ def test_the_pass_one_reduce_sums_each_class_over_its_pieces():
     label, an empty sum) adds nothing; pieces of different dimensions are refused."""
     import pyarrow as pa
 
-    from embcam.tasks import partials_table, reduce_partials
+    from embcam.job.tasks import partials_table, reduce_partials
 
     rng = np.random.default_rng(4)
     labels, sums, counts = ["b", "a", "b", "c", "a"], rng.normal(size=(5, 4)), [2, 1, 3, 1, 5]

@@ -31,12 +31,12 @@ import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cli import main
+from embcam.data.runstate import RunFolder, RunMismatch, covered
 from embcam.datasets import generate_dataset
-from embcam.lifecycle import RunLifecycle
+from embcam.job.lifecycle import RunLifecycle
+from embcam.job.pipeline import ExplainConfig, run_explain
+from embcam.job.stages import load_images, manifest_batch
 from embcam.models import Preprocessing, build_model
-from embcam.pipeline import ExplainConfig, run_explain
-from embcam.runstate import RunFolder, RunMismatch, covered
-from embcam.stages import load_images, manifest_batch
 
 pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
 SIZE = 48

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import embcam
-from embcam.schemas import arrow_schema
+from embcam.data.schemas import arrow_schema
 
 pytestmark = pytest.mark.slow  # builds the wheel in a subprocess
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_package_from_the_wheel_works_outside_the_repository(wheel, tmp_path):
         assert filecmp.cmp(built, source, shallow=False)
     code = ("import sys, embcam, embcam.datasets\n"
             "from embcam.cli import DEMO_MODEL\n"
-            "from embcam.schemas import arrow_schema, schemas_dir\n"
+            "from embcam.data.schemas import arrow_schema, schemas_dir\n"
             "assert embcam.__file__.startswith(sys.argv[1]), embcam.__file__\n"
             "assert str(schemas_dir()).startswith(sys.argv[1]) and DEMO_MODEL.is_file()\n"
             "print(*(len(arrow_schema(n)) for n in ('manifest', 'results', 'proxies')))")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..boxes import BBOX_COLUMNS  # re-exported
-from ..schemas import arrow_schema
+from ..data.schemas import arrow_schema
 
 # The manifest contract (schemas/manifest.json), every field nullable (Parquet
 # "optional") so the tables unify with readers' schemas.
