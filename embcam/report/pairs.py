@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from embcam.data.runstate import RunFolder
 from embcam.data.schemas import ERROR, OK, STATUSES
-from embcam.report.render import html_table, md_table, num
+from embcam.report.markup import html_table, md_table, num
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
 
 FOLDER = "pairs"  # RUN/pairs: what explain --pairs writes
