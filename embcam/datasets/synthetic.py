@@ -37,7 +37,7 @@ from embcam.boxes import BBOX_COLUMNS
 from embcam.data.fetch import read_bytes
 from embcam.data.images import decode_image, decode_mask, write_image
 from embcam.data.locations import resolve_uri
-from embcam.datasets import ANNOTATED_MANIFEST_SCHEMA, write_manifest
+from embcam.datasets.manifest_writer import ANNOTATED_MANIFEST_SCHEMA, write_manifest
 
 SHAPES = ("ellipse", "rectangle", "rounded", "triangle", "star", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")
