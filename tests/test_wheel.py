@@ -51,7 +51,8 @@ def test_wheel_version_is_embcams(wheel):
 def test_wheel_holds_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"embcam/contracts/{c}" for c in CONTRACTS} | {
-        "embcam/py.typed", "embcam/assets/demo_model.pt", "embcam/datasets/__init__.py", "embcam/report/__init__.py"}
+        "embcam/py.typed", "embcam/assets/demo_model.pt"} | {
+        f"embcam/{package}/__init__.py" for package in ("data", "datasets", "evaluation", "job", "pairs", "report")}
     assert expected <= names
     assert not any(n.startswith(("tests/", "schemas/", "bench/")) for n in names)
 
