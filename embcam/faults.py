@@ -28,9 +28,10 @@ def fault_point(stage: str, image_ids) -> None:
     - ``<stage>:<image_id>``: SIGKILL the worker that reaches that row in that stage;
     - ``<stage>:<image_id>:once:<marker file>``: the same, only the first time (the marker
       records it);
-    - ``<stage>:<image_id>:hold:<marker file>``: create the marker, then block that worker
-      for ever, so the job cannot finish until a test kills it (a Ray cancel, which raises
-      KeyboardInterrupt in the task, ends it too, as it ends any task);
+    - ``<stage>:<image_id>:hold:<marker file>``: write the worker's pid into the marker, then
+      block that worker for ever, so the job cannot finish until a test kills it (a Ray
+      cancel, which raises KeyboardInterrupt in the task, ends it too, as it ends any task).
+      Only the first worker is held: once the marker exists, the row's retry goes on;
     - ``write:<file name>:enospc``: the write of that file in the run folder fails as on a
       full disk (the stage ``write`` names files, not rows; ``RunFolder.write_bytes``).
     """
@@ -48,14 +49,15 @@ def fault_point(stage: str, image_ids) -> None:
         if mode not in (None, "once", "hold") or (mode is not None and not marker):
             raise ValueError(f"EMBCAM_FAULT: {spec!r} is not <stage>:<image_id>[:once|hold:<marker file>]"
                              " or write:<file name>:enospc")
+        try:  # "once" and "hold" act the first time only: the marker records it
+            first = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if mode else None
+        except FileExistsError:
+            continue
         if mode == "hold":
-            with open(marker, "a"):  # the test waits for this file: the worker is held from here on
-                pass
+            os.write(first, str(os.getpid()).encode())
+            os.close(first)  # the test waits for this file: the worker is held from here on
             while True:
                 time.sleep(1)
-        if mode == "once":
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
+        if first is not None:
+            os.close(first)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -30,8 +30,8 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
 # module whole to one worker (--dist loadscope: a module's fixtures, and the jobs they run, run
 # once) in this order (--no-loadscope-reorder), so that the long ones start first and both
 # workers end together.
-LONGEST_FIRST = ("test_resume.py", "test_reproduce_cub.py", "test_pipeline.py", "test_cli.py", "test_plans.py",
-                 "test_architectures.py", "test_pairs.py", "test_results.py", "test_bench_smoke.py",
+LONGEST_FIRST = ("test_resume.py", "test_reproduce_cub.py", "test_multinode.py", "test_pipeline.py", "test_cli.py",
+                 "test_plans.py", "test_architectures.py", "test_pairs.py", "test_results.py", "test_bench_smoke.py",
                  "test_job_transformers.py", "test_s3.py", "test_user_code.py", "test_inference.py",
                  "test_hostile.py")
 

@@ -131,14 +131,19 @@ def test_a_hold_blocks_its_worker_until_it_is_killed(tmp_path, fault_process):
     worker = fault_process(f"model:b;commit:b:hold:{held}",
                            "fault_point('commit', ['a']); fault_point('decode', ['b']); fault_point('commit', ['b'])")
     deadline = time.monotonic() + 120  # a failure guard only: the hold itself never ends
-    while not held.exists():
+    while not (held.exists() and held.read_text()):
         assert worker.poll() is None, ("ended before the hold", worker.communicate())
         assert time.monotonic() < deadline, "never reached the hold"
         time.sleep(0.01)
     assert worker.poll() is None  # held: the marker is written, and nothing ends the hold but a kill
+    assert held.read_text() == str(worker.pid)  # the marker names the held process
     os.kill(worker.pid, signal.SIGKILL)
     out, _ = worker.communicate(timeout=120)
     assert worker.returncode == -signal.SIGKILL and "returned" not in out
+    # only the first worker is held: the row's retry (the marker exists) goes on
+    again = fault_process(f"commit:b:hold:{held}", "fault_point('commit', ['b'])")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and "returned" in out, err
 
 
 @pytest.mark.slow  # a subprocess (a quick one)

@@ -23,19 +23,18 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from explain_jobs import assert_as_the_python_api, kill_all
 
-from embcam import EmbeddingCAM, load_model, save_checkpoint
+from embcam import save_checkpoint
 from embcam.cli import main
 from embcam.data.runstate import RunFolder, RunMismatch, covered
 from embcam.datasets import generate_dataset
 from embcam.job.lifecycle import RunLifecycle
 from embcam.job.pipeline import ExplainConfig, run_explain
-from embcam.job.stages import load_images, manifest_batch
 from embcam.models import Preprocessing, build_model
 
 pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
@@ -52,13 +51,6 @@ def dataset(tmp_path_factory):
     save_checkpoint(checkpoint, build_model("embcam:small-resnet+linear:16"), "embcam:small-resnet+linear:16",
                     Preprocessing(SIZE))
     return manifest, checkpoint, pq.read_table(manifest).num_rows
-
-
-def _environ_has(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -127,15 +119,6 @@ def wait_until(condition, driver, finish, what: str) -> None:
         time.sleep(0.05)
 
 
-def kill_all(marker: str) -> None:
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        if pid != os.getpid() and _environ_has(pid, f"EMBCAM_TEST_JOB={marker}".encode()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def exit_status(argv: list[str]) -> int:
     """``embcam ARGV``'s exit status, run in this process."""
     try:
@@ -146,35 +129,6 @@ def exit_status(argv: list[str]) -> int:
 
 def results(out) -> pd.DataFrame:
     return pd.read_parquet(Path(out) / "results")
-
-
-def api_explained(dataset, df: pd.DataFrame, proxies: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and flat heatmaps of ``df``'s rows by the Python API (no Ray): the job's
-    own decode, the checkpoint's model, EmbeddingCAM against each row's class proxy."""
-    manifest, checkpoint, _ = dataset
-    model, prep, _ = load_model(checkpoint=checkpoint)
-    rows = manifest_batch(pq.read_table(manifest))
-    images = load_images(rows, str(manifest.parent), prep.size)["image"]
-    position = {image_id: i for i, image_id in enumerate(rows["image_id"])}
-    x = prep(torch.from_numpy(images[[position[i] for i in df.image_id]]))
-    p = torch.from_numpy(np.stack([proxies[label] for label in df.label]).astype(np.float32))
-    out = EmbeddingCAM(model, strategy="autograd")(x, p)
-    return out.embeddings.numpy(), out.heatmaps.flatten(1).numpy()
-
-
-def assert_as_the_python_api(dataset, df: pd.DataFrame, out: Path) -> None:
-    """A mean-proxy run's results (every row) are the Python API's: embeddings, heatmaps
-    against the run's proxies, and the proxies themselves, normalise(mean of the normalised
-    embeddings) of every image of the class."""
-    proxies = pd.read_parquet(out / "proxies.parquet").set_index("label")
-    embeddings, heatmaps = api_explained(dataset, df, proxies.proxy)
-    np.testing.assert_allclose(np.stack(df.embedding), embeddings, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.stack(df.heatmap), heatmaps, rtol=1e-4, atol=1e-6 * heatmaps.max())
-    y = embeddings.astype(np.float64) / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    for label in proxies.index:
-        mean = y[(df.label == label).to_numpy()].mean(0)
-        np.testing.assert_allclose(proxies.proxy[label], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
-    assert proxies["count"].sum() == len(df) == dataset[2]
 
 
 def assert_complete(out, rows):
@@ -361,3 +315,27 @@ def test_a_failed_write_ends_the_job_in_one_line_and_the_resume_finishes(ray_ses
                                         batch_size=8, block_rows=8), progress=False)
     assert summary["counts"]["ok"] == rows
     assert_complete(out, rows)
+
+
+def test_four_driver_kills_on_one_batch_leave_no_false_error_row(ray_session, s3_server, dataset, jobs, tmp_path):
+    """--out on an S3-compatible server, so the model stage counts worker deaths on the node's
+    own disk. The driver is killed three times while the model holds the same batch, then the
+    run finishes (the fourth attempt): every row is ok. Counts that outlived their attempt
+    would have made the third attempt go row by row and the fourth fail the held row as
+    "worker died while processing this row"."""
+    start, finish, crash = jobs
+    manifest, checkpoint, rows = dataset
+    out = s3_server.uri("four-kills")
+    held_row = pq.read_table(manifest, columns=["image_id"]).column("image_id")[rows - 8].as_py()
+    for kill in range(3):
+        held = tmp_path / f"held-{kill}"
+        driver = start(dataset, out, fault=f"model:{held_row}:hold:{held}")
+        wait_until(lambda held=held: held.exists() and held.read_text(), driver, finish, f"held (attempt {kill + 1})")
+        crash(driver)
+    summary = run_explain(ExplainConfig(manifest=str(manifest), out=out, checkpoint=str(checkpoint), batch_size=8,
+                                        block_rows=8), progress=False)
+    df = pq.read_table("embcam-test/four-kills/results", filesystem=s3_server.filesystem()).to_pandas()
+    assert len(df) == rows and df.image_id.is_unique
+    assert (df.status == "ok").all(), df[df.status != "ok"].error.tolist()
+    assert summary["counts"]["ok"] == rows and summary["counts"]["resumed"] > 0
+

@@ -94,7 +94,7 @@ class ExplainModel:
 
     def _call(self, batch: dict) -> dict:
         ok = np.flatnonzero(batch["status"] == OK)
-        fault_point("model", batch["image_id"][ok])
+        fault_point("model" if self.output == "heatmaps" else "embed", batch["image_id"][ok])  # pass 2 or 1
         n = len(batch["status"])
         out = with_writable_status({k: v for k, v in batch.items() if k != "image"})
         out["embedding"] = np.zeros((n, self.num_outputs), np.float32)
