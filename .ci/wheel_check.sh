@@ -31,7 +31,7 @@ env -u PYTHONPATH "$VPY" - "$REPO" <<'PY'
 import importlib.metadata, json, os, subprocess, sys
 import embcam
 from embcam.cli import DEMO_MODEL
-from embcam.schemas import load_schema
+from embcam.data.schemas import load_schema
 
 repo = os.path.realpath(sys.argv[1])
 for path in (embcam.__file__, str(DEMO_MODEL)):

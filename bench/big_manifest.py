@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 CHILD = r"""
 import json, resource, sys, time
-from embcam.manifest import read_manifest, scan_manifest
-from embcam.runstate import ManifestCopy, RunFolder
+from embcam.data.manifest import read_manifest, scan_manifest
+from embcam.data.runstate import ManifestCopy, RunFolder
 what, source, out = sys.argv[1:4]
 start = time.perf_counter()
 if what == "scan":

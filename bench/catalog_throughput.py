@@ -47,7 +47,7 @@ of them are 2.4 MB, and the smallest object store Ray accepts, 75 MiB, has a ten
 cannot make `auto` plan as on a catalog at these run sizes, and a store that small would
 also throttle the decoded-image blocks every run moves through it, which a catalog's machine
 does not. `catalog` therefore keeps Ray's default store and asks the job's own rule
-(`embcam.pipeline.choose_plan`, with the run's arguments parsed by the CLI's parser) what
+(`embcam.job.pipeline.choose_plan`, with the run's arguments parsed by the CLI's parser) what
 `auto` picks for `--catalog-rows` images (default 1,000,000) and Ray's default store on this
 machine (30% of its memory), and passes that plan as `--strategy` to the mean runs (self
 runs get `auto`: one pass, nothing to choose). The JSON keeps that plan and its reason; each
@@ -88,12 +88,12 @@ import pyarrow.parquet as pq
 import torch
 
 import embcam
+from embcam.data.images import decode_image_oriented, decode_resized, resize_square
 from embcam.datasets import generate_dataset
-from embcam.images import decode_image_oriented, decode_resized, resize_square
 from embcam.inference import prepare_for_inference
-from embcam.model_stage import PRECISIONS
+from embcam.job.model_stage import PRECISIONS
+from embcam.job.pipeline import JOB_STRATEGIES
 from embcam.models import load_model
-from embcam.pipeline import JOB_STRATEGIES
 
 MODELS = ["torchvision:resnet50+linear:128", "torchvision:vit_b_16+linear:128", "torchvision:convnext_tiny+identity"]
 CATALOG_COLUMNS = ["image_id", "uri", "label"]
@@ -208,7 +208,7 @@ def catalog_plan(argv: list[str], rows: int, store_bytes: float) -> tuple[str, s
     arguments) on a catalog of ``rows`` images with an object store of ``store_bytes``, by the
     job's own rule."""
     from embcam.cli import add_explain_arguments, explain_config
-    from embcam.pipeline import choose_plan, output_shape
+    from embcam.job.pipeline import choose_plan, output_shape
 
     parser = argparse.ArgumentParser()
     add_explain_arguments(parser)
@@ -256,7 +256,7 @@ def run_job(argv: list[str], out: Path, object_store_mb: int | None, timeout: fl
 
 def steady_per_image(passes: dict) -> float | None:
     """Seconds per image at the job's steady rates: the sum over its passes of 1 / rate (each
-    pass's rate leaves out its start-up; embcam.progress)."""
+    pass's rate leaves out its start-up; embcam.job.progress)."""
     rates = [p.get("steady_images_per_second") for p in passes.values()]
     return sum(1 / r for r in rates) if rates and all(rates) else None
 

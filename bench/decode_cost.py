@@ -32,9 +32,9 @@ import torch
 
 from embcam.boxes import BBOX_COLUMNS, row_box
 from embcam.cam import EmbeddingCAM
+from embcam.data.images import decode_mask, decode_resized, image_size_from_header, jpeg_reduction
+from embcam.data.manifest import read_manifest
 from embcam.datasets import generate_dataset
-from embcam.images import decode_mask, decode_resized, image_size_from_header, jpeg_reduction
-from embcam.manifest import read_manifest
 from embcam.metrics import heatmap_metrics
 from embcam.models import load_model
 

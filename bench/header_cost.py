@@ -6,7 +6,7 @@ orientation need before a decode.
 Times `images.image_header` (Pillow's format readers, the header only) on generated 1200x900 images: a JPEG
 (quality 90) with a camera-like EXIF block (orientation 6, make, model, date, resolution), a PNG with an eXIf
 chunk, a lossy WebP with EXIF, and an uncompressed TIFF. With `--before REV` it also times, interleaved in the
-same run, what the decode path did at that revision of embcam/images.py (7bfa71a: the struct parser):
+same run, what the decode path did at that revision of embcam/data/images.py (7bfa71a: the struct parser):
 `_format`, `image_size_from_header` and `exif_orientation`. Median of `--rounds` rounds of `--repeats` calls,
 in µs per header, wall (perf_counter) and this thread's CPU time (less disturbed on a shared machine); one full
 `decode_image` of each file (wall, OpenCV's threads) is timed for scale.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embcam import images
+from embcam.data import images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +52,11 @@ def sample_files() -> dict[str, bytes]:
 
 
 def old_images(revision: str) -> types.ModuleType:
-    """embcam/images.py as it was at ``revision``, as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:embcam/images.py"], cwd=ROOT, check=True,
+    """embcam/data/images.py as it was at ``revision``, as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:embcam/data/images.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     module = types.ModuleType("images_before")
-    exec(compile(source, f"{revision}:embcam/images.py", "exec"), module.__dict__)
+    exec(compile(source, f"{revision}:embcam/data/images.py", "exec"), module.__dict__)
     return module
 
 
@@ -70,7 +70,7 @@ def per_call_us(check, data: bytes, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", help="a revision whose embcam/images.py to time alongside")
+    parser.add_argument("--before", help="a revision whose embcam/data/images.py to time alongside")
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()

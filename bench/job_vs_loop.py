@@ -1,7 +1,7 @@
 """The explain job on Ray vs an in-process loop doing the same work, side by side.
 
 Same generated images, same model, same stages (decode + core + metrics + Parquet);
-the loop calls ``embcam.stages`` directly, one batch after another, without Ray.
+the loop calls ``embcam.job.stages`` directly, one batch after another, without Ray.
 Runs alternate (loop, job, loop, job, ...) so machine noise hits both alike; the
 figure is the ratio of medians. Also records the peak memory of every process of the
 job (driver + all Ray processes, summed RSS sampled from /proc) at N and 10 x N images.
@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from embcam.data.locations import default_image_root  # noqa: E402
+from embcam.data.manifest import read_manifest  # noqa: E402
 from embcam.datasets import generate_dataset  # noqa: E402
-from embcam.locations import default_image_root  # noqa: E402
-from embcam.manifest import read_manifest  # noqa: E402
-from embcam.model_stage import ExplainModel, ModelConfig
-from embcam.pipeline import ExplainConfig, run_explain  # noqa: E402
-from embcam.stages import INTERNAL_COLUMNS, compute_metrics, load_images, to_results  # noqa: E402
+from embcam.job.model_stage import ExplainModel, ModelConfig
+from embcam.job.pipeline import ExplainConfig, run_explain  # noqa: E402
+from embcam.job.stages import INTERNAL_COLUMNS, compute_metrics, load_images, to_results  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "embcam" / "assets" / "demo_model.pt"
 

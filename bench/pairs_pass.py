@@ -1,7 +1,7 @@
 """The pairs pass at catalog scale, without the model: random pairs over stored maps.
 
 Writes N images' E maps (float16, d x h x w, pieces of 256 rows, as ``explain --keep-maps``
-does) from random values, then times ``embcam.pairs.write_pairs`` for P pairs drawn at
+does) from random values, then times ``embcam.pairs.explain.write_pairs`` for P pairs drawn at
 random (the worst case for locality: every block of pairs touches most pieces), and reports
 pairs/s, the maps read (bytes) against the maps stored, and the peak RSS.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embcam.maps import MapStore, write_maps
-from embcam.pairs import write_pairs
-from embcam.runstate import RunFolder, piece_name
+from embcam.data.maps import MapStore, write_maps
+from embcam.data.runstate import RunFolder, piece_name
+from embcam.pairs.explain import write_pairs
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import ray  # noqa: E402
 
-from embcam.pipeline import ExplainConfig, run_explain  # noqa: E402
+from embcam.job.pipeline import ExplainConfig, run_explain  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "embcam" / "assets" / "demo_model.pt"
 

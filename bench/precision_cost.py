@@ -21,9 +21,9 @@ import torch
 
 from embcam import EmbeddingCAM, load_model
 from embcam.datasets import generate_dataset
+from embcam.job.model_stage import ExplainModel, ModelConfig
+from embcam.job.stages import load_images, manifest_batch
 from embcam.metrics import heatmap_metrics
-from embcam.model_stage import ExplainModel, ModelConfig
-from embcam.stages import load_images, manifest_batch
 
 DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "embcam" / "assets" / "demo_model.pt")
 MODELS = [("demo model", None, DEMO_MODEL, None), ("resnet50+linear:128", "torchvision:resnet50+linear:128", None, 224)]

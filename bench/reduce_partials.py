@@ -17,7 +17,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from embcam import tasks
+from embcam.job import tasks
 from embcam.proxies import proxy_table
 labels, dim = int(sys.argv[1]), int(sys.argv[2])
 table = tasks.partials_table([f"c{i}" for i in range(labels)], np.random.default_rng(0).normal(size=(labels, dim)),

@@ -50,9 +50,9 @@ $BIN/python - "$WORK" <<'PY'
 import json, os, shutil, sys
 import numpy as np, pyarrow.parquet as pq
 from embcam.boxes import row_box
-from embcam.images import decode_image, decode_mask
+from embcam.data.images import decode_image, decode_mask
 from embcam.metrics import heatmap_metrics
-from embcam.schemas import conform
+from embcam.data.schemas import conform
 work = sys.argv[1]
 out = f"{work}/runs/centre"
 shutil.rmtree(out, ignore_errors=True)

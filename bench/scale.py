@@ -147,7 +147,7 @@ def _shm_used() -> int:
 
 
 def committed_rows(out: Path) -> int:
-    from embcam.runstate import RESULTS, RunFolder
+    from embcam.data.runstate import RESULTS, RunFolder
 
     return sum(stop - start for start, stop in RunFolder(str(out)).pieces(RESULTS))
 

@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from embcam.locations import default_image_root
-from embcam.manifest import read_manifest
-from embcam.model_stage import ExplainModel, ModelConfig
-from embcam.stages import compute_metrics, load_images, to_results
+from embcam.data.locations import default_image_root
+from embcam.data.manifest import read_manifest
+from embcam.job.model_stage import ExplainModel, ModelConfig
+from embcam.job.stages import compute_metrics, load_images, to_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "embcam" / "assets" / "demo_model.pt"

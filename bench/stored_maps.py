@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from embcam.data.maps import MapStore  # noqa: E402
+from embcam.data.runstate import RunFolder  # noqa: E402
 from embcam.datasets import generate_dataset  # noqa: E402
-from embcam.maps import MapStore  # noqa: E402
-from embcam.pipeline import ExplainConfig, run_explain  # noqa: E402
+from embcam.job.pipeline import ExplainConfig, run_explain  # noqa: E402
+from embcam.job.reexplain import reexplain  # noqa: E402
 from embcam.proxies import load_proxy_bank  # noqa: E402
-from embcam.reexplain import reexplain  # noqa: E402
-from embcam.runstate import RunFolder  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "embcam" / "assets" / "demo_model.pt"
 FP16_EPS = 2.0 ** -11

@@ -51,8 +51,8 @@ def base_images(folder: Path) -> list[dict]:
     import torch
 
     from embcam.cam import EmbeddingCAM
+    from embcam.data.images import decode_image, decode_mask, resize_square
     from embcam.datasets.synthetic import generate_dataset
-    from embcam.images import decode_image, decode_mask, resize_square
     from embcam.models import load_model
 
     manifest = generate_dataset(folder, num_classes=100, images_per_class=20, classes=range(50, 60), seed=0)
@@ -67,8 +67,8 @@ def base_images(folder: Path) -> list[dict]:
 
 
 def per_image_costs(images: list[dict], repeats: int) -> dict:
-    from embcam.fetch import read_bytes
-    from embcam.images import decode_mask
+    from embcam.data.fetch import read_bytes
+    from embcam.data.images import decode_mask
     from embcam.wsol import WsolAccumulator
 
     out = {}
@@ -109,8 +109,8 @@ def per_image_costs(images: list[dict], repeats: int) -> dict:
 def write_run(folder: Path, images: list[dict], data: Path, rows: int, counters: bool = False) -> str:
     """A run folder of ``rows`` results rows (the images tiled), Table 1's columns computed;
     ``counters``: each file with its WSOL counters in its metadata, as the job writes them."""
+    from embcam.data.schemas import IOU_SWEEP_METADATA, WSOL_COUNTERS_METADATA, conform
     from embcam.metrics import THRESHOLDS, heatmap_metrics
-    from embcam.schemas import IOU_SWEEP_METADATA, WSOL_COUNTERS_METADATA, conform
     from embcam.wsol import counters_metadata, image_counts
 
     counts = [image_counts(np.asarray(im["heat"], np.float32), im["width"], im["height"], im["box"], im["mask"])
@@ -147,8 +147,8 @@ def write_run(folder: Path, images: list[dict], data: Path, rows: int, counters:
 
 def commit_costs(images: list[dict], repeats: int) -> dict:
     """Per annotated image: what the counters add to the commit stage, and the whole commit."""
-    from embcam.schemas import OK
-    from embcam.stages import compute_metrics, to_results
+    from embcam.data.schemas import OK
+    from embcam.job.stages import compute_metrics, to_results
     from embcam.wsol import counters_metadata, image_counts
 
     out = {}

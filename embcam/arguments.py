@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .locations import redact
+from .data.locations import redact
 
 BAD_INPUT = 2  # exit status of every expected error (bad arguments, specs, files), as argparse's
 

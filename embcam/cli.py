@@ -10,13 +10,13 @@ from pathlib import Path
 from . import __version__
 from .arguments import BAD_INPUT, OneLineParser, config_from, error_line
 from .checkpoints import CheckpointLoad
-from .locations import join_location, redact
+from .data.locations import join_location, redact
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model.pt"
 DEMO_CLASSES = range(50, 60)  # ten of the evaluation classes the demo model never saw
-DELEGATED = {"report": "embcam.report", "train": "embcam.training", "make-pairs": "embcam.pairing",
-             "chen-baseline": "embcam.chen", "sanity": "embcam.sanity",
-             "reexplain": "embcam.reexplain"}  # commands with their own parsers
+DELEGATED = {"report": "embcam.report", "train": "embcam.training", "make-pairs": "embcam.pairs.make",
+             "chen-baseline": "embcam.evaluation.chen", "sanity": "embcam.evaluation.sanity",
+             "reexplain": "embcam.job.reexplain"}  # commands with their own parsers
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     """The explain job's options (shared by ``embcam explain`` and jobs/explain.py)."""
     p.add_argument("--manifest", required=True,
@@ -110,7 +110,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def explain_config(args: argparse.Namespace):
-    from .pipeline import ExplainConfig
+    from .job.pipeline import ExplainConfig
 
     return config_from(
         ExplainConfig, args, proxy="bank" if args.proxies else args.proxy,
@@ -119,13 +119,13 @@ def explain_config(args: argparse.Namespace):
 
 
 def run_explain_command(args: argparse.Namespace) -> int:
-    from .pipeline import run_explain
+    from .job.pipeline import run_explain
 
     cfg = explain_config(args)
     try:
         summary = run_explain(cfg, progress=not args.no_progress, verbose=args.verbose)
     except KeyboardInterrupt:
-        from .lifecycle import resume_advice
+        from .job.lifecycle import resume_advice
 
         print(f"embcam explain: interrupted; {_progress_note(cfg.out)} {resume_advice(cfg.overwrite).capitalize()}.",
               file=sys.stderr)
@@ -135,7 +135,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
 
 
 def _progress_note(out: str) -> str:
-    from .runstate import RESULTS, RunFolder, covered
+    from .data.runstate import RESULTS, RunFolder, covered
 
     run = RunFolder(out)
     saved = run.identity
@@ -185,7 +185,7 @@ def format_summary(summary: dict) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     from .datasets.synthetic import generate_dataset
-    from .pipeline import ExplainConfig, run_explain
+    from .job.pipeline import ExplainConfig, run_explain
 
     out = Path(args.out)
     print(f"embcam demo: generating {len(DEMO_CLASSES)} unseen classes x {args.per_class} annotated images "
@@ -292,8 +292,8 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def show_image(args: argparse.Namespace) -> int:
+    from .data.schemas import OK
     from .results import describe, overlay, overlay_file_name, read_row, write_image
-    from .schemas import OK
 
     row = read_row(args.run_dir, args.image_id, image_root=args.image_root)
     print(describe(row))

@@ -211,7 +211,7 @@ def _from_source_names(state: dict, model: nn.Module, arch: Architecture) -> tup
 def _read_checkpoint(checkpoint: str | Path) -> tuple[dict, str | None, Preprocessing | None]:
     """(state dict, recorded spec, recorded preprocessing) of a state dict or an embcam checkpoint."""
     if "://" in str(checkpoint):  # object storage: read through pyarrow's filesystems
-        from .fetch import ReadLimits, read_bytes
+        from .data.fetch import ReadLimits, read_bytes
         source = io.BytesIO(read_bytes(str(checkpoint), ReadLimits(max_bytes=16 << 30, read_timeout=600)))
     else:
         source = open(checkpoint, "rb")  # a missing or unreadable path fails here, with its own message

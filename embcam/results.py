@@ -42,13 +42,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embcam.boxes import BBOX_COLUMNS, is_null, row_box
-from embcam.fetch import ReadLimits, read_bytes
-from embcam.images import decode_image, write_image  # write_image: re-exported, part of this module's API
-from embcam.locations import default_image_root, has_scheme, redact, resolve_uri, safe_name
-from embcam.manifest import resolve_source
+from embcam.data.fetch import ReadLimits, read_bytes
+from embcam.data.images import decode_image, write_image  # write_image: re-exported, part of this module's API
+from embcam.data.locations import default_image_root, has_scheme, redact, resolve_uri, safe_name
+from embcam.data.manifest import resolve_source
+from embcam.data.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
+from embcam.data.schemas import ERROR, IOU_SWEEP_METADATA, OK
 from embcam.metrics import LOC_IOU, THRESHOLDS
-from embcam.runstate import IDENTITY, MANIFEST, RESULTS, STATE, SUMMARY, RunFolder
-from embcam.schemas import ERROR, IOU_SWEEP_METADATA, OK
 
 HEAVY_COLUMNS = ("embedding", "heatmap", "heatmap_topk")
 PRED_BOX_COLUMNS = ("pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1")

@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from .architectures import resolve
 from .arguments import OneLineParser
-from .fetch import read_bytes
-from .images import ImageDecodeError, decode_image, resize_square
-from .locations import CredentialsInUri, default_image_root, redact, resolve_manifest_uri
-from .manifest import read_manifest
+from .data.fetch import read_bytes
+from .data.images import ImageDecodeError, decode_image, resize_square
+from .data.locations import CredentialsInUri, default_image_root, redact, resolve_manifest_uri
+from .data.manifest import read_manifest
 from .models import Preprocessing, build_model, save_checkpoint
 
 DEFAULT_MODEL = "embcam:small-resnet+linear:128"

@@ -52,8 +52,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embcam.boxes import BBOX_COLUMNS, Box, checked_bbox
+from embcam.data.schemas import OK, WSOL_COUNTERS_METADATA
 from embcam.metrics import MAX_GRID_SIDE, grid_shape
-from embcam.schemas import OK, WSOL_COUNTERS_METADATA
 
 BOX_THRESHOLDS: tuple[float, ...] = tuple(k / 100 for k in range(100))  # 0, 0.01, ..., 0.99
 PXAP_THRESHOLDS: tuple[float, ...] = BOX_THRESHOLDS + (1.0,)
@@ -528,7 +528,7 @@ class ManifestAnnotations:
 
 
 def _id_hashes(ids) -> np.ndarray:
-    import pandas as pd  # its vectorised string hash (as embcam.manifest's duplicate check)
+    import pandas as pd  # its vectorised string hash (as embcam.data.manifest's duplicate check)
 
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
@@ -536,7 +536,7 @@ def _id_hashes(ids) -> np.ndarray:
 
 
 def _read_limits(run: str, root: str | None):
-    from embcam.fetch import ReadLimits
+    from embcam.data.fetch import ReadLimits
     from embcam.results import run_config
 
     config = run_config(run)
@@ -597,9 +597,9 @@ def _measure(run: str, results, acc: WsolAccumulator, image_root: str | None,
              batch_rows: int) -> tuple[int, int, str | None]:
     """Add the ok rows of the ``results`` dataset to ``acc`` from their heatmaps (see
     :func:`evaluate_run`); returns (rows read, masks unreadable, the first one's reason)."""
-    from embcam.fetch import read_bytes
-    from embcam.images import decode_mask
-    from embcam.locations import resolve_uri
+    from embcam.data.fetch import read_bytes
+    from embcam.data.images import decode_mask
+    from embcam.data.locations import resolve_uri
     from embcam.results import image_root_of
 
     annotations = ManifestAnnotations(run)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from embcam import EmbeddingCAM, load_model
-from embcam.stages import load_images, manifest_batch
+from embcam.job.stages import load_images, manifest_batch
 
 
 def _environ_has(pid: int, marker: bytes) -> bool:

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-import embcam.attempts
-from embcam.attempts import ISOLATE_AFTER, Attempts
-from embcam.runstate import RunFolder
+import embcam.job.attempts
+from embcam.data.runstate import RunFolder
+from embcam.job.attempts import ISOLATE_AFTER, Attempts
 
-PACKAGE = os.path.dirname(embcam.attempts.__file__)
+PACKAGE = os.path.dirname(embcam.job.attempts.__file__)
 
 
 class Death(BaseException):

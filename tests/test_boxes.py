@@ -1,11 +1,11 @@
-"""embcam.boxes: nulls, a row's box, and writing images (embcam.images.write_image)."""
+"""embcam.boxes: nulls, a row's box, and writing images (embcam.data.images.write_image)."""
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
 from embcam.boxes import BBOX_COLUMNS, is_null, row_box
-from embcam.images import write_image
+from embcam.data.images import write_image
 
 
 def test_is_null_knows_none_and_every_nan():

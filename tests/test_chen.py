@@ -1,4 +1,4 @@
-"""The Chen et al. baseline (embcam.chen) against independent references, and the command end to end."""
+"""The Chen et al. baseline (embcam.evaluation.chen) against independent references, and the command end to end."""
 import json
 from pathlib import Path
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from embcam import chen
 from embcam.cam import EmbeddingCAM
 from embcam.cli import DEMO_MODEL
 from embcam.datasets.synthetic import generate_dataset
+from embcam.evaluation import chen
 from embcam.report import METHOD_NAMES, write_report
 from embcam.results import read_row
 

@@ -226,7 +226,7 @@ def test_error_line():
 def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
     import ray.data  # noqa: F401  (creates Ray Data's console handlers)
 
-    from embcam.console import RAY_DATA_LOGGER, quiet_ray
+    from embcam.job.console import RAY_DATA_LOGGER, quiet_ray
 
     # Read what Ray Data's own console handlers print: they hold the stderr of whenever
     # Ray Data was first imported, so capsys does not see them after another test did.
@@ -254,7 +254,7 @@ def test_quiet_ray_hides_infos_and_known_noise_for_the_call_only():
 
 
 def test_progress_lines_say_rows_done_of_total_and_images_per_second():
-    from embcam.progress import Progress
+    from embcam.job.progress import Progress
 
     lines = []
     progress = Progress(lines.append, interval=0.0)  # a line at every batch

@@ -1,4 +1,4 @@
-"""embcam.fetch: reading one file safely: special files, size caps, timeouts, confinement."""
+"""embcam.data.fetch: reading one file safely: special files, size caps, timeouts, confinement."""
 
 import functools
 import os
@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 import pytest
 
-import embcam.fetch as fetch
-from embcam.fetch import FetchError, OutsideAllowedPrefixes, ReadLimits, check_allowed, read_bytes
-from embcam.locations import resolve_uri
+import embcam.data.fetch as fetch
+from embcam.data.fetch import FetchError, OutsideAllowedPrefixes, ReadLimits, check_allowed, read_bytes
+from embcam.data.locations import resolve_uri
 
 SECRET = b"secret-user:x:0:0:TOPSECRET-d41d8cd9:/home/secret-user:/bin/sh\n"
 

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from embcam import save_checkpoint
-from embcam.images import decode_image
+from embcam.data.images import decode_image
+from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.models import Preprocessing, build_model
-from embcam.pipeline import ExplainConfig, run_explain
 
 from test_images import png_by_hand
 

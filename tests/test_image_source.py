@@ -1,4 +1,4 @@
-"""The job's read blocks (embcam.image_source): a range where a column has no value at all
+"""The job's read blocks (embcam.job.image_source): a range where a column has no value at all
 (no label, no error, no mask uri) still carries the column's type, so the model stage gets None,
 not Ray Data's float NaN for an untyped column: a NaN label would be a class of its own, and
 an error column of floats no longer concatenates with another block's strings."""
@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockAccessor
 
-from embcam import image_source
-from embcam.fetch import ReadLimits
-from embcam.runstate import ManifestCopy, RunFolder
-from embcam.schemas import conform, typed_nulls
+from embcam.data.fetch import ReadLimits
+from embcam.data.runstate import ManifestCopy, RunFolder
+from embcam.data.schemas import conform, typed_nulls
+from embcam.job import image_source
 
 
 def test_a_range_without_labels_errors_or_masks_keeps_their_types(tmp_path):

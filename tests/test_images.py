@@ -1,4 +1,4 @@
-"""embcam.images: decoding every common pixel layout to RGB uint8, masks, resizing."""
+"""embcam.data.images: decoding every common pixel layout to RGB uint8, masks, resizing."""
 
 import functools
 import io
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from embcam.boxes import checked_bbox
-from embcam.images import (
+from embcam.data.images import (
     ImageDecodeError,
     ImageHeader,
     decode_image,

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
+from embcam.data.images import decode_image, resize_square
 from embcam.datasets import generate_dataset
-from embcam.images import decode_image, resize_square
+from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.models import load_model
-from embcam.pipeline import ExplainConfig, run_explain
 
 from test_cam_models import reference
 

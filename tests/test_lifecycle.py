@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from embcam.lifecycle import LEASE, Lease, RunBusy, RunLifecycle
+from embcam.data.runstate import STATE, RunFolder, RunMismatch, piece_name
+from embcam.job.lifecycle import LEASE, Lease, RunBusy, RunLifecycle
 from embcam.report import sanity_section
-from embcam.runstate import STATE, RunFolder, RunMismatch, piece_name
 
 IDENTITY = {"manifest": {"rows": 4}, "proxy": "self"}
 

@@ -1,7 +1,7 @@
 """Locations: derived locations keep a URI's query; secrets are redacted wherever a uri is shown."""
 import pytest
 
-from embcam.locations import (
+from embcam.data.locations import (
     CREDENTIALS_REFUSED,
     CredentialsInUri,
     check_no_credentials,
@@ -11,7 +11,7 @@ from embcam.locations import (
     redact,
     resolve_manifest_uri,
 )
-from embcam.stages import reason
+from embcam.job.stages import reason
 
 Q = "?endpoint_override=127.0.0.1:9000&scheme=http"
 

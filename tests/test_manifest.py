@@ -1,4 +1,4 @@
-"""embcam.manifest and embcam.locations: finding files, validation errors, uri resolution, bytes,
+"""embcam.data.manifest and embcam.data.locations: finding files, validation errors, uri resolution, bytes,
 safe names."""
 
 import hashlib
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.locations import default_image_root, resolve_uri, safe_name
-from embcam.manifest import (
+from embcam.data.locations import default_image_root, resolve_uri, safe_name
+from embcam.data.manifest import (
     ManifestError,
     read_manifest,
     resolve_source,
@@ -19,7 +19,7 @@ from embcam.manifest import (
     suggest_column,
     validate_manifest,
 )
-from embcam.schemas import arrow_schema
+from embcam.data.schemas import arrow_schema
 
 
 def write(path: Path, table: pa.Table | dict) -> Path:
@@ -286,12 +286,12 @@ def test_data_modules_import_neither_torch_nor_ray():
     import ast
 
     import embcam.boxes
-    import embcam.images
-    import embcam.locations
-    import embcam.manifest
-    import embcam.schemas
+    import embcam.data.images
+    import embcam.data.locations
+    import embcam.data.manifest
+    import embcam.data.schemas
 
-    for module in (embcam.boxes, embcam.images, embcam.locations, embcam.manifest, embcam.schemas):
+    for module in (embcam.boxes, embcam.data.images, embcam.data.locations, embcam.data.manifest, embcam.data.schemas):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.Import) for alias in node.names}
@@ -315,7 +315,7 @@ def test_unreachable_remote_manifest_fails_in_bounded_time(monkeypatch):
     # on the endpoint, and no credentials can be found: both fail, and are retried until the limit.
     import time
 
-    monkeypatch.setattr("embcam.manifest.REMOTE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr("embcam.data.manifest.REMOTE_TIMEOUT_S", 2.0)
     started = time.perf_counter()
     with pytest.raises(ManifestError, match="manifest source 'gs://bucket/m.parquet"):
         read_manifest("gs://bucket/m.parquet?endpoint_override=127.0.0.1:9&scheme=http")

@@ -95,14 +95,14 @@ def test_vendored_basic_block_is_torchvision_s(stride, cin):
 @pytest.mark.slow  # a subprocess
 def test_job_stages_do_not_import_torchvision():
     """A second of every model worker's start, not needed by the small model."""
-    code = ("import sys, embcam.model_stage; from embcam.models import build_model; "
+    code = ("import sys, embcam.job.model_stage; from embcam.models import build_model; "
             "build_model('embcam:small-resnet+linear:8'); assert 'torchvision' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_jobs_cpu_tasks_do_not_import_torch():
     """Every decode and commit worker of a job would pay 3-4 s and about 300 MB for it."""
-    code = "import sys, embcam.image_source, embcam.tasks; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, embcam.job.image_source, embcam.job.tasks; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

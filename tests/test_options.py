@@ -4,10 +4,10 @@ value unlike its default, parse, build, and look."""
 import argparse
 from dataclasses import fields
 
-from embcam import chen
 from embcam.arguments import config_from
 from embcam.cli import add_explain_arguments, explain_config
-from embcam.pipeline import ExplainConfig
+from embcam.evaluation import chen
+from embcam.job.pipeline import ExplainConfig
 
 
 def assert_round_trip(parser, build, config_class, required: dict, renamed=(), console_only=()):

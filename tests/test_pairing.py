@@ -1,4 +1,4 @@
-"""Tests for embcam.pairing (embcam make-pairs): nearest neighbours against a brute-force
+"""Tests for embcam.pairs.make (embcam make-pairs): nearest neighbours against a brute-force
 reference (scipy's cosine distance, every pair), a hand-computed case with exact ties,
 block independence, query sampling, same-label pairs against itertools' enumeration of
 every pair, and the one-line errors of the command."""
@@ -14,8 +14,8 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from embcam.cli import main as embcam_main
-from embcam.pairing import _triangle, make_pairs, nearest_neighbours, read_embeddings, same_label_pairs
-from embcam.schemas import conform
+from embcam.data.schemas import conform
+from embcam.pairs.make import _triangle, make_pairs, nearest_neighbours, read_embeddings, same_label_pairs
 
 
 def ok_row(image_id, embedding, label="a", split="eval"):

@@ -15,14 +15,14 @@ import torch
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cam import normalise
 from embcam.cli import main as cli_main
+from embcam.data.images import decode_image, resize_square
+from embcam.data.maps import MapStore, maps_table, read_maps_piece
+from embcam.data.runstate import RunFolder
 from embcam.datasets import generate_dataset
-from embcam.images import decode_image, resize_square
-from embcam.maps import MapStore, maps_table, read_maps_piece
+from embcam.job.pipeline import ExplainConfig, run_explain
+from embcam.job.reexplain import reexplain
 from embcam.models import Preprocessing, build_model
-from embcam.pairs import PairsError, explain_pairs, read_pairs, write_pairs
-from embcam.pipeline import ExplainConfig, run_explain
-from embcam.reexplain import reexplain
-from embcam.runstate import RunFolder
+from embcam.pairs.explain import PairsError, explain_pairs, read_pairs, write_pairs
 
 SIZE = 64
 FP16_EPS = 2.0 ** -11  # float16's unit roundoff: |fp16(x) - x| <= 2^-11 |x| (normal range)

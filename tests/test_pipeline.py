@@ -11,16 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embcam import EmbeddingCAM, load_model, pipeline, save_checkpoint
+from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cli import add_explain_arguments, explain_config, format_summary
+from embcam.data.images import decode_image, resize_square
+from embcam.data.manifest import ManifestError
+from embcam.data.runstate import RunMismatch
 from embcam.datasets import generate_dataset
-from embcam.images import decode_image, resize_square
-from embcam.manifest import ManifestError
+from embcam.job import pipeline
+from embcam.job.pipeline import ExplainConfig, run_explain
+from embcam.job.reexplain import reexplain
 from embcam.models import Preprocessing, build_model
-from embcam.pipeline import ExplainConfig, run_explain
-from embcam.reexplain import reexplain
 from embcam.report import write_report
-from embcam.runstate import RunMismatch
 
 SIZE = 64
 

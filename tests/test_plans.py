@@ -14,14 +14,14 @@ from torch import nn
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
 from embcam.cam import cheapest_strategy, embedding_map_path, heatmaps_from_maps, normalise
+from embcam.data.maps import read_stored_rows, write_maps
+from embcam.data.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
 from embcam.datasets import generate_dataset
-from embcam.maps import read_stored_rows, write_maps
+from embcam.job.model_stage import ExplainModel, ModelConfig
+from embcam.job.pipeline import ExplainConfig, choose_plan, run_explain
+from embcam.job.stages import heatmaps_from_kept_maps, load_images, manifest_batch
 from embcam.metrics import heatmap_metrics
-from embcam.model_stage import ExplainModel, ModelConfig
 from embcam.models import GeM, Preprocessing, build_model
-from embcam.pipeline import ExplainConfig, choose_plan, run_explain
-from embcam.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
-from embcam.stages import heatmaps_from_kept_maps, load_images, manifest_batch
 from embcam.wsol import evaluate_run
 
 SIZE = 48

@@ -1,6 +1,6 @@
 """Progress lines and the steady rate of each step, on a clock the test moves by hand."""
-from embcam import progress
-from embcam.progress import Progress
+from embcam.job import progress
+from embcam.job.progress import Progress
 
 
 def test_steady_rate_leaves_out_the_steps_start_up(monkeypatch):

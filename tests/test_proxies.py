@@ -82,7 +82,7 @@ def test_the_pass_one_reduce_sums_each_class_over_its_pieces(tmp_path):
     are refused."""
     import pyarrow as pa
 
-    from embcam.tasks import partials_by_bucket, partials_table, proxies_of_bucket, sum_partials
+    from embcam.job.tasks import partials_by_bucket, partials_table, proxies_of_bucket, sum_partials
 
     rng = np.random.default_rng(4)
     labels = [f"c{i % 7}" for i in range(40)]

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embcam.data.schemas import conform
 from embcam.report import main, overlay_panel, render_markdown, table1, write_report
-from embcam.schemas import conform
 
 from conftest import HtmlPage
 

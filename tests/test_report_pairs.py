@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from embcam.data.runstate import ManifestCopy, RunFolder
+from embcam.data.schemas import conform
 from embcam.report import main, write_report
 from embcam.results import overlay_panel
-from embcam.runstate import ManifestCopy, RunFolder
-from embcam.schemas import conform
 
 from conftest import HtmlPage
 

@@ -22,8 +22,10 @@ from scipy.stats import entropy
 
 from embcam.cli import DEMO_MODEL
 from embcam.cli import main as cli_main
+from embcam.data.locations import safe_name
+from embcam.data.runstate import ManifestCopy, RunFolder
+from embcam.data.schemas import conform
 from embcam.datasets import generate_dataset
-from embcam.locations import safe_name
 from embcam.results import (
     HEAVY_COLUMNS,
     describe,
@@ -39,8 +41,6 @@ from embcam.results import (
     summarise,
     upsample,
 )
-from embcam.runstate import ManifestCopy, RunFolder
-from embcam.schemas import conform
 
 from conftest import HtmlPage
 
@@ -305,7 +305,7 @@ def real_run(tmp_path_factory, ray_session):
     """`embcam explain --proxy mean` with the bundled demo model on 9 generated images without
     boxes or masks, one of them with a hostile id, two with a hostile label, and one
     missing file."""
-    from embcam.pipeline import ExplainConfig, run_explain
+    from embcam.job.pipeline import ExplainConfig, run_explain
 
     root = tmp_path_factory.mktemp("catalog")
     manifest = generate_dataset(root, num_classes=3, images_per_class=3, min_side=40, max_side=56, seed=7)

@@ -31,11 +31,11 @@ from explain_jobs import assert_as_the_python_api, kill_all
 
 from embcam import save_checkpoint
 from embcam.cli import main
+from embcam.data.runstate import RunFolder, RunMismatch, covered
 from embcam.datasets import generate_dataset
-from embcam.lifecycle import RunLifecycle
+from embcam.job.lifecycle import RunLifecycle
+from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.models import Preprocessing, build_model
-from embcam.pipeline import ExplainConfig, run_explain
-from embcam.runstate import RunFolder, RunMismatch, covered
 
 pytestmark = pytest.mark.slow  # every test here runs jobs, most in processes of their own
 SIZE = 48

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.manifest import ManifestError, scan_manifest
-from embcam.runstate import (
+from embcam.data.manifest import ManifestError, scan_manifest
+from embcam.data.runstate import (
     ManifestCopy,
     RunFolder,
     RunWriteError,
@@ -91,8 +91,8 @@ def _manifest(n, start=0):
 
 
 def test_manifest_copy_reads_any_row_range(tmp_path, monkeypatch):
-    monkeypatch.setattr("embcam.runstate.FILE_BLOCKS", 3)  # several files of three blocks
-    monkeypatch.setattr("embcam.manifest.SCAN_BATCH_ROWS", 7)  # batches that do not align with blocks
+    monkeypatch.setattr("embcam.data.runstate.FILE_BLOCKS", 3)  # several files of three blocks
+    monkeypatch.setattr("embcam.data.manifest.SCAN_BATCH_ROWS", 7)  # batches that do not align with blocks
     folder = tmp_path / "m"
     folder.mkdir()
     pq.write_table(_manifest(30), folder / "a.parquet")
@@ -111,7 +111,7 @@ def test_manifest_copy_reads_any_row_range(tmp_path, monkeypatch):
 
 
 def test_scan_finds_duplicates_across_files_with_their_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr("embcam.manifest.SCAN_BATCH_ROWS", 4)
+    monkeypatch.setattr("embcam.data.manifest.SCAN_BATCH_ROWS", 4)
     pq.write_table(_manifest(10), tmp_path / "a.parquet")
     pq.write_table(_manifest(3, start=8), tmp_path / "b.parquet")  # i8, i9 again
     with pytest.raises(ManifestError, match=r"2 duplicated value\(s\).*'i8' at rows 8, 10"):
@@ -126,7 +126,7 @@ def test_scan_digest_changes_with_the_ids(tmp_path):
 
 
 def test_scan_names_null_ids_by_global_row(tmp_path, monkeypatch):
-    monkeypatch.setattr("embcam.manifest.SCAN_BATCH_ROWS", 4)
+    monkeypatch.setattr("embcam.data.manifest.SCAN_BATCH_ROWS", 4)
     table = _manifest(10)
     ids = table.column("image_id").to_pylist()
     ids[9] = None

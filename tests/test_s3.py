@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from embcam.cli import main
+from embcam.data.locations import CREDENTIALS_REFUSED
 from embcam.datasets import generate_dataset
-from embcam.locations import CREDENTIALS_REFUSED
+from embcam.evaluation.sanity import main as sanity_main
 from embcam.models import Preprocessing, build_model, save_checkpoint
 from embcam.report import main as report_main
-from embcam.sanity import main as sanity_main
 
 from test_pipeline import core_heatmaps
 

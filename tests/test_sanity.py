@@ -1,4 +1,4 @@
-"""Sanity and faithfulness checks (embcam.saliency_checks, ``embcam sanity``, the report's section).
+"""Sanity and faithfulness checks (embcam.evaluation.saliency_checks, ``embcam sanity``, the report's section).
 
 No Ray: the run folder is written here, from heatmaps computed in-process on generated images."""
 import json
@@ -12,18 +12,18 @@ import scipy.stats
 import torch
 from torch import nn
 
-from embcam import saliency_checks as sc
 from embcam.architectures import Preprocessing
 from embcam.cam import EmbeddingCAM, normalise
 from embcam.cli import DEMO_MODEL
 from embcam.cli import main as cli_main
+from embcam.data.schemas import conform
 from embcam.datasets.synthetic import generate_dataset
+from embcam.evaluation import saliency_checks as sc
+from embcam.evaluation.sanity import THRESHOLD, _randomisation, main
+from embcam.job.stages import load_images
 from embcam.models import load_model
 from embcam.proxies import MeanProxyAccumulator, save_proxy_bank
 from embcam.report import write_report
-from embcam.sanity import THRESHOLD, _randomisation, main
-from embcam.schemas import conform
-from embcam.stages import load_images
 
 from conftest import HtmlPage
 from test_report import catalog_run

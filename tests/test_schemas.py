@@ -1,4 +1,4 @@
-"""The schema files and embcam.schemas: parsing, Arrow types, conform."""
+"""The schema files and embcam.data.schemas: parsing, Arrow types, conform."""
 
 import json
 
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embcam.schemas import ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table, load_schema, schemas_dir
+from embcam.data.schemas import ARROW_TYPES, SchemaError, arrow_schema, conform, empty_table, load_schema, schemas_dir
 
 NAMES = ["manifest", "results", "proxies", "pairs", "maps"]
 

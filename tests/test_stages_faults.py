@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import torch
 
 from embcam import EmbeddingCAM, load_model, save_checkpoint
-from embcam.model_stage import ExplainModel, ModelConfig
+from embcam.data.runstate import PARTIALS, STATE, RunFolder, piece_name
+from embcam.job.model_stage import ExplainModel, ModelConfig
+from embcam.job.tasks import commit_pass1
 from embcam.models import Preprocessing, build_model
-from embcam.runstate import PARTIALS, STATE, RunFolder, piece_name
-from embcam.tasks import commit_pass1
 
 
 def _batch(n, size, seed=0):
@@ -88,7 +88,7 @@ def test_the_cpu_model_stage_uses_the_cpus_its_process_may_run_on(tmp_path):
     save_checkpoint(tmp_path / "m.pt", build_model("embcam:small-resnet+linear:8"), "embcam:small-resnet+linear:8",
                     Preprocessing(32))
     code = ("import os, torch; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); torch.set_num_threads(7)\n"
-            "from embcam.model_stage import ExplainModel, ModelConfig\n"
+            "from embcam.job.model_stage import ExplainModel, ModelConfig\n"
             f"ExplainModel(ModelConfig(checkpoint={str(tmp_path / 'm.pt')!r}), 'self'); print(torch.get_num_threads())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from embcam.data.images import resize_square
 from embcam.datasets.synthetic import generate_dataset
-from embcam.images import resize_square
 from embcam.models import load_model
 from embcam.training import (
     augment,

@@ -22,10 +22,10 @@ import torch
 
 from embcam import EmbeddingCAM
 from embcam.cli import main
+from embcam.data.images import decode_image, resize_square
 from embcam.datasets import generate_dataset
-from embcam.images import decode_image, resize_square
+from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.models import Preprocessing
-from embcam.pipeline import ExplainConfig, run_explain
 
 SIZE = 32
 
@@ -178,7 +178,7 @@ def test_bad_paths_fail_fast_in_one_line(code, dataset, tmp_path, capsys):
 def test_the_driver_imports_only_what_is_named(code):
     """Naming pkgs/mymodels makes `mymodels` importable for the build, not its neighbours,
     and nothing stays on the path afterwards."""
-    from embcam.user_code import importable
+    from embcam.job.user_code import importable
 
     path, meta_path = list(sys.path), list(sys.meta_path)
     with importable([str(code / "pkgs" / "mymodels")], None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import embcam
-from embcam.schemas import arrow_schema
+from embcam.data.schemas import arrow_schema
 
 pytestmark = pytest.mark.slow  # builds the wheel in a subprocess
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,8 @@ def test_wheel_version_is_embcams(wheel):
 def test_wheel_holds_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"embcam/contracts/{c}" for c in CONTRACTS} | {
-        "embcam/py.typed", "embcam/assets/demo_model.pt", "embcam/datasets/__init__.py", "embcam/report/__init__.py"}
+        "embcam/py.typed", "embcam/assets/demo_model.pt"} | {
+        f"embcam/{package}/__init__.py" for package in ("data", "datasets", "evaluation", "job", "pairs", "report")}
     assert expected <= names
     assert not any(n.startswith(("tests/", "schemas/", "bench/")) for n in names)
 
@@ -64,7 +65,7 @@ def test_package_from_the_wheel_works_outside_the_repository(wheel, tmp_path):
         assert filecmp.cmp(built, source, shallow=False)
     code = ("import sys, embcam, embcam.datasets\n"
             "from embcam.cli import DEMO_MODEL\n"
-            "from embcam.schemas import arrow_schema, schemas_dir\n"
+            "from embcam.data.schemas import arrow_schema, schemas_dir\n"
             "assert embcam.__file__.startswith(sys.argv[1]), embcam.__file__\n"
             "assert str(schemas_dir()).startswith(sys.argv[1]) and DEMO_MODEL.is_file()\n"
             "print(*(len(arrow_schema(n)) for n in ('manifest', 'results', 'proxies')))")

@@ -13,8 +13,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from embcam import wsol
+from embcam.data.schemas import WSOL_COUNTERS_METADATA, conform
 from embcam.metrics import heatmap_metrics, uniform_fractions
-from embcam.schemas import WSOL_COUNTERS_METADATA, conform
 
 EIGHT = np.ones((3, 3), int)  # 8-connectivity for scipy.ndimage.label
 

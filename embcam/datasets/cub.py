@@ -18,7 +18,7 @@ import math
 import os
 import pathlib
 
-from embcam.datasets import ANNOTATED_MANIFEST_SCHEMA, manifest_uri, write_manifest
+from embcam.datasets.manifest_writer import ANNOTATED_MANIFEST_SCHEMA, manifest_uri, write_manifest
 
 # Classes 1..TRAIN_CLASSES are "train", the rest "eval".
 TRAIN_CLASSES = 100

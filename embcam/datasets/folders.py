@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from embcam.datasets import LABELLED_MANIFEST_SCHEMA, manifest_uri, write_manifest
+from embcam.datasets.manifest_writer import LABELLED_MANIFEST_SCHEMA, manifest_uri, write_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embcam.boxes import BBOX_COLUMNS
-from embcam.datasets import ANNOTATED_MANIFEST_SCHEMA, write_manifest
-from embcam.fetch import read_bytes
-from embcam.images import decode_image, decode_mask, write_image
-from embcam.locations import resolve_uri
+from embcam.data.fetch import read_bytes
+from embcam.data.images import decode_image, decode_mask, write_image
+from embcam.data.locations import resolve_uri
+from embcam.datasets.manifest_writer import ANNOTATED_MANIFEST_SCHEMA, write_manifest
 
 SHAPES = ("ellipse", "rectangle", "rounded", "triangle", "star", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")

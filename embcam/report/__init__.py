@@ -5,7 +5,7 @@ A run is a directory written by the explain job: ``RUN/results/*.parquet`` (one 
 image, schema ``results``) and ``RUN/summary.json`` (its ``config`` names the proxy mode,
 the model, ``top_k_channels``, the ``manifest`` and the ``image_root``); a local folder or a
 URI read through pyarrow.fs (``s3://bucket/run?endpoint_override=...``). The report shows
-every uri with its secrets redacted (``embcam.locations.redact``).
+every uri with its secrets redacted (``embcam.data.locations.redact``).
 
 Catalog (every run; ``catalog`` module)
 ---------------------------------------
@@ -62,7 +62,8 @@ import json
 from pathlib import Path
 
 from embcam.arguments import OneLineParser, error_line
-from embcam.locations import location_name, redact, safe_name
+from embcam.data.locations import location_name, redact, safe_name
+from embcam.data.runstate import SANITY, RunFolder
 from embcam.report.catalog import catalog
 from embcam.report.overlays import write_catalog_images, write_overlays
 from embcam.report.pairs import has_pairs, pairs_section
@@ -71,7 +72,6 @@ from embcam.report.render import render_html, render_markdown, render_report_htm
 from embcam.report.runs import OPTIONAL_COLUMNS, RATIO_COLUMNS, REQUIRED_COLUMNS, check_distinct, read_summary
 from embcam.report.table import METHOD_NAMES, REGIONS, STD_NOTE, evaluate, table1
 from embcam.results import overlay_panel
-from embcam.runstate import SANITY, RunFolder
 
 __all__ = ["table1", "catalog", "render_markdown", "render_html", "render_report_markdown",
            "render_report_html", "draw_sweep", "overlay_panel", "write_report", "main",

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 
 from embcam.boxes import is_null
 from embcam.checkpoints import CheckpointLoad
+from embcam.data.schemas import ERROR, OK, STATUSES
 from embcam.results import SPREAD_MEASURE, open_results, results_schema, spreads
-from embcam.schemas import ERROR, OK, STATUSES
 
 COLUMNS = ("image_id", "label", "split", "status", "error", "cosine", "degenerate",
            "ratio_bbox", "uniform_bbox", "uniform_mask")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from embcam.locations import safe_name
+from embcam.data.locations import safe_name
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
 
 # what a drawing and its caption need (read only for the rows drawn)

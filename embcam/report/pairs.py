@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from embcam.report.render import html_table, md_table, num
+from embcam.data.runstate import RunFolder
+from embcam.data.schemas import ERROR, OK, STATUSES
+from embcam.report.markup import html_table, md_table, num
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
-from embcam.runstate import RunFolder
-from embcam.schemas import ERROR, OK, STATUSES
 
 FOLDER = "pairs"  # RUN/pairs: what explain --pairs writes
 COLUMNS = ("query_id", "match_id", "status", "error", "cosine")

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from embcam.images import write_image
+from embcam.data.images import write_image
 from embcam.metrics import LOC_IOU, THRESHOLDS
 
 _PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),

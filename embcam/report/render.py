@@ -11,6 +11,8 @@ import html
 
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
 from embcam.report.catalog import MOSTLY_OUTSIDE
+from embcam.report.markup import html_table, md_cell, md_table, num
+from embcam.report.pairs import pairs_html, pairs_markdown
 from embcam.report.table import REGIONS, STD_NOTE
 from embcam.results import SPREAD_MEASURE
 
@@ -139,28 +141,6 @@ def _notes(table: dict) -> list[str]:
     return notes
 
 
-def _md_cell(text: str) -> str:
-    """One line; ``|`` kept inside the cell; ``<`` and ``>`` backslash-escaped, so a value
-    never becomes an HTML tag in a Markdown viewer."""
-    text = " ".join(text.splitlines())
-    for char in "|<>":
-        text = text.replace(char, "\\" + char)
-    return text
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
-    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
-
-
-def html_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _figures(images: list[dict]) -> str:
     """A grid of the images that were drawn (``file``), with their captions."""
     esc = html.escape
@@ -191,7 +171,7 @@ def _table1_markdown(table: dict) -> list[str]:
              f"Best over t: {table['protocol']['best_over_t']}.", ""]
     if _has_wsol(table):
         parts += [f"## {WSOL_TITLE}", "", md_table(*_wsol_rows(table)), "",
-                  *(p for n in _wsol_notes(table) for p in (_md_cell(n), ""))]
+                  *(p for n in _wsol_notes(table) for p in (md_cell(n), ""))]
     parts += ["## Runs", "", md_table(*_runs_rows(table)), ""]
     overlays = table.get("overlays")
     if overlays is not None:
@@ -255,10 +235,6 @@ def render_html(table: dict) -> str:
 
 
 # --- the catalog of one run ---------------------------------------------------------------
-
-
-def num(value, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def _label_text(label) -> str:
@@ -342,7 +318,7 @@ def _errors_note(entry: dict) -> str:
 
 def _catalog_markdown(entry: dict) -> list[str]:
     hists = entry["histograms"]
-    parts = [f"## {_run_title(entry)}", "", *[f"**{_md_cell(w)}**\n" for w in entry.get("warnings", [])],
+    parts = [f"## {_run_title(entry)}", "", *[f"**{md_cell(w)}**\n" for w in entry.get("warnings", [])],
              _counts_text(entry), "",
              "### Labels", "", md_table(*_label_rows(entry)), "", _labels_note(entry), "",
              "### Lowest cosine per label (mislabelling candidates)", "",
@@ -451,13 +427,13 @@ def _auc_rows(methods: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def _sanity_markdown(entry: dict) -> list[str]:
     t, files = _sanity_texts(entry), entry.get("files") or {}
-    parts = [f"## {_md_cell(t['title'])}", "", _md_cell(t["intro"]), "", _md_cell(t["verdict"]), "",
+    parts = [f"## {md_cell(t['title'])}", "", md_cell(t["intro"]), "", md_cell(t["verdict"]), "",
              md_table(*t["cascade"]), ""]
     parts += [f"![cascade]({files['cascade']})", ""] if files.get("cascade") else []
-    parts += [_md_cell(t["deletion_note"]), "", md_table(*t["deletion"]), ""]
+    parts += [md_cell(t["deletion_note"]), "", md_table(*t["deletion"]), ""]
     parts += [f"![deletion]({files['deletion']})", ""] if files.get("deletion") else []
     if t["insertion_note"]:
-        parts += [_md_cell(t["insertion_note"]), "", md_table(*t["insertion"]), ""]
+        parts += [md_cell(t["insertion_note"]), "", md_table(*t["insertion"]), ""]
         parts += [f"![insertion]({files['insertion']})", ""] if files.get("insertion") else []
     return parts
 
@@ -481,8 +457,6 @@ def _sanity_html(entry: dict) -> list[str]:
 
 def render_report_markdown(report: dict) -> str:
     """Markdown of a ``write_report`` dict: each run's catalog, then Table 1 if annotated."""
-    from embcam.report.pairs import pairs_markdown  # here: pairs renders with this module's helpers
-
     parts = ["# embcam report", ""]
     for entry in report["catalog"]:
         parts += _catalog_markdown(entry)
@@ -499,8 +473,6 @@ def render_report_markdown(report: dict) -> str:
 
 def render_report_html(report: dict) -> str:
     """Self-contained HTML page of a ``write_report`` dict (images are the files next to it)."""
-    from embcam.report.pairs import pairs_html
-
     body = []
     for entry in report["catalog"]:
         body += _catalog_html(entry)

@@ -1,6 +1,6 @@
 """Reading an explain run: ``RUN/summary.json`` and the table columns of ``RUN/results``.
 A run is a local folder or a URI (``s3://bucket/run?endpoint_override=...``), read through
-its pyarrow filesystem (``embcam.runstate.RunFolder``).
+its pyarrow filesystem (``embcam.data.runstate.RunFolder``).
 
 Every check on the input (missing columns, wrong types, duplicate or null image_ids,
 unknown statuses, NaN ratios, ragged ``iou_sweep``) raises here with the run, file,
@@ -20,10 +20,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from embcam.locations import has_scheme, redact
+from embcam.data.locations import has_scheme, redact
+from embcam.data.runstate import RESULTS, SUMMARY, RunFolder, covered
+from embcam.data.schemas import ERROR, OK, STATUSES
 from embcam.metrics import THRESHOLDS
-from embcam.runstate import RESULTS, SUMMARY, RunFolder, covered
-from embcam.schemas import ERROR, OK, STATUSES
 
 # Columns the table reads, with the type they are cast to; optional ones may be absent.
 _F64, _BOOL, _STR = pa.float64(), pa.bool_(), pa.string()

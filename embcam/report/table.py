@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from embcam.data.schemas import OK
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
 from embcam.report.runs import RATIO_COLUMNS, check_distinct, method_key, read_results, read_summary
-from embcam.schemas import OK
 from embcam.wsol import BOX_THRESHOLDS, IOU_THRESHOLDS, evaluate_run
 
 REGIONS = {"bbox": "BBox", "mask": "Mask"}

@@ -1,5 +1,5 @@
 """Reading and validating the input manifest (``schemas/manifest.json``). Its uris are
-resolved by ``embcam.locations``.
+resolved by ``embcam.data.locations``.
 
 Whole-manifest problems (missing or mistyped columns, null or duplicate ``image_id``,
 null ``uri``, a partial box, an empty manifest, files with different columns) raise
@@ -23,9 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embcam.boxes import BBOX_COLUMNS
-from embcam.fetch import with_timeouts
-from embcam.locations import has_scheme
-from embcam.schemas import arrow_schema, conform, load_schema
+from embcam.data.fetch import with_timeouts
+from embcam.data.locations import has_scheme
+from embcam.data.schemas import arrow_schema, conform, load_schema
 
 MAX_EXAMPLES = 5
 REMOTE_TIMEOUT_S = 60.0  # a remote manifest that does not answer fails after about this long

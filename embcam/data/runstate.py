@@ -11,10 +11,10 @@ Layout::
     OUT/_SUCCESS                               ... and then this marker, last of all
     OUT/sanity/                                embcam sanity's checks of this run
     OUT/_embcam/run.json                       the run's identity and run id (written first)
-    OUT/_embcam/lease.json                     the driver writing the run now (embcam.lifecycle)
+    OUT/_embcam/lease.json                     the driver writing the run now (embcam.job.lifecycle)
     OUT/_embcam/manifest/part-<k>.parquet      the validated manifest, cut into row groups
     OUT/_embcam/partials/part-<start>-<stop>.parquet  mean-proxy pass 1: per-class sums
-    OUT/_embcam/attempts/                      worker-death markers of this attempt (embcam.attempts)
+    OUT/_embcam/attempts/                      worker-death markers of this attempt (embcam.job.attempts)
 
 Every data file is named by the manifest rows it holds and is committed whole: written
 under a hidden temporary name and renamed (local disks), or put in one request (object
@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .faults import fault_point
+from ..faults import fault_point
 from .locations import has_scheme
 
 RESULTS, PROXIES, SUMMARY, DONE, STATE = "results", "proxies.parquet", "summary.json", "_SUCCESS", "_embcam"

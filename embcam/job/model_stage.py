@@ -1,6 +1,6 @@
 """The explain job's model stage, without Ray: a pool of ``ExplainModel`` workers, one
 model each, turns batches of decoded images into embeddings, heatmaps or E maps. The
-CPU stages around it (decode, metrics, results rows) are ``embcam.stages``, which never
+CPU stages around it (decode, metrics, results rows) are ``embcam.job.stages``, which never
 imports torch, so the job's CPU tasks start without it.
 """
 from __future__ import annotations
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..cam import EmbeddingCAM, normalise
+from ..data.schemas import OK
+from ..faults import fault_point
+from ..inference import prepare_for_inference
+from ..models import default_target_layer, load_model
+from ..proxies import ProxyFile
 from .attempts import Attempts
-from .cam import EmbeddingCAM, normalise
-from .faults import fault_point
-from .inference import prepare_for_inference
-from .models import default_target_layer, load_model
-from .proxies import ProxyFile
-from .schemas import OK
 from .stages import assign_proxies, fail_rows, reason, with_writable_status
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,7 +50,7 @@ class ExplainModel:
     ``output``: "heatmaps" (heatmaps now), "maps" (embeddings and embedding maps E, for
     proxies computed later) or "embeddings" (embeddings only: the mean-proxy pass 1 of the
     streaming plans). ``keep_maps``: heatmaps and the E maps too (to be stored;
-    ``embcam.maps``). The forward runs under autocast at the model config's precision;
+    ``embcam.data.maps``). The forward runs under autocast at the model config's precision;
     the CAM arithmetic and every returned value stay float32.
     """
 

@@ -32,8 +32,8 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
-from .cam import EmbeddingCAM, normalise
-from .results import upsample
+from ..cam import EmbeddingCAM, normalise
+from ..results import upsample
 
 Explainer = Callable[[nn.Module, Tensor, "Tensor | str"], Tensor]
 FILLS = ("blur", "mean")

@@ -13,7 +13,7 @@ back, and the one that reads the other's gives up, but on an object store withou
 conditional writes both can read their own if their writes and reads interleave exactly.
 Clocks of different hosts must agree to well within ``LEASE_TIMEOUT``.
 
-The attempt id names the model stage's worker-death markers (``embcam.attempts``), so
+The attempt id names the model stage's worker-death markers (``embcam.job.attempts``), so
 markers an interrupted attempt left on a node's disk are never read by a later one.
 """
 from __future__ import annotations
@@ -27,10 +27,9 @@ import threading
 import time
 import uuid
 
-from . import __version__
-from .locations import redact
-from .results import summarise
-from .runstate import (
+from .. import __version__
+from ..data.locations import redact
+from ..data.runstate import (
     ATTEMPTS,
     DONE,
     IDENTITY,
@@ -46,6 +45,7 @@ from .runstate import (
     covered,
     identity_differences,
 )
+from ..results import summarise
 
 LEASE = "lease.json"
 HEARTBEAT_SECONDS = 10.0

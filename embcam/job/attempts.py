@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runstate import ATTEMPTS, STATE, RunFolder
-from .schemas import ERROR
+from ..data.runstate import ATTEMPTS, STATE, RunFolder
+from ..data.schemas import ERROR
 
 ISOLATE_AFTER = 2  # deaths of a whole batch before it goes row by row
 

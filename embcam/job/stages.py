@@ -2,8 +2,8 @@
 
 Each stage maps a batch (a dict of numpy columns, one entry per manifest row) to a
 batch: manifest rows, decoded images (``load_images``), per-class partial sums, metrics
-and results rows. The model stage between them is ``embcam.model_stage``; the Ray
-pipeline (``embcam.pipeline``) runs them as Ray Data operators. A row that fails gets
+and results rows. The model stage between them is ``embcam.job.model_stage``; the Ray
+pipeline (``embcam.job.pipeline``) runs them as Ray Data operators. A row that fails gets
 ``status="error"`` and a reason, keeps flowing, and is skipped by later stages: one bad
 image never stops the job or loses the other rows. No torch here: the job's decode and
 commit tasks never load it.
@@ -16,15 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
-from .faults import fault_point
-from .fetch import ReadLimits, read_bytes
-from .images import decode_mask, decode_resized
-from .locations import redact, resolve_manifest_uri
-from .metrics import THRESHOLDS, heatmap_metrics
-from .proxies import MeanProxyAccumulator, ProxyFile
-from .schemas import ERROR, IOU_SWEEP_METADATA, OK, WSOL_COUNTERS_METADATA, conform, list_column
-from .wsol import counters_metadata, image_counts
+from ..boxes import BBOX_COLUMNS, checked_bbox, is_null, row_box
+from ..data.fetch import ReadLimits, read_bytes
+from ..data.images import decode_mask, decode_resized
+from ..data.locations import redact, resolve_manifest_uri
+from ..data.schemas import ERROR, IOU_SWEEP_METADATA, OK, WSOL_COUNTERS_METADATA, conform, list_column
+from ..faults import fault_point
+from ..metrics import THRESHOLDS, heatmap_metrics
+from ..proxies import MeanProxyAccumulator, ProxyFile
+from ..wsol import counters_metadata, image_counts
 
 METRIC_COLUMNS = ("ratio_bbox", "ratio_mask", "uniform_bbox", "uniform_mask", "pred_bbox_x0",
                   "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y1", "iou", "loc_correct", "degenerate")

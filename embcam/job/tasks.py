@@ -1,7 +1,7 @@
 """The per-batch functions the explain job's Ray tasks and actors run, at module level so
 that Ray pickles them by reference: read and load a range of manifest rows, commit a
 batch's results, commit pass 1's partial sums (and maps), and pass 2 of the stored-maps
-plan. No Ray here; ``embcam.pipeline`` wires them.
+plan. No Ray here; ``embcam.job.pipeline`` wires them.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..data.fetch import ReadLimits
+from ..data.maps import read_stored_rows, write_maps
+from ..data.runstate import PARTIALS, RESULTS, STATE, ManifestCopy, RunFolder, piece_name
+from ..data.schemas import list_column
+from ..faults import fault_point
+from ..proxies import ProxyFile, proxy_rows
 from .attempts import Attempts
-from .faults import fault_point
-from .fetch import ReadLimits
-from .maps import read_stored_rows, write_maps
-from .proxies import ProxyFile, proxy_rows
-from .runstate import PARTIALS, RESULTS, STATE, ManifestCopy, RunFolder, piece_name
-from .schemas import list_column
 from .stages import (
     compute_metrics,
     heatmaps_from_kept_maps,

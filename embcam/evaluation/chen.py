@@ -44,7 +44,7 @@ Choices the paper leaves open, and ours
 
 The run folder
 --------------
-``run_chen`` writes an explain-style run folder (``embcam.runstate``) over the rows of
+``run_chen`` writes an explain-style run folder (``embcam.data.runstate``) over the rows of
 the evaluation split: ``_embcam/run.json`` and the manifest copy of those rows first,
 ``results/part-<start>-<stop>.parquet`` (schema ``results``, ``proxy_kind`` "chen"),
 ``summary.json``, ``_SUCCESS`` last; the training weights and each test row's source
@@ -68,18 +68,13 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from . import __version__
-from .arguments import OneLineParser, config_from, error_line
-from .cam import RESHAPES, EmbeddingCAM, normalise
-from .fetch import ReadLimits
-from .inference import prepare_for_inference
-from .lifecycle import RunLifecycle, build_summary
-from .locations import default_image_root
-from .manifest import read_manifest
-from .model_stage import resolved_target
-from .models import load_model
-from .progress import Progress
-from .runstate import (
+from .. import __version__
+from ..arguments import OneLineParser, config_from, error_line
+from ..cam import RESHAPES, EmbeddingCAM, normalise
+from ..data.fetch import ReadLimits
+from ..data.locations import default_image_root
+from ..data.manifest import read_manifest
+from ..data.runstate import (
     RESULTS,
     STATE,
     SUMMARY,
@@ -90,8 +85,13 @@ from .runstate import (
     pending_blocks,
     piece_name,
 )
-from .schemas import OK
-from .stages import compute_metrics, load_images, manifest_batch, to_results
+from ..data.schemas import OK
+from ..inference import prepare_for_inference
+from ..job.lifecycle import RunLifecycle, build_summary
+from ..job.model_stage import resolved_target
+from ..job.progress import Progress
+from ..job.stages import compute_metrics, load_images, manifest_batch, to_results
+from ..models import load_model
 
 PROXY_KIND = "chen"
 CHEN = "chen"  # RUN/_embcam/chen/: the training weights, and the transfer of each test row ...
@@ -233,7 +233,7 @@ class ChenConfig:
 
 
 class _Images:
-    """Decoded, preprocessed model inputs of manifest rows (``embcam.stages.load_images``:
+    """Decoded, preprocessed model inputs of manifest rows (``embcam.job.stages.load_images``:
     a row that cannot be read becomes an error row with its reason)."""
 
     def __init__(self, preprocess, image_root: str, device: torch.device, limits: ReadLimits = ReadLimits()):

@@ -18,8 +18,8 @@ import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
+from ..data.schemas import typed_nulls
 from . import tasks
-from .schemas import typed_nulls
 
 
 class ManifestImages(Datasource):

@@ -3,9 +3,9 @@
 Reads the run's config (``summary.json``), loads its model (``embcam.models.load_model``:
 spec, checkpoint, image size and preprocessing), samples ``--images`` of its ok rows
 (sorted by image_id, then ``numpy.random.default_rng(seed).choice``), loads them as the
-job did (``embcam.stages.load_images``), takes the proxies the run used (``self``; the
+job did (``embcam.job.stages.load_images``), takes the proxies the run used (``self``; the
 class proxies of ``proxies.parquet`` by each row's ``proxy_label``; onehot) and runs the
-checks of :mod:`embcam.saliency_checks` in this process (no Ray). Writes
+checks of :mod:`embcam.evaluation.saliency_checks` in this process (no Ray). Writes
 ``RUN/sanity/sanity.json``, ``cascade.png``, ``deletion.png`` and ``insertion.png`` (or
 into ``--out``), through pyarrow.fs: RUN may be a URI, as for ``embcam explain --out``.
 Definitions, the verdict and the choices: docs/design.md §7, "Sanity and faithfulness checks".
@@ -20,20 +20,20 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from .arguments import OneLineParser, error_line
-from .fetch import ReadLimits
-from .inference import prepare_for_inference
-from .locations import join_location, redact
-from .model_stage import resolved_target
-from .models import load_model
-from .proxies import load_proxy_bank
-from .report.plot import draw_cascade, draw_curves, plot_png
-from .report.runs import read_summary
-from .results import as_the_job_meant, image_root_of, open_results, read_rows
-from .runstate import PROXIES, SANITY, RunFolder
+from ..arguments import OneLineParser, error_line
+from ..data.fetch import ReadLimits
+from ..data.locations import join_location, redact
+from ..data.runstate import PROXIES, SANITY, RunFolder
+from ..data.schemas import OK
+from ..inference import prepare_for_inference
+from ..job.model_stage import resolved_target
+from ..job.stages import load_images
+from ..models import load_model
+from ..proxies import load_proxy_bank
+from ..report.plot import draw_cascade, draw_curves, plot_png
+from ..report.runs import read_summary
+from ..results import as_the_job_meant, image_root_of, open_results, read_rows
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
-from .schemas import OK
-from .stages import load_images
 
 THRESHOLD = 0.5  # the verdict: mean rho below this once the head and the last block are random
 RANDOM_ORDERS = 3

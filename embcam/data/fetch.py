@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from embcam.locations import has_scheme
+from embcam.data.locations import has_scheme
 
 _CHUNK = 16 << 20
 _BACKOFF_S, _MAX_BACKOFF_S = 0.5, 4.0

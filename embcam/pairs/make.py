@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embcam.arguments import BAD_INPUT, OneLineParser, error_line
+from embcam.data.schemas import OK
 from embcam.results import open_results, results_schema
-from embcam.schemas import OK
 
 BLOCK_BYTES = 128 << 20  # similarities held at once (one block of queries x all images, float64)
 NEAR_TIE = 1e-9  # far above a float64 matrix product's rounding of unit-vector cosines

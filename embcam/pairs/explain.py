@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .cam import heatmaps_from_maps, normalise
-from .manifest import MAX_EXAMPLES, resolve_source
-from .maps import MapStore
-from .runstate import PAIRS, RunFolder, pending_blocks, piece_name
-from .schemas import ERROR, OK, arrow_schema, conform, list_column
+from ..cam import heatmaps_from_maps, normalise
+from ..data.manifest import MAX_EXAMPLES, resolve_source
+from ..data.maps import MapStore
+from ..data.runstate import PAIRS, RunFolder, pending_blocks, piece_name
+from ..data.schemas import ERROR, OK, arrow_schema, conform, list_column
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096

@@ -1,7 +1,7 @@
 """``embcam reexplain RUN --out NEW (--proxies BANK.parquet | --pairs PAIRS.parquet)``:
 explain a finished run again from its stored E maps (``explain --keep-maps``), with no
 model: heatmaps against another proxy bank are ReLU(E . p) and the same metrics as the
-job's; pairs are ``embcam.pairs``. CPU only, one process, piece by piece.
+job's; pairs are ``embcam.pairs.explain``. CPU only, one process, piece by piece.
 
 NEW is a run folder like the job's: results pieces named as RUN's (new ones with
 ``--proxies``, RUN's own otherwise), ``pairs/`` with ``--pairs``, a copy of RUN's
@@ -18,15 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .fetch import ReadLimits
-from .lifecycle import RunLifecycle, build_summary
-from .locations import has_scheme
-from .maps import MapStore, read_maps_piece
-from .pairs import check_known, pair_counts, pairs_sha256, read_pairs, write_pairs
-from .proxies import load_proxy_bank, proxy_table
-from .results import image_root_of, run_config
-from .runstate import (
+from .. import __version__
+from ..data.fetch import ReadLimits
+from ..data.locations import has_scheme
+from ..data.maps import MapStore, read_maps_piece
+from ..data.runstate import (
     DONE,
     MANIFEST,
     MAPS,
@@ -40,6 +36,10 @@ from .runstate import (
     file_sha256,
     piece_name,
 )
+from ..pairs.explain import check_known, pair_counts, pairs_sha256, read_pairs, write_pairs
+from ..proxies import load_proxy_bank, proxy_table
+from ..results import image_root_of, run_config
+from .lifecycle import RunLifecycle, build_summary
 from .stages import compute_metrics, heatmaps_from_kept_maps, load_masks, manifest_batch, to_results
 
 RESULT_INPUTS = ("status", "error", "width", "height", "orientation")
@@ -166,7 +166,7 @@ def _every(log, n: int, total: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .arguments import BAD_INPUT, OneLineParser, error_line
+    from ..arguments import BAD_INPUT, OneLineParser, error_line
 
     parser = OneLineParser(prog="embcam reexplain", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", metavar="RUN", help="a finished explain run with stored maps (--keep-maps)")

@@ -1,9 +1,9 @@
 """The explain job on Ray Data: manifest -> images -> embeddings -> (class proxies) ->
 heatmaps -> metrics -> ``results/part-<start>-<stop>.parquet`` + ``summary.json``.
 
-The per-batch work lives in ``embcam.stages`` and ``embcam.tasks``, the run folder's
-rules (commits, resume, markers) in ``embcam.runstate`` and the run's life (lease, begin,
-finish) in ``embcam.lifecycle`` (no Ray in any); this module wires them. The
+The per-batch work lives in ``embcam.job.stages`` and ``embcam.job.tasks``, the run folder's
+rules (commits, resume, markers) in ``embcam.data.runstate`` and the run's life (lease, begin,
+finish) in ``embcam.job.lifecycle`` (no Ray in any); this module wires them. The
 manifest is validated in a stream and copied into the run folder; every stage works on
 manifest row ranges read back from that copy, so the driver holds no per-row state.
 CPU tasks fetch and decode, a fixed pool of model actors (one per GPU, or one on a
@@ -11,8 +11,8 @@ CPU-only machine) embeds and explains, and CPU tasks compute metrics and commit 
 batch's rows as a piece named by its rows. A re-run of the same command computes only
 the rows no piece covers.
 
-User code reaches the workers through Ray's runtime environment (``embcam.user_code``);
-what the console shows is ``embcam.console``'s.
+User code reaches the workers through Ray's runtime environment (``embcam.job.user_code``);
+what the console shows is ``embcam.job.console``'s.
 """
 from __future__ import annotations
 
@@ -28,22 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, faults, tasks, user_code
-from .architectures import source_suggestion
-from .cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
-from .console import on_terminal, quiet_ray
-from .fetch import ReadLimits
-from .inference import check_compilable
-from .lifecycle import RunLifecycle, build_summary
-from .locations import default_image_root, has_scheme, redact
-from .manifest import ManifestError, scan_manifest, suggest_column
-from .maps import MAPS_DTYPES, MapStore
-from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
-from .models import load_checked
-from .pairs import PAIR_BLOCK_ROWS, check_known, pair_counts, pair_image_ids, pairs_sha256, read_pairs, write_pairs
-from .progress import Progress
-from .proxies import PROXIES_SCHEMA, ProxyFile, load_proxy_bank, proxy_table
-from .runstate import (
+from .. import __version__, faults
+from ..architectures import source_suggestion
+from ..cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
+from ..data.fetch import ReadLimits
+from ..data.locations import default_image_root, has_scheme, redact
+from ..data.manifest import ManifestError, scan_manifest, suggest_column
+from ..data.maps import MAPS_DTYPES, MapStore
+from ..data.runstate import (
     ATTEMPTS,
     MAPS,
     PAIRS,
@@ -59,7 +51,24 @@ from .runstate import (
     pending_blocks,
     piece_name,
 )
-from .schemas import typed_nulls
+from ..data.schemas import typed_nulls
+from ..inference import check_compilable
+from ..models import load_checked
+from ..pairs.explain import (
+    PAIR_BLOCK_ROWS,
+    check_known,
+    pair_counts,
+    pair_image_ids,
+    pairs_sha256,
+    read_pairs,
+    write_pairs,
+)
+from ..proxies import PROXIES_SCHEMA, ProxyFile, load_proxy_bank, proxy_table
+from . import tasks, user_code
+from .console import on_terminal, quiet_ray
+from .lifecycle import RunLifecycle, build_summary
+from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
+from .progress import Progress
 from .stages import heatmaps_from_kept_maps
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
@@ -274,7 +283,7 @@ class _Job:
         self.actor = _actor_options(gpus, cfg.batch_size)
         # E maps are stored when kept, and for the pairs (which read them back) in full precision
         self.maps_dtype = cfg.maps_dtype if cfg.keep_maps else "float32" if cfg.pairs else None
-        # the model stage's worker-death markers: on each node's own disk (see embcam.attempts),
+        # the model stage's worker-death markers: on each node's own disk (see embcam.job.attempts),
         # in a folder of this attempt's own, which no later attempt reads
         self.markers = run if run.local else RunFolder(os.path.join(
             tempfile.gettempdir(), "embcam-attempts", hashlib.sha256(run.out.encode()).hexdigest()[:16], attempt))

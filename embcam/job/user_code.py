@@ -14,8 +14,8 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .locations import has_scheme
-from .models import BUILTIN_SOURCES
+from ..data.locations import has_scheme
+from ..models import BUILTIN_SOURCES
 
 if TYPE_CHECKING:
     from .pipeline import ExplainConfig
