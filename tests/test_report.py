@@ -311,7 +311,7 @@ def test_main_says_where_the_report_is_or_prints_markdown(runs, tmp_path, capsys
     assert "Overlays skipped: not requested" in stdout
     assert stdout == (tmp_path / "cli" / "report.md").read_text() + "\n"
     assert "## MaxBoxAccV2 and PxAP" in stdout
-    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol", "--markdown"]) == 0
+    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol", "--print"]) == 0
     plain = capsys.readouterr().out
     assert "| EmbeddingCAM (mean proxy) | BBox |" in plain and "MaxBoxAccV2" not in plain
     with pytest.raises(SystemExit):

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                              "query and match side by side with their heatmaps (default 24)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
-    parser.add_argument("--markdown", action="store_true",
+    parser.add_argument("--print", "--markdown", dest="markdown", action="store_true",
                         help="print the report's Markdown on stdout (default: a line saying where report.html is)")
     parser.add_argument("--no-wsol", action="store_true",
                         help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020), which read every heatmap "
