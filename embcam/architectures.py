@@ -470,11 +470,21 @@ class Description:
 
 
 def describe(arch: Architecture) -> Description:
-    """The defaults a spec builds with, read off a meta build."""
+    """The defaults a spec builds with, read off a meta build. The target layer is named as
+    ``--target-layer`` would name it: the split point (None) is the backbone's last module."""
     model = build_on_meta(arch, "linear:1")
     head = next(iter(arch.classifiers.values()), "head")
-    return Description(arch.spec, model.embcam_target_layer, arch.preprocessing.size, model.embcam_reshape,
-                       model.get_submodule(head).in_features)
+    return Description(arch.spec, model.embcam_target_layer or split_layer(model), arch.preprocessing.size,
+                       model.embcam_reshape, model.get_submodule(head).in_features)
+
+
+def split_layer(model: nn.Module) -> str:
+    """The module whose output is the split point (``forward_features``): the last module of
+    an ``EmbeddingNet``'s sequential backbone (``backbone.layer4`` of a ResNet), else ``backbone``."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Sequential) and len(backbone):
+        return f"backbone.{list(backbone.named_children())[-1][0]}"
+    return "backbone"
 
 
 def _natural(name: str) -> list:
@@ -493,12 +503,13 @@ def format_table(pattern: str = "") -> str:
         return f"no registered spec contains {pattern!r}; `embcam models` lists them all"
     rows = [("spec", "default target layer", "size", "reshape", "width")]
     for d in map(describe, archs):
-        rows.append((d.spec, d.target_layer or "backbone (split)", str(d.input_size), d.reshape or "-", str(d.width)))
+        rows.append((d.spec, d.target_layer or "backbone", str(d.input_size), d.reshape or "-", str(d.width)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.rjust(w) if i in (2, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     timm_line = ("timm:<name>: any of timm.list_models(); `embcam models timm:<name>` shows its defaults"
                  if importlib.util.find_spec("timm") else "timm:<name>: not installed (pip install 'embcam[timm]')")
     return "\n".join(lines + [
-        "", "heads: +identity (default; width above) or +linear:<d>; size: the preprocessing size (--image-size)",
+        "", "heads: +identity (default; width above) or +linear:<d>; size: the preprocessing size (--image-size; "
+        "a checkpoint saved by embcam carries its own)",
         timm_line, "your own code: torchscript:<file>, <package.module>:<factory> (named with --model only)"])

@@ -306,8 +306,12 @@ def show_image(args: argparse.Namespace) -> int:
 
 def list_models(args: argparse.Namespace) -> int:
     from .architectures import format_table
+    from .models import load_checked
 
     print(format_table(args.pattern))
+    demo = load_checked(None, DEMO_MODEL)
+    print(f"the demo model ({DEMO_MODEL.name}, `embcam demo`): {demo.spec} at size {demo.preprocessing.size}, "
+          "from its checkpoint")
     return 0
 
 

@@ -55,6 +55,7 @@ PRED_BOX_COLUMNS = ("pred_bbox_x0", "pred_bbox_y0", "pred_bbox_x1", "pred_bbox_y
 OVERLAY_MAX_SIDE = 512  # overlay images larger than this (long side) are downscaled
 OVERLAY_ALPHA = 0.5
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (255, 0, 0)  # RGB: ground truth green, predicted red
+TILE_BACKGROUND = 230  # grey around a picture drawn on a square tile
 SPREAD_MEASURE = ("normalised entropy of the raw heatmap: q = H / sum(H), "
                   "-sum(q ln q) / ln(h w); 0 = all heat in one cell, 1 = spread evenly")
 
@@ -401,7 +402,7 @@ def spreads(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def overlay_panel(image: np.ndarray, heat: np.ndarray, gt_box=None, pred_box=None,
-                  max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+                  max_side: int = OVERLAY_MAX_SIDE, tile: int | None = None) -> np.ndarray:
     """[image | heatmap overlay] side by side: RGB uint8 (H, 2W, 3) from an RGB (or grey)
     uint8 ``image``.
 
@@ -409,14 +410,18 @@ def overlay_panel(image: np.ndarray, heat: np.ndarray, gt_box=None, pred_box=Non
     constant map shows as zero), coloured with OpenCV's JET and blended at alpha 0.5.
     Boxes (x0, y0, x1, y1) in image pixels: ground truth green, predicted red. Images with
     a side above ``max_side`` are downscaled first (INTER_AREA; boxes with them).
+
+    ``tile``: each half drawn at ``tile`` x ``tile`` pixels instead (the report's display
+    size): the image scaled to fit (up, bilinear, or down, INTER_AREA), centred on a grey
+    square, so every picture is (tile, 2 tile, 3) and nothing scales it again.
     """
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
+    scale = tile / max(h, w) if tile else min(1.0, max_side / max(h, w))
+    if scale != 1.0:
         w, h = max(1, round(w * scale)), max(1, round(h * scale))
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     up = cv2.resize(np.asarray(heat, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     lo, hi = float(up.min()), float(up.max())
     norm = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
@@ -429,12 +434,23 @@ def overlay_panel(image: np.ndarray, heat: np.ndarray, gt_box=None, pred_box=Non
             x0, y0, x1, y1 = (v * scale for v in box)  # continuous, exclusive right/bottom
             cv2.rectangle(blend, (int(round(x0)), int(round(y0))),
                           (int(round(x1)) - 1, int(round(y1)) - 1), colour, thickness)
+    if tile:
+        image, blend = (_centred(half, tile) for half in (image, blend))
     return np.hstack([image, blend])
 
 
-def overlay(row, image_root: str | None = None, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
-    """[image | heatmap overlay] of a row as an RGB uint8 array (see :func:`overlay_panel`),
-    with the manifest's box (``bbox_*``, when the row has one) and the predicted box.
+def _centred(picture: np.ndarray, side: int) -> np.ndarray:
+    square = np.full((side, side, 3), TILE_BACKGROUND, np.uint8)
+    top, left = (side - picture.shape[0]) // 2, (side - picture.shape[1]) // 2
+    square[top:top + picture.shape[0], left:left + picture.shape[1]] = picture
+    return square
+
+
+def overlay(row, image_root: str | None = None, max_side: int = OVERLAY_MAX_SIDE,
+            tile: int | None = None) -> np.ndarray:
+    """[image | heatmap overlay] of a row as an RGB uint8 array (see :func:`overlay_panel`,
+    also for ``tile``), with the manifest's box (``bbox_*``, when the row has one) and the
+    predicted box.
 
     The image is read from the row's ``uri`` (as :func:`read_row` gives it; a relative uri
     resolves against ``image_root``) and decoded as the job did (EXIF orientation applied).
@@ -451,7 +467,7 @@ def overlay(row, image_root: str | None = None, max_side: int = OVERLAY_MAX_SIDE
     if size != (image.shape[1], image.shape[0]):
         raise ValueError(f"image_id {_image_id(row)!r}: image {uri} is {image.shape[1]}x"
                          f"{image.shape[0]} but the results say {size[0]}x{size[1]} (another file?)")
-    return overlay_panel(image, heat, row_box(row, BBOX_COLUMNS), row_box(row, PRED_BOX_COLUMNS), max_side)
+    return overlay_panel(image, heat, row_box(row, BBOX_COLUMNS), row_box(row, PRED_BOX_COLUMNS), max_side, tile)
 
 
 def _read_image(uri: str) -> np.ndarray:

@@ -350,7 +350,18 @@ def test_embcam_models_prints_the_table(capsys):
     assert lines[3] == "" and "timm:<name>" in lines[5]
     assert main(["models", "efficientnet_b3"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == [
-        "torchvision:efficientnet_b3", "backbone", "(split)", "300", "-", "1536"]
+        "torchvision:efficientnet_b3", "backbone.features", "300", "-", "1536"]
+    # the split point by a name --target-layer takes, which gives the same maps; the demo
+    # model's size is its checkpoint's, not the architecture's 224
+    assert main(["models", "small-resnet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["embcam:small-resnet", "backbone.layer4", "224", "-", "128"]
+    assert out[-1] == ("the demo model (demo_model.pt, `embcam demo`): embcam:small-resnet+linear:128 at size 128, "
+                       "from its checkpoint")
+    model, _, _ = load_model("embcam:small-resnet")
+    x = torch.randn(2, 3, 64, 64)
+    split, named = (EmbeddingCAM(model, layer)(x, "self").heatmaps for layer in (None, "backbone.layer4"))
+    torch.testing.assert_close(named, split)
     assert main(["models", "timm:not_a_model"]) == 2
     assert capsys.readouterr().err.startswith("embcam models: error: unknown architecture 'not_a_model'")
 

@@ -16,6 +16,9 @@ import pytest
 
 from embcam.data.schemas import conform
 from embcam.report import main, overlay_panel, render_markdown, table1, write_report
+from embcam.report.overlays import OVERLAY_TILE
+from embcam.report.plot import draw_histogram
+from embcam.results import TILE_BACKGROUND
 
 from conftest import HtmlPage
 
@@ -240,15 +243,23 @@ def test_write_report_files_and_overlays(runs, tmp_path):
         assert item["file"] in html and item["caption"] in html
     assert "img1 · EmbeddingCAM (self proxy) · ratio bbox 0.750 · mask — · IoU 0.375" in html
 
+    # drawn at the size the page shows it: each half OVERLAY_TILE square, the 16 x 12 image
+    # scaled by 240 / 16 = 15 to 240 x 180, centred (30 rows of grey above and below)
     panel = cv2.imread(str(out / ov["images"][0]["file"]))
-    assert panel.shape == (H, 2 * W, 3)
-    assert (panel[:, :W] == 128).all()  # left: the original image
+    tile, scale, top = OVERLAY_TILE, OVERLAY_TILE // W, (OVERLAY_TILE - H * OVERLAY_TILE // W) // 2
+    assert (tile, scale, top) == (240, 15, 30) and panel.shape == (tile, 2 * tile, 3)
+    assert (panel[top:tile - top, :tile] == 128).all()  # left: the original image
+    assert (panel[:top] == TILE_BACKGROUND).all() and (panel[tile - top:] == TILE_BACKGROUND).all()
     jet = cv2.applyColorMap(np.array([[255, 0]], np.uint8), cv2.COLORMAP_JET)[0]
     # right: the min-max heatmap (1 at the top-left, 0 at the bottom-right) blended at 0.5
-    assert panel[1, W + 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[0]]
-    assert panel[H - 1, 2 * W - 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[1]]
-    assert panel[2, W + 4].tolist() == [0, 200, 0]      # ground-truth box corner (4, 2), green
-    assert panel[5, W + 7].tolist() == [0, 0, 255]      # predicted box corner (7, 5), red
+    assert panel[top + 1, tile + 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[0]]
+    assert panel[tile - top - 1, 2 * tile - 1].tolist() == [round(0.5 * 128 + 0.5 * v) for v in jet[1]]
+    assert panel[top + 2 * scale, tile + 4 * scale].tolist() == [0, 200, 0]  # ground-truth box corner (4, 2)
+    # predicted box (0, 0, 8, 6): its last pixel, red
+    assert panel[top + 6 * scale - 1, tile + 8 * scale - 1].tolist() == [0, 0, 255]
+    # every figure the same size, and shown at that size
+    assert f"width='{2 * tile}' height='{tile}'" in html and f"repeat(auto-fill,{2 * tile}px)" in html
+    assert "width:100%" not in html
     sweep_png = cv2.imread(str(out / "sweep.png"))
     assert sweep_png.shape == (440, 760, 3)
     for colour in ([180, 119, 31], [14, 127, 255]):  # one line per method
@@ -301,7 +312,7 @@ def test_main_says_where_the_report_is_or_prints_markdown(runs, tmp_path, capsys
     assert "Overlays skipped: not requested" in stdout
     assert stdout == (tmp_path / "cli" / "report.md").read_text() + "\n"
     assert "## MaxBoxAccV2 and PxAP" in stdout
-    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol", "--markdown"]) == 0
+    assert main([*runs, "--out", str(tmp_path / "plain"), "--overlays", "0", "--no-wsol", "--print"]) == 0
     plain = capsys.readouterr().out
     assert "| EmbeddingCAM (mean proxy) | BBox |" in plain and "MaxBoxAccV2" not in plain
     with pytest.raises(SystemExit):
@@ -403,7 +414,8 @@ def test_catalog_numbers(tmp_path):
         (HOSTILE_LABEL, HOSTILE_ID), ("a", "a2"), ("a", "a0")]
     outside = entry["outside_box"]
     assert (outside["scored"], outside["mostly_outside"]) == (3, 1)  # a1 is degenerate
-    assert [i["image_id"] for i in outside["images"]] == ["a0", HOSTILE_ID]
+    # only the images that qualify (ratio_bbox < 0.5): the hostile row's 0.5 does not
+    assert [(i["image_id"], i["ratio_bbox"]) for i in outside["images"]] == [("a0", 0.25)]
     for item in entry["gallery"]["images"] + outside["images"]:
         assert (tmp_path / "out" / item["file"]).is_file()
     assert entry["errors"] == {"count": 2, "by_step": {"decode": 1, "image": 1}, "examples": [
@@ -422,7 +434,10 @@ def test_catalog_numbers(tmp_path):
 def test_catalog_gallery_caps_and_no_gallery(tmp_path):
     run = catalog_run(tmp_path)
     entry = write_report([run], str(tmp_path / "one"), per_label=1, labels=3, outside=0)["catalog"][0]
-    assert [i["image_id"] for i in entry["gallery"]["images"]] == [HOSTILE_ID, "a2", "b1"]
+    # median cosine 0.625: 0.5 (a0), 0.25 (a2) and 0.125 (the hostile row) stand out; b's lowest,
+    # 0.625, does not, so label b is not among the candidates
+    assert entry["gallery"]["standing_out"] == 3
+    assert [i["image_id"] for i in entry["gallery"]["images"]] == [HOSTILE_ID, "a2"]
     assert entry["outside_box"]["images"] == [] and entry["outside_box"]["mostly_outside"] == 1
     entry = write_report([run], str(tmp_path / "none"), per_label=0)["catalog"][0]
     assert entry["gallery"]["images"] == [] and entry["gallery"]["skipped"].startswith("not requested")
@@ -448,7 +463,7 @@ def test_table1_only_where_annotations_exist(tmp_path):
 def test_catalog_reads_no_vector_it_does_not_draw(tmp_path):
     """One row per row group. The embeddings and top-k maps are garbage everywhere, the
     heatmaps everywhere but in the rows the galleries draw: the report must not need them."""
-    drawn = {HOSTILE_ID, "a2", "a0"}
+    drawn = {HOSTILE_ID, "a2", "a0"}  # the gallery's, and a0 outside its box too
     run = catalog_run(tmp_path, row_group_size=1)
     path = tmp_path / "run" / "results" / "part-0.parquet"
     keep = {i for i, row in enumerate(CATALOG) if row["image_id"] in drawn}
@@ -482,3 +497,41 @@ def test_html_escapes_every_manifest_value(tmp_path):
         assert value in text and value not in raw
     md = (out / "report.md").read_text()
     assert HOSTILE_LABEL not in md and "\\<script\\>alert(1)\\</script\\>" in md
+
+
+def test_candidates_only_when_some_cosine_stands_out(tmp_path):
+    """Every cosine within 0.05 of the median (0.996 to 1.000, as a run whose head was
+    random): no candidates section, one line saying why; one cosine 0.06 below: the section."""
+    rows = [catalog_row(f"i{k}", "ab"[k % 2], cosine, ONE_HOT) for k, cosine in
+            enumerate([0.996, 0.997, 0.998, 0.999, 1.0])]
+    out = tmp_path / "out"
+    entry = write_report([catalog_run(tmp_path / "tight", rows)], str(out), overlays=0)["catalog"][0]
+    assert entry["gallery"]["standing_out"] == 0 and entry["gallery"]["images"] == []
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    why = ("No mislabelling candidates: no cosine stands out (a cosine stands out when it is more than 0.05 "
+           "below the run's median cosine (0.998)).")
+    assert "mislabelling candidates)" not in md and why in md
+    seen = HtmlPage()
+    seen.feed(page)
+    assert "mislabelling candidates)" not in page and why in seen.text
+    rows[0]["cosine"] = 0.938  # 0.06 below the median
+    out = tmp_path / "out2"
+    entry = write_report([catalog_run(tmp_path / "one", rows)], str(out), overlays=0)["catalog"][0]
+    assert [i["image_id"] for i in entry["gallery"]["images"]] == ["i0"]
+    md = (out / "report.md").read_text()
+    assert "### Lowest cosine per label (mislabelling candidates)" in md and "No mislabelling" not in md
+    assert "A cosine stands out when it is more than 0.05 below the run's median cosine (0.998); 1 do." in md
+
+
+def test_histogram_tick_labels_lie_inside_the_plot():
+    """The right tick of a cosine histogram once ran off the image's edge ("0.9999" drawn
+    from 14 px left of the axis' end, 15 px from the edge)."""
+    edges = list(np.linspace(0.99612, 0.99993, 21))
+    plot = draw_histogram({"edges": edges, "counts": [1] * 20}, "cosine")
+    height, width = plot.shape[:2]
+    labels = plot[height - 45 + 4:]  # below the axis: the tick labels
+    ink = np.flatnonzero((labels < 128).any(axis=(0, 2)))
+    assert ink.min() >= 1 and ink.max() <= width - 2  # nothing touches the edges
+    (text_width, _), _ = cv2.getTextSize("0.9999", cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+    right = ink[ink > width * 3 // 4]
+    assert right.max() - right.min() >= text_width - 4  # the right label, whole (its box has a margin)

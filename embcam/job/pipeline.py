@@ -165,14 +165,15 @@ def run_explain(cfg: ExplainConfig, progress: bool = True, log=None, verbose: bo
     ``progress``: Ray Data's progress bars where stdout and stderr are terminals, else a line
     every few seconds through ``log`` (rows done / total, images/s). Unless ``verbose``, Ray's
     INFO lines and the known-false warnings of ``console.RayNoise`` stay off the console for the
-    call (Ray's log files keep them); ``verbose`` leaves Ray's console output as Ray makes it."""
-    with quiet_ray(not verbose):
+    call, and so do the lines Ray's C++ core writes to stderr (Ray's log files keep them all);
+    ``verbose`` leaves Ray's console output as Ray makes it."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    with quiet_ray(not verbose, log):
         return _run_explain(cfg, progress, log, verbose)
 
 
 def _run_explain(cfg: ExplainConfig, progress: bool, log, verbose: bool) -> dict:
     started = time.time()
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cfg.check()
     if cfg.working_dir:  # the workers run in their copy of it: no path may depend on the cwd
         cfg = user_code.with_absolute_paths(cfg)

@@ -9,9 +9,10 @@ every uri with its secrets redacted (``embcam.data.locations.redact``).
 
 Catalog (every run; ``catalog`` module)
 ---------------------------------------
-Per label: images, errors, mean cosine to the proxy; a gallery of the lowest-cosine
-images of the labels whose lowest cosine is lowest (mislabelling candidates); with boxes,
-the images whose heat mass falls mostly outside the box; histograms of the cosine and of
+Per label: images, errors, mean cosine to the proxy; when some cosine stands out (more than
+``catalog.STANDOUT_GAP`` below the run's median), a gallery of those of the labels whose
+lowest cosine is lowest (mislabelling candidates); with boxes, the images whose heat mass
+falls mostly outside the box (only those); histograms of the cosine and of
 the heat spread. It reads only the columns it needs, streams the heatmap column once for
 the spread histogram, and draws only the gallery images.
 
@@ -187,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                         "summary.json); runs with the same proxy mode are averaged in Table 1")
     parser.add_argument("--out", required=True, help="folder for report.md/json/html and images")
     parser.add_argument("--gallery", type=int, default=4, metavar="N",
-                        help="lowest-cosine images drawn per label (default 4)")
+                        help="lowest-cosine images drawn per label, of those whose cosine stands out: more "
+                             "than 0.05 below the run's median (default 4)")
     parser.add_argument("--gallery-labels", type=int, default=12, metavar="L",
                         help="labels in the gallery: those whose lowest cosine is lowest (default 12)")
     parser.add_argument("--outside", type=int, default=12, metavar="N",
-                        help="images with the lowest ratio_bbox drawn (runs with boxes; default 12)")
+                        help="images with most heat outside their box (ratio_bbox < 0.5) drawn, lowest "
+                             "first (runs with boxes; default 12)")
     parser.add_argument("--no-spread", action="store_true",
                         help="skip the heat-spread histogram: then no heatmap is read except "
                              "the drawn images' (very large runs)")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                              "query and match side by side with their heatmaps (default 24)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="report on unfinished runs too (labelled UNFINISHED) instead of refusing them")
-    parser.add_argument("--markdown", action="store_true",
+    parser.add_argument("--print", "--markdown", dest="markdown", action="store_true",
                         help="print the report's Markdown on stdout (default: a line saying where report.html is)")
     parser.add_argument("--no-wsol", action="store_true",
                         help="Table 1 without MaxBoxAccV2 and PxAP (Choe et al. 2020): for results written "

@@ -4,10 +4,11 @@ images to look at, and histograms.
 * Per label: images, errors, and the mean ``cosine`` to the label's proxy over the ok rows
   (the cosine of the image's normalised embedding with the proxy it was explained
   against; 1 for every image under the self proxy).
-* Gallery: the labels whose lowest cosine is lowest, each with its lowest-cosine images:
-  candidates for mislabelling or off-brand products.
-* With boxes: the images whose heat mass falls mostly outside the box (lowest
-  ``ratio_bbox``; "mostly" = below one half).
+* Gallery: the images whose cosine stands out, more than ``STANDOUT_GAP`` below the run's
+  median cosine: of the labels whose lowest cosine is lowest, each label's lowest-cosine
+  ones: candidates for mislabelling or off-brand products. None stands out: no gallery.
+* With boxes: the images whose heat mass falls mostly outside the box (``ratio_bbox``
+  below one half), lowest first.
 * Warnings first: a run whose checkpoint did not fit its model (``--allow-partial-checkpoint``).
 * Histograms of the cosine and of the heat spread (``embcam.results.SPREAD_MEASURE``,
   computed from the stored heatmaps).
@@ -33,6 +34,7 @@ COLUMNS = ("image_id", "label", "split", "status", "error", "cosine", "degenerat
            "ratio_bbox", "uniform_bbox", "uniform_mask")
 BINS = 20
 MOSTLY_OUTSIDE = 0.5  # ratio_bbox below this: most of the heat mass lies outside the box
+STANDOUT_GAP = 0.05  # a cosine this far below the run's median stands out (a mislabelling candidate)
 ERROR_EXAMPLES = 20
 SPREAD_BATCH_ROWS = 65536
 
@@ -65,7 +67,7 @@ def catalog(run: str, summary: dict, *, split: str | None = None, per_label: int
         "counts": _counts(frame, ok),
         "labels": _label_table(frame, ok, cosine, ranked),
         "errors": _errors(frame[~ok]),
-        "gallery": _gallery(ranked, per_label, labels),
+        "gallery": _gallery(ranked, per_label, labels, cosine.median()),
         "outside_box": _outside_box(frame, ok, outside),
         "histograms": {"cosine": _histogram(cosine.dropna().to_numpy(), None),
                        "spread": _spread_histogram(run, split, schema) if spread else
@@ -162,32 +164,42 @@ def _errors(failed: pd.DataFrame) -> dict:
                          for r in first.itertuples()]}
 
 
-def _gallery(ranked: pd.DataFrame, per_label: int, labels: int) -> dict:
-    """The ``per_label`` lowest-cosine ok images of the ``labels`` labels whose lowest
-    cosine is lowest (ties by image_id)."""
+def _gallery(ranked: pd.DataFrame, per_label: int, labels: int, median: float) -> dict:
+    """Of the ok images whose cosine stands out (more than ``STANDOUT_GAP`` below ``median``),
+    the ``per_label`` lowest-cosine ones of the ``labels`` labels whose lowest cosine is
+    lowest (ties by image_id)."""
     choice = (f"the {per_label} lowest-cosine images of each of up to {labels} labels, those "
               "whose lowest cosine is lowest")
     if ranked.empty:
-        return {"choice": choice, "images": [], "skipped": "no ok row has a cosine"}
+        return {"choice": choice, "images": [], "standing_out": 0, "skipped": "no ok row has a cosine"}
+    rule = (f"a cosine stands out when it is more than {STANDOUT_GAP:g} below the run's median cosine "
+            f"({median:.3f})")
+    ranked = ranked[ranked["_cosine"] < median - STANDOUT_GAP]
+    entry = {"choice": f"{choice}, among those whose cosine stands out", "rule": rule, "images": [],
+             "standing_out": int(len(ranked)), "skipped": None}
+    if ranked.empty:
+        return dict(entry, skipped=f"no cosine stands out ({rule})")
     if not per_label or not labels:
-        return {"choice": choice, "images": [], "skipped": "not requested (--gallery 0)"}
+        return dict(entry, skipped="not requested (--gallery 0)")
     chosen = list(ranked.groupby("label", dropna=False, sort=False).head(1)["label"])[:labels]
     images = []
     for label in chosen:
         rows = ranked[ranked["label"].isna()] if _label(label) is None else ranked[ranked["label"] == label]
         images += [_pick(r, "cosine") for r in rows.head(per_label).itertuples()]
-    return {"choice": choice, "images": images, "skipped": None}
+    return dict(entry, images=images)
 
 
 def _outside_box(frame: pd.DataFrame, ok: pd.Series, count: int) -> dict | None:
-    """The ``count`` ok rows with the lowest ratio_bbox; None when no row has one."""
+    """Up to ``count`` of the ok rows with most heat outside their box (ratio_bbox below
+    ``MOSTLY_OUTSIDE``), lowest ratio_bbox first; None when no row has a ratio_bbox."""
     scored = frame[ok & frame["ratio_bbox"].notna()]
     if scored.empty:
         return None
-    lowest = scored.sort_values(["ratio_bbox", "image_id"], kind="stable").head(count)
-    return {"choice": f"up to {count} images with the lowest ratio_bbox",
+    outside = scored[scored["ratio_bbox"] < MOSTLY_OUTSIDE]
+    lowest = outside.sort_values(["ratio_bbox", "image_id"], kind="stable").head(count)
+    return {"choice": f"up to {count} of them, lowest ratio_bbox first",
             "scored": int(len(scored)),
-            "mostly_outside": int((scored["ratio_bbox"] < MOSTLY_OUTSIDE).sum()),
+            "mostly_outside": int(len(outside)),
             "threshold": MOSTLY_OUTSIDE,
             "images": [_pick(r, "ratio_bbox") for r in lowest.itertuples()],
             "skipped": None if count else "not requested (--outside 0)"}

@@ -17,6 +17,8 @@ import pyarrow as pa
 from embcam.data.locations import safe_name
 from embcam.results import PRED_BOX_COLUMNS, overlay, overlay_file_name, read_rows, write_image
 
+OVERLAY_TILE = 240  # pixels of each half of a report overlay, drawn at the size it is shown
+
 # what a drawing and its caption need (read only for the rows drawn)
 OVERLAY_COLUMNS = ["image_id", "label", "status", "error", "width", "height", "cosine",
                    "heatmap", "heatmap_height", "heatmap_width", "degenerate", "ratio_bbox",
@@ -24,7 +26,8 @@ OVERLAY_COLUMNS = ["image_id", "label", "status", "error", "width", "height", "c
 
 
 def draw_rows(run: str, image_ids: list[str], out_dir: Path, folder: str) -> dict:
-    """Draw the overlays of ``image_ids`` of ``run`` as ``out_dir/folder/<image_id>.png``.
+    """Draw the overlays of ``image_ids`` of ``run`` as ``out_dir/folder/<image_id>.png``,
+    each ``OVERLAY_TILE`` pixels high and twice that wide (the page shows them at that size).
 
     Returns ``rows`` {image_id: results row}, ``files`` {image_id: path relative to
     ``out_dir``}, ``failed`` [{image_id, run, reason}] and ``skipped`` (why nothing could
@@ -45,7 +48,7 @@ def draw_rows(run: str, image_ids: list[str], out_dir: Path, folder: str) -> dic
                 raise ValueError(f"image_id {image_id!r} is not in the results of {run}")
             if row["uri"] is None:
                 raise ValueError(f"image_id {image_id!r} is not in the run's manifest")
-            picture = overlay(row)
+            picture = overlay(row, tile=OVERLAY_TILE)
         except (OSError, ValueError) as e:
             drawn["failed"].append({"image_id": image_id, "run": run, "reason": str(e)})
             continue

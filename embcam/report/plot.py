@@ -69,12 +69,18 @@ def draw_histogram(hist: dict, title: str, width: int = 520, height: int = 300) 
             cv2.rectangle(img, (x0, y), (max(x0, x1), bottom), bar, -1)
     cv2.rectangle(img, (left, top), (right, bottom), black, 1)
     for k in (0, len(counts) // 2, len(counts)):  # edges at the ends and the middle
-        x = int(round(left + k * step))
-        cv2.putText(img, f"{edges[k]:.3g}", (x - 14, bottom + 18), font, 0.4, black, 1, cv2.LINE_AA)
+        _tick_label(img, f"{edges[k]:.4g}", int(round(left + k * step)), bottom + 18)
     cv2.putText(img, str(peak), (5, top + 10), font, 0.4, black, 1, cv2.LINE_AA)
     cv2.putText(img, "0", (left - 15, bottom), font, 0.4, black, 1, cv2.LINE_AA)
     cv2.putText(img, title[:70], (left, 22), font, 0.45, black, 1, cv2.LINE_AA)
     return img
+
+
+def _tick_label(img: np.ndarray, text: str, x: int, baseline: int, scale: float = 0.4) -> None:
+    """``text`` centred under ``x``, moved in as far as it takes to lie whole inside the image."""
+    (w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    left = min(max(x - w // 2, 1), img.shape[1] - w - 2)
+    cv2.putText(img, text, (left, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
 
 
 def draw_cascade(labels: list[str], means: list, stds: list, threshold: float | None = None,

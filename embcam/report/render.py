@@ -12,6 +12,7 @@ import html
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
 from embcam.report.catalog import MOSTLY_OUTSIDE
 from embcam.report.markup import html_table, md_cell, md_table, num
+from embcam.report.overlays import OVERLAY_TILE
 from embcam.report.pairs import pairs_html, pairs_markdown
 from embcam.report.table import REGIONS, STD_NOTE
 from embcam.results import SPREAD_MEASURE
@@ -142,9 +143,11 @@ def _notes(table: dict) -> list[str]:
 
 
 def _figures(images: list[dict]) -> str:
-    """A grid of the images that were drawn (``file``), with their captions."""
+    """A grid of the images that were drawn (``file``), with their captions, each shown at the
+    size it was drawn (``OVERLAY_TILE``): nothing rescales them, and every cell is the same."""
     esc = html.escape
-    figures = [f"<figure><img src='{esc(i['file'])}' alt='{esc(i['image_id'])}'>"
+    figures = [f"<figure><img src='{esc(i['file'])}' alt='{esc(i['image_id'])}' "
+               f"width='{2 * OVERLAY_TILE}' height='{OVERLAY_TILE}'>"
                f"<figcaption>{esc(i['caption'])}</figcaption></figure>" for i in images if i.get("file")]
     return "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
 
@@ -197,8 +200,8 @@ _STYLE = ("<style>body{font-family:sans-serif;margin:2em;color:#222}"
           "table{border-collapse:collapse;margin:1em 0}"
           "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}"
           "td:first-child,th:first-child{text-align:left}"
-          ".grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}"
-          "figure{margin:0}figure img{width:100%;image-rendering:pixelated}"
+          f".grid{{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,{2 * OVERLAY_TILE}px)}}"
+          "figure{margin:0}figure img{display:block}"
           "figcaption{font-size:12px;overflow-wrap:anywhere}</style>")
 
 
@@ -276,10 +279,22 @@ def _pick_rows(images: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _has_candidates(gallery: dict) -> bool:
+    """The candidates section is shown only when some cosine stands out (``catalog.STANDOUT_GAP``)."""
+    return bool(gallery.get("standing_out"))
+
+
+def _candidates_absent(gallery: dict) -> list[str]:
+    """In place of the candidates section: one line saying why there is none."""
+    return [] if _has_candidates(gallery) else [f"No mislabelling candidates: {gallery['skipped']}.", ""]
+
+
 def _gallery_note(gallery: dict) -> str:
     if gallery.get("skipped"):
         return f"Gallery: {gallery['skipped']}."
     note = f"Shown: {gallery['choice']}."
+    if gallery.get("rule"):
+        note += f" {gallery['rule'][0].upper()}{gallery['rule'][1:]}; {gallery['standing_out']} do."
     if gallery.get("failed"):
         note += (f" {len(gallery['failed'])} could not be drawn (first: "
                  f"{gallery['failed'][0]['reason']}).")
@@ -321,10 +336,11 @@ def _catalog_markdown(entry: dict) -> list[str]:
     parts = [f"## {_run_title(entry)}", "", *[f"**{md_cell(w)}**\n" for w in entry.get("warnings", [])],
              _counts_text(entry), "",
              "### Labels", "", md_table(*_label_rows(entry)), "", _labels_note(entry), "",
-             "### Lowest cosine per label (mislabelling candidates)", "",
-             _gallery_note(entry["gallery"]), ""]
-    if entry["gallery"]["images"]:
-        parts += [md_table(*_pick_rows(entry["gallery"]["images"])), ""]
+             *_candidates_absent(entry["gallery"])]
+    if _has_candidates(entry["gallery"]):
+        parts += ["### Lowest cosine per label (mislabelling candidates)", "", _gallery_note(entry["gallery"]), ""]
+        if entry["gallery"]["images"]:
+            parts += [md_table(*_pick_rows(entry["gallery"]["images"])), ""]
     parts += ["### Heat mostly outside the box", "", _outside_note(entry["outside_box"]), ""]
     if entry["outside_box"] and entry["outside_box"]["images"]:
         parts += [md_table(*_pick_rows(entry["outside_box"]["images"])), ""]
@@ -349,14 +365,16 @@ def _catalog_html(entry: dict) -> list[str]:
              *[f'<p class="warning"><strong>{esc(w)}</strong></p>' for w in entry.get("warnings", [])],
              f"<p>{esc(_counts_text(entry))}</p>",
              "<h3>Labels</h3>", html_table(*_label_rows(entry)), f"<p>{esc(_labels_note(entry))}</p>",
-             "<h3>Lowest cosine per label (mislabelling candidates)</h3>",
-             f"<p>{esc(_gallery_note(entry['gallery']))} Left: image; right: heatmap (min-max, "
-             "JET) with the predicted box (red) and the ground-truth box (green) when there is one.</p>",
-             _figures(entry["gallery"]["images"]),
-             "<h3>Heat mostly outside the box</h3>", f"<p>{esc(_outside_note(outside))}</p>",
-             _figures(outside["images"]) if outside else "",
-             "<h3>Histograms</h3>", _histogram_html("Cosine", hists["cosine"]),
-             _histogram_html("Heat spread", hists["spread"]), f"<p>Heat spread: {esc(SPREAD_MEASURE)}.</p>"]
+             *[f"<p>{esc(line)}</p>" for line in _candidates_absent(entry["gallery"]) if line]]
+    if _has_candidates(entry["gallery"]):
+        parts += ["<h3>Lowest cosine per label (mislabelling candidates)</h3>",
+                  f"<p>{esc(_gallery_note(entry['gallery']))} Left: image; right: heatmap (min-max, "
+                  "JET) with the predicted box (red) and the ground-truth box (green) when there is one.</p>",
+                  _figures(entry["gallery"]["images"])]
+    parts += ["<h3>Heat mostly outside the box</h3>", f"<p>{esc(_outside_note(outside))}</p>",
+              _figures(outside["images"]) if outside else "",
+              "<h3>Histograms</h3>", _histogram_html("Cosine", hists["cosine"]),
+              _histogram_html("Heat spread", hists["spread"]), f"<p>Heat spread: {esc(SPREAD_MEASURE)}.</p>"]
     if entry["errors"]["count"]:
         parts += ["<h3>Errors</h3>", f"<p>{esc(_errors_note(entry))}</p>", html_table(*_error_rows(entry))]
     return parts
