@@ -440,7 +440,7 @@ def overlay_panel(image: np.ndarray, heat: np.ndarray, gt_box=None, pred_box=Non
 
 
 def _centred(picture: np.ndarray, side: int) -> np.ndarray:
-    square = np.full((side, side, 3), TILE_BACKGROUND, np.uint8)
+    square: np.ndarray = np.full((side, side, 3), TILE_BACKGROUND, np.uint8)
     top, left = (side - picture.shape[0]) // 2, (side - picture.shape[1]) // 2
     square[top:top + picture.shape[0], left:left + picture.shape[1]] = picture
     return square
