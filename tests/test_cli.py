@@ -264,7 +264,7 @@ def test_ray_data_memory_advice_is_kept_off_for_the_model_stage_only():
         _format_message,
     )
 
-    from embcam.console import RayNoise
+    from embcam.job.console import RayNoise
 
     def warning(op_name):
         text = _format_message(HIGH_MEMORY_PERIODIC_WARNING.format(
@@ -279,7 +279,7 @@ def test_ray_data_memory_advice_is_kept_off_for_the_model_stage_only():
 def test_ray_native_lines_stay_off_stderr_and_the_rest_passes(capfd):
     """What reaches the real stderr (fd 2) while Ray's C++ core writes to it among other lines,
     in pieces that split lines; an unknown Ray line is dropped and counted."""
-    from embcam.console import NativeLines
+    from embcam.job.console import NativeLines
 
     other = "[2026-12-07 23:00:17,001 E 1931 1990] raylet_client.cc:70: an error of Ray's own"
     written = [RAY_ACTOR_ARGS_NOTICE[:30], RAY_ACTOR_ARGS_NOTICE[30:] + "\nembcam explain: heat",

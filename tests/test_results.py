@@ -3,6 +3,7 @@ independent references (torch's bilinear interpolate, scipy's entropy, the EXIF 
 proof that heavy columns are never decoded, and one real explain run shared by the
 end-to-end tests of `embcam show` and of the catalog report on a run without boxes."""
 
+import importlib
 import io
 import json
 import subprocess
@@ -367,8 +368,11 @@ def test_show_refuses_unknown_runs_and_ids_in_one_line(real_run, tmp_path, capsy
     assert ("'nobody' is not in the results" in err) if where == "run" else ("no results here" in err)
 
 
-def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys):
+def test_catalog_report_of_a_run_without_boxes(real_run, tmp_path, capsys, monkeypatch):
     out, root, manifest = real_run
+    # every cosine "stands out" (the gallery's rule, tested in test_report), so that the
+    # gallery is each label's lowest, whatever this small model's cosines are
+    monkeypatch.setattr(importlib.import_module("embcam.report.catalog"), "STANDOUT_GAP", -1.0)
     report_dir = tmp_path / "report"
     assert cli_main(["report", str(out), "--out", str(report_dir), "--gallery", "2", "--markdown"]) == 0
     assert capsys.readouterr().out == (report_dir / "report.md").read_text() + "\n"

@@ -8,6 +8,7 @@ nothing is ever sent to AWS. Two job runs in all (module-scoped): the mean-proxy
 the report, show and sanity checks.
 """
 import contextlib
+import importlib
 import io
 import json
 import re
@@ -135,13 +136,15 @@ def test_show_reads_the_remote_run(s3_server, remote, tmp_path):
     assert "s3://***@bucket/x.jpg" in run_cli(main, ["show", remote["run"], "userinfo"])[1]
 
 
-def test_sanity_and_report_read_the_remote_run(s3_server, remote, tmp_path):
+def test_sanity_and_report_read_the_remote_run(s3_server, remote, tmp_path, monkeypatch):
     rc, out, err = run_cli(sanity_main, [remote["run"], "--images", "3", "--steps", "2"])
     assert rc == 0, err
     assert {"run0/sanity/sanity.json", "run0/sanity/cascade.png"} <= set(s3_server.keys("run0/sanity"))
     saved = json.loads(s3_server.read("run0/sanity/sanity.json"))
     assert saved["images"] == 3 and saved["unreadable"] == 0
 
+    # every cosine stands out (the gallery's rule is tested in test_report): a gallery to draw
+    monkeypatch.setattr(importlib.import_module("embcam.report.catalog"), "STANDOUT_GAP", -1.0)
     rc, out, err = run_cli(report_main, [remote["run"], "--out", str(tmp_path / "report"), "--overlays", "2"])
     assert rc == 0, err
     report = json.loads((tmp_path / "report" / "report.json").read_text())
