@@ -47,7 +47,7 @@ of them are 2.4 MB, and the smallest object store Ray accepts, 75 MiB, has a ten
 cannot make `auto` plan as on a catalog at these run sizes, and a store that small would
 also throttle the decoded-image blocks every run moves through it, which a catalog's machine
 does not. `catalog` therefore keeps Ray's default store and asks the job's own rule
-(`embcam.job.pipeline.choose_plan`, with the run's arguments parsed by the CLI's parser) what
+(`embcam.job.plans.choose_plan`, with the run's arguments parsed by the CLI's parser) what
 `auto` picks for `--catalog-rows` images (default 1,000,000) and Ray's default store on this
 machine (30% of its memory), and passes that plan as `--strategy` to the mean runs (self
 runs get `auto`: one pass, nothing to choose). The JSON keeps that plan and its reason; each
@@ -208,7 +208,8 @@ def catalog_plan(argv: list[str], rows: int, store_bytes: float) -> tuple[str, s
     arguments) on a catalog of ``rows`` images with an object store of ``store_bytes``, by the
     job's own rule."""
     from embcam.cli import add_explain_arguments, explain_config
-    from embcam.job.pipeline import choose_plan, output_shape
+    from embcam.job.pipeline import output_shape
+    from embcam.job.plans import choose_plan
 
     parser = argparse.ArgumentParser()
     add_explain_arguments(parser)

@@ -9,7 +9,7 @@ label (d = 128, as a catalog with one image per class writes them) in pieces of
 - `driver`: every piece read into this process, summed per class and normalised there
   (`tasks.proxies_of_bucket` on the whole table), then written: what a reduce on the
   driver costs at best;
-- `ray`: `pipeline.reduce_on_ray` on a local Ray of --cpus CPUs, the driver writing each
+- `ray`: `embcam.job.reduce.reduce_on_ray` on a local Ray of --cpus CPUs, the driver writing each
   bucket as it comes (`RunFolder.write_tables`), as the job does.
 Reported: wall seconds and the driver's peak RSS above what it held before the reduce
 (after its imports and, for `ray`, after ray.init). Both must write the same proxies.
@@ -34,7 +34,7 @@ from embcam.proxies import PROXIES_SCHEMA
 run = RunFolder(out)
 if mode == "ray":
     import ray
-    from embcam.job.pipeline import reduce_on_ray
+    from embcam.job.reduce import reduce_on_ray
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

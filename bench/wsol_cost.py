@@ -190,7 +190,7 @@ def commit_costs(images: list[dict], repeats: int) -> dict:
 MEASURE = """
 import json, sys, time
 from embcam.report.table import table1
-from embcam.wsol import ManifestAnnotations, evaluate_run
+from embcam.wsol_run import ManifestAnnotations, evaluate_run
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
 what, run = sys.argv[1], sys.argv[2]

@@ -108,8 +108,7 @@ PROXIES_SCHEMA = pa.schema([("label", pa.string()), ("proxy", pa.list_(pa.float3
 def proxy_rows(labels, vectors: np.ndarray, counts) -> pa.Table:
     """A proxies table (``PROXIES_SCHEMA``) from labels, (n, d) vectors and counts."""
     vectors = np.asarray(vectors, np.float32)
-    offsets = pa.array(np.arange(len(labels) + 1, dtype=np.int64) * (vectors.shape[1] if vectors.ndim == 2 else 0),
-                       pa.int32())
+    offsets = pa.array(np.arange(len(labels) + 1, dtype=np.int64) * vectors.shape[1], pa.int32())
     return pa.table({
         "label": pa.array(labels, pa.string()),
         "proxy": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel(), pa.float32())),

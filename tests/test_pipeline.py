@@ -17,7 +17,7 @@ from embcam.data.images import decode_image, resize_square
 from embcam.data.manifest import ManifestError
 from embcam.data.runstate import RunMismatch
 from embcam.datasets import generate_dataset
-from embcam.job import pipeline
+from embcam.job import reduce
 from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.job.reexplain import reexplain
 from embcam.models import Preprocessing, build_model
@@ -126,8 +126,8 @@ def mean_runs(ray_session, dataset, tmp_path_factory):
     plans = {"map": dict(strategy="embedding-map"), "two": dict(strategy="two-pass", top_k_channels=5),
              "streaming": dict(strategy="streaming", proxy_split="train")}
     with pytest.MonkeyPatch.context() as patch:  # the reduce on Ray in many tasks: 2 pieces each, 4+ buckets
-        patch.setattr(pipeline, "REDUCE_GROUP_PIECES", 2)
-        patch.setattr(pipeline, "REDUCE_BUCKET_VALUES", 64)
+        patch.setattr(reduce, "REDUCE_GROUP_PIECES", 2)
+        patch.setattr(reduce, "REDUCE_BUCKET_VALUES", 64)
         for name, kw in plans.items():
             explain(dataset, out / name, proxy="mean", keep_maps=True, maps_dtype="float32", **kw)
     return out

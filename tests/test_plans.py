@@ -18,11 +18,12 @@ from embcam.data.maps import read_stored_rows, write_maps
 from embcam.data.runstate import PARTIALS, STATE, RunFolder, covered, piece_name
 from embcam.datasets import generate_dataset
 from embcam.job.model_stage import ExplainModel, ModelConfig
-from embcam.job.pipeline import ExplainConfig, choose_plan, run_explain
+from embcam.job.pipeline import ExplainConfig, run_explain
+from embcam.job.plans import choose_plan
 from embcam.job.stages import heatmaps_from_kept_maps, load_images, manifest_batch
 from embcam.metrics import heatmap_metrics
 from embcam.models import GeM, Preprocessing, build_model
-from embcam.wsol import evaluate_run
+from embcam.wsol_run import evaluate_run
 
 SIZE = 48
 

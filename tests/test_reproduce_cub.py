@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-from embcam.wsol import evaluate_run
+from embcam.wsol_run import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "reproduce_cub.sh"

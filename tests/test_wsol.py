@@ -12,7 +12,7 @@ import scipy.ndimage
 import torch
 from sklearn.metrics import average_precision_score
 
-from embcam import wsol
+from embcam import wsol, wsol_run
 from embcam.data.schemas import WSOL_COUNTERS_METADATA, conform
 from embcam.metrics import heatmap_metrics, uniform_fractions
 
@@ -291,7 +291,7 @@ def test_evaluate_run_equals_the_accumulators_fed_by_hand(tmp_path):
         want.add(heat.astype(np.float32), width, height, box, mask)
     expected = want.result()
     for batch_rows in (1, 1000):
-        got = wsol.evaluate_run(run, "eval", batch_rows=batch_rows)
+        got = wsol_run.evaluate_run(run, "eval", batch_rows=batch_rows)
         assert got["rows"] == 7  # ok rows of split eval: im0-im5, im7
         assert got["maxboxacc_v2"] == expected["maxboxacc_v2"]
         pxap = dict(got["pxap"])
@@ -299,7 +299,7 @@ def test_evaluate_run_equals_the_accumulators_fed_by_hand(tmp_path):
         assert pxap == expected["pxap"]
     assert expected["maxboxacc_v2"]["images"] == 6 and expected["maxboxacc_v2"]["degenerate"] == 1
     assert expected["pxap"]["images"] == 5  # im4 has no mask, im7's cannot be read
-    everything = wsol.evaluate_run(run)  # no split: the train row im6 too
+    everything = wsol_run.evaluate_run(run)  # no split: the train row im6 too
     assert everything["rows"] == 8 and everything["maxboxacc_v2"]["images"] == 7
     assert everything["files"] == {"results": 3, "measured": 3}  # written without counters: measured
 
@@ -311,18 +311,18 @@ def test_evaluate_run_equals_the_accumulators_fed_by_hand(tmp_path):
               else wsol.image_counts(*train) for i in ("im0", "im3", "im6")]
     metadata = wsol.counters_metadata(table.column("split").to_pylist(), counts)
     pq.write_table(table.replace_schema_metadata({WSOL_COUNTERS_METADATA: metadata}), part)
-    got = wsol.evaluate_run(run, "eval")
+    got = wsol_run.evaluate_run(run, "eval")
     assert got["files"] == {"results": 3, "measured": 2} and got["rows"] == 7
     assert got["maxboxacc_v2"] == expected["maxboxacc_v2"]
     assert {k: v for k, v in got["pxap"].items() if k not in ("masks_unreadable", "mask_error")} == expected["pxap"]
-    assert wsol.evaluate_run(run)["maxboxacc_v2"]["images"] == 7
+    assert wsol_run.evaluate_run(run)["maxboxacc_v2"]["images"] == 7
 
 
 def test_evaluate_run_without_a_manifest_says_so(tmp_path):
     run, _ = write_annotated_run(tmp_path)
     (tmp_path / "manifest.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="manifest"):
-        wsol.evaluate_run(run)
+        wsol_run.evaluate_run(run)
 
 
 def test_counters_of_pieces_sum_by_hand(tmp_path):
@@ -359,7 +359,7 @@ def test_counters_of_pieces_sum_by_hand(tmp_path):
         value = wsol.counters_metadata([split for split, _ in rows], [c for _, c in rows])
         pq.write_table(table.replace_schema_metadata({WSOL_COUNTERS_METADATA: value}),
                        tmp_path / "results" / f"part-{k}.parquet")
-    got = wsol.evaluate_run(str(tmp_path), "eval")
+    got = wsol_run.evaluate_run(str(tmp_path), "eval")
     assert got["files"] == {"results": 2, "measured": 0} and got["rows"] == 6
     boxes = got["maxboxacc_v2"]
     assert (boxes["images"], boxes["degenerate"]) == (3, 1)
@@ -367,6 +367,6 @@ def test_counters_of_pieces_sum_by_hand(tmp_path):
     assert boxes["value"] == pytest.approx(4 / 9, abs=1e-15)
     assert got["pxap"]["value"] == pytest.approx(11 / 12, abs=1e-15)
     assert (got["pxap"]["images"], got["pxap"]["mask_pixels"], got["pxap"]["pixels"]) == (2, 3, 6)
-    everything = wsol.evaluate_run(str(tmp_path))
+    everything = wsol_run.evaluate_run(str(tmp_path))
     assert everything["rows"] == 7 and everything["maxboxacc_v2"]["images"] == 4
     assert [p["accuracy"] for p in everything["maxboxacc_v2"]["per_iou"]] == [3 / 4, 1 / 2, 1 / 2]

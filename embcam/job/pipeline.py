@@ -68,16 +68,13 @@ from . import tasks, user_code
 from .console import on_terminal, quiet_ray
 from .lifecycle import RunLifecycle, build_summary
 from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
+from .plans import choose_plan
 from .progress import Progress
+from .reduce import reduce_on_ray
 from .stages import heatmaps_from_kept_maps
 
 PROXY_MODES = ("self", "mean", "onehot", "bank")
 JOB_STRATEGIES = ("auto", "stored-maps", "streaming", "two-pass", "embedding-map")
-# the reduce of pass 1 on Ray: pieces summed by one task, and partial-sum values (float64)
-# per bucket at most, counting every row of a piece as a class of its own (256 MB)
-REDUCE_GROUP_PIECES = 64
-REDUCE_BUCKET_VALUES = 32 << 20
-KEEP_MAPS_SHARE = 0.1  # keep every E map only while they take at most this share of the object store
 
 
 @dataclass
@@ -428,26 +425,6 @@ class _Job:
         return ProxyFile(self.run.join(PROXIES), self.run.fs)
 
 
-def reduce_on_ray(run: RunFolder, block_rows: int, dim: int):
-    """The proxies of pass 1's pieces in ``run``, made on Ray, as tables of disjoint classes
-    handed over one at a time: a task per group of pieces sums them per class and splits the
-    sums into buckets by label, then a task per bucket makes its classes' proxies. The caller
-    writes each table as it comes, so its memory does not grow with the number of classes."""
-    import ray
-
-    paths = run.piece_paths(STATE, PARTIALS)
-    groups = [paths[i:i + REDUCE_GROUP_PIECES] for i in range(0, len(paths), REDUCE_GROUP_PIECES)]
-    buckets = max(1, -(-len(paths) * block_rows * dim // REDUCE_BUCKET_VALUES))  # a piece row per class at most
-    split = ray.remote(tasks.partials_by_bucket).options(num_returns=buckets)
-    parts = [split.remote(group, run.fs, buckets) for group in groups]
-    parts = [[p] for p in parts] if buckets == 1 else parts  # one return value: one ref, not a list
-    make = ray.remote(tasks.proxies_of_bucket)
-    pending = [make.remote(*(p[b] for p in parts)) for b in range(buckets)]
-    del parts
-    while pending:
-        yield ray.get(pending.pop(0))
-
-
 def _driver_model(cfg: ExplainConfig):
     """The model, built once on the driver so that a bad spec or checkpoint fails before
     any work; user code this process cannot find fails in one line that says how to ship it."""
@@ -541,38 +518,6 @@ def _drop_unmarked_maps(run: RunFolder) -> None:
     for start, stop in run.pieces(MAPS):
         if (start, stop) not in committed:
             run.delete(MAPS, piece_name(start, stop))
-
-
-def choose_plan(cfg: ExplainConfig, rows: int, shape: dict, image_size: int, store_bytes: float) -> tuple[str, str]:
-    """The plan and why. One pass unless mean proxies; for those, from estimated costs:
-    E maps in the object store while all of them fit in a small share of it; else E maps
-    stored in --out (one decode and one forward per image) while an image's stored map is
-    no larger than its decoded model input, which a second pass would decode and run
-    through the model again; else two forward passes. On the "vjp" path forming E costs d
-    backward passes per image, so two forwards (one backward each) are cheaper there."""
-    if cfg.proxy != "mean":
-        return "one-pass", f"proxy {cfg.proxy} is known before any image is explained"
-    if cfg.strategy != "auto":
-        return cfg.strategy, f"--strategy {cfg.strategy}"
-    if cfg.top_k_channels:
-        return "streaming", "--top-k-channels needs channel weights, which E maps do not give"
-    d, h, w = shape["dims"]
-    if shape["path"] == "vjp":
-        return "streaming", (f"the model has no closed form for its E maps (vjp path: {d} backward passes per "
-                             "image), so two forward passes with one backward are cheaper")
-    need = rows * d * h * w * 4
-    if need <= KEEP_MAPS_SHARE * store_bytes:
-        return "embedding-map", (f"E maps need {need / 2**20:.0f} MiB, within {KEEP_MAPS_SHARE:.0%} of the "
-                                 f"{store_bytes / 2**20:.0f} MiB object store: one model pass")
-    stored = d * h * w * np.dtype(cfg.maps_dtype).itemsize
-    decoded = 3 * image_size * image_size
-    if stored <= decoded:
-        return "stored-maps", (f"an E map ({d}x{h}x{w} {cfg.maps_dtype}, {stored / 1024:.1f} KiB) is smaller than "
-                               f"the {image_size}x{image_size} image ({decoded / 1024:.0f} KiB) a second pass would "
-                               "decode and run through the model again: one forward, maps stored in --out")
-    return "streaming", (f"an E map ({d}x{h}x{w} {cfg.maps_dtype}, {stored / 1024:.0f} KiB) is larger than the "
-                         f"{image_size}x{image_size} image ({decoded / 1024:.0f} KiB) a second pass decodes: "
-                         "two forward passes, nothing stored")
 
 
 def _device_and_precision(requested: str | None, gpus: int) -> tuple[str, str]:

@@ -10,7 +10,8 @@ import numpy as np
 from embcam.data.schemas import OK
 from embcam.metrics import DEFAULT_THRESHOLD, LOC_IOU, THRESHOLDS
 from embcam.report.runs import RATIO_COLUMNS, check_distinct, method_key, read_results, read_summary
-from embcam.wsol import BOX_THRESHOLDS, IOU_THRESHOLDS, evaluate_run
+from embcam.wsol import BOX_THRESHOLDS, IOU_THRESHOLDS
+from embcam.wsol_run import evaluate_run
 
 REGIONS = {"bbox": "BBox", "mask": "Mask"}
 METHOD_NAMES = {
@@ -42,7 +43,7 @@ def table1(runs: list[str], *, split: str | None = None, wsol: bool = True) -> d
     {bbox, mask} x {uniform, all, topk}, ``accuracy``, ``sweep`` and ``wsol``
     (MaxBoxAccV2, its per-IoU accuracies and best thresholds, PxAP), every value a stat
     {mean, std, n_runs, per_run, n_images}) and ``runs`` (per-run counts and values).
-    ``wsol=False`` leaves MaxBoxAccV2 and PxAP out (``wsol.evaluate_run``: the job's counters
+    ``wsol=False`` leaves MaxBoxAccV2 and PxAP out (``wsol_run.evaluate_run``: the job's counters
     summed, or, for results files without them, every heatmap and mask read again).
     """
     return evaluate(runs, split, wsol=wsol)[0]
