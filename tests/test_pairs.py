@@ -19,6 +19,7 @@ from embcam.data.images import decode_image, resize_square
 from embcam.data.maps import MapStore, maps_table, read_maps_piece
 from embcam.data.runstate import RunFolder
 from embcam.datasets import generate_dataset
+from embcam.job.pairs_pass import pairs_on_ray
 from embcam.job.pipeline import ExplainConfig, run_explain
 from embcam.job.reexplain import reexplain
 from embcam.models import Preprocessing, build_model
@@ -169,11 +170,10 @@ def test_explain_pairs_hand_computed(tmp_path):
     assert rows["cosine"] == pytest.approx(0.6) and rows["k"] == 7 and rows["status"] == "ok"
 
 
-def test_pairs_are_the_same_for_any_block_and_chunk(tmp_path):
-    """Maps spread over several pieces, pairs in random order: one block, many small blocks
-    explained a chunk at a time (each chunk sweeping the maps) and a hand loop agree."""
-    rng = np.random.default_rng(3)
-    run = RunFolder(str(tmp_path / "run"))
+def random_maps_run(folder, rng):
+    """A run folder whose stored maps (float32, 3 pieces of 4 images, image 7 failed) hold
+    random values; returns it with the ids, maps and embeddings it holds, and 40 random pairs."""
+    run = RunFolder(str(folder))
     ids = [f"img{i:02d}" for i in range(12)]
     maps = rng.normal(size=(12, 5, 2, 3)).astype(np.float32)
     y = rng.normal(size=(12, 5)).astype(np.float32)
@@ -187,6 +187,13 @@ def test_pairs_are_the_same_for_any_block_and_chunk(tmp_path):
         run.write_table(maps_table(batch, "float32"), "maps", f"part-{start:012d}-{start + 4:012d}.parquet")
     pairs = pa.table({"query_id": [ids[i] for i in rng.integers(0, 12, 40)],
                       "match_id": [ids[i] for i in rng.integers(0, 12, 40)]})
+    return run, ids, maps, y, pairs
+
+
+def test_pairs_are_the_same_for_any_block_and_chunk(tmp_path):
+    """Maps spread over several pieces, pairs in random order: one block, many small blocks
+    explained a chunk at a time (each chunk sweeping the maps) and a hand loop agree."""
+    run, ids, maps, y, pairs = random_maps_run(tmp_path / "run", np.random.default_rng(3))
     store = MapStore(run)
     whole = explain_pairs(pairs, store).to_pandas()
     write_pairs(RunFolder(str(tmp_path / "out")), pairs, store, block_rows=3, chunk_bytes=2 * 6 * 4 * 7)
@@ -203,6 +210,38 @@ def test_pairs_are_the_same_for_any_block_and_chunk(tmp_path):
         np.testing.assert_allclose(row.query_heatmap, expected, rtol=1e-5, atol=1e-6)
         expected = np.maximum(np.einsum("dhw,d->hw", maps[mi], unit[qi]), 0).ravel()
         np.testing.assert_allclose(row.match_heatmap, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_on_ray_are_one_sweeps_and_a_rerun_redoes_only_missing_blocks(ray_session, tmp_path):
+    """The job's pairs pass, a Ray task per chunk of blocks with the map store handed over by
+    the object store, writes what one sweep in this process writes; run again after a block
+    is lost (a killed task), it writes that block only."""
+    run, _, _, _, pairs = random_maps_run(tmp_path / "run", np.random.default_rng(4))
+    whole = explain_pairs(pairs, MapStore(run)).to_pandas()
+    assert pairs_on_ray(run, pairs, block_rows=3) == 40
+    folder = tmp_path / "run" / "pairs"
+    written = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
+    assert len(written) == 14  # blocks of 3 rows; CHUNKS_PER_CPU chunks per CPU: several tasks
+    pd.testing.assert_frame_equal(pd.read_parquet(folder), whole)
+    lost = sorted(written)[5]
+    (folder / lost).unlink()
+    assert pairs_on_ray(run, pairs, block_rows=3) == 3
+    again = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
+    assert again.keys() == written.keys() and {n for n in again if again[n] != written[n]} == {lost}
+    pd.testing.assert_frame_equal(pd.read_parquet(folder), whole)
+    assert pairs_on_ray(run, pairs, block_rows=3) == 0  # nothing left: no task at all
+
+
+def test_map_store_finds_ids_and_refuses_unknown_ones(tmp_path):
+    run, ids, _, y, _ = random_maps_run(tmp_path / "run", np.random.default_rng(5))
+    store = MapStore(run)
+    assert store.where(["img11", "img00", "img07"]).tolist() == [11, 0, 7]
+    assert "img03" in store and "img99" not in store
+    assert store.ok.tolist() == [i != 7 for i in range(12)] and store.error(np.array([7, 0])).tolist() == [
+        "image: bad", None]
+    np.testing.assert_array_equal(store.embedding[[1, 9]], y[[1, 9]])
+    with pytest.raises(KeyError, match="'img99' has no stored maps"):
+        store.where(["img01", "img99"])
 
 
 def test_read_pairs_rejects_nulls_and_clashes(tmp_path):

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .runstate import MAPS, RunFolder, piece_name
-from .schemas import OK, conform, list_column
+from .schemas import ERROR, OK, conform, list_column
 
 MAPS_DTYPES = ("float16", "float32")
 
@@ -61,45 +61,50 @@ class MapStore:
     """A run's stored maps, by image_id. Opening it reads everything but the maps (ids,
     status, error and the d-value embeddings); the maps are read a piece at a time
     (``piece_maps``), so that a sweep over the pieces reads each once whatever the order
-    of the ids asked for."""
+    of the ids asked for. It holds arrays only (numpy and Arrow), so that Ray hands one
+    store to many tasks through its object store without copying it."""
 
     def __init__(self, run: RunFolder, folder: str = MAPS):
         self.run, self.paths = run, run.piece_paths(folder)
-        ids, pieces, rows, status, error, embeddings = [], [], [], [], [], []
+        ids, pieces, rows, ok, errors, embeddings = [], [], [], [], [], []
         self.grid: tuple[int, int, int] | None = None  # (d, h, w) of the maps
         for k, path in enumerate(self.paths):
             table = pq.read_table(path, columns=["image_id", "status", "error", "embedding", "maps_channels",
                                                  "heatmap_height", "heatmap_width"], filesystem=run.fs)
-            piece_status = np.array(table.column("status").to_pylist(), dtype=object)
-            ok = np.flatnonzero(piece_status == OK)
-            if len(ok) and self.grid is None:
-                self.grid = tuple(int(table.column(c)[int(ok[0])].as_py())
+            piece_ok = pc.equal(table.column("status"), OK).to_numpy(zero_copy_only=False)
+            good = np.flatnonzero(piece_ok)
+            if len(good) and self.grid is None:
+                self.grid = tuple(int(table.column(c)[int(good[0])].as_py())
                                   for c in ("maps_channels", "heatmap_height", "heatmap_width"))
-            if len(ok):
-                embeddings.append(_dense(table.column("embedding"), ok, (self.grid[0],)))
-            else:
-                embeddings.append(None)
-            ids += table.column("image_id").to_pylist()
+            embeddings.append(_dense(table.column("embedding"), good, (self.grid[0],)) if len(good) else None)
+            ids.append(table.column("image_id"))
             pieces.append(np.full(table.num_rows, k, np.int64))
             rows.append(np.arange(table.num_rows))
-            status.append(piece_status)
-            error.append(np.array(table.column("error").to_pylist(), dtype=object))
+            ok.append(piece_ok)
+            errors.append(table.column("error"))
         d = self.grid[0] if self.grid else 0
-        self.ids = np.array(ids, dtype=object)
+        self.ids = pa.chunked_array(ids, pa.string()).combine_chunks()
         self.piece = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
         self.row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        self.status = np.concatenate(status) if status else np.zeros(0, object)
-        self.error = np.concatenate(error) if error else np.zeros(0, object)
+        self.ok = np.concatenate(ok) if ok else np.zeros(0, bool)
+        self.errors = pa.chunked_array(errors, pa.string()).combine_chunks()
         self.embedding = np.concatenate([e if e is not None else np.zeros((len(p), d), np.float32)
                                          for e, p in zip(embeddings, pieces)]) if pieces else np.zeros((0, d))
-        self.index = {image_id: j for j, image_id in enumerate(ids)}
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self.index
+        return pc.index_in(pa.array([image_id], pa.string()), value_set=self.ids)[0].is_valid
 
     def where(self, image_ids) -> np.ndarray:
         """Positions of ``image_ids`` in the store (every id must be stored)."""
-        return np.array([self.index[i] for i in image_ids], np.int64)
+        at = pc.index_in(pa.array(image_ids, pa.string()), value_set=self.ids)
+        if at.null_count:
+            missing = pc.filter(pa.array(image_ids, pa.string()), at.is_null())[0].as_py()
+            raise KeyError(f"image_id {missing[:80]!r} has no stored maps")
+        return at.to_numpy().astype(np.int64)
+
+    def error(self, positions: np.ndarray) -> np.ndarray:
+        """The error of each stored image at ``positions`` (None where it is ok)."""
+        return np.array(self.errors.take(pa.array(positions, pa.int64())).to_pylist(), dtype=object)
 
     def piece_maps(self, k: int) -> np.ndarray | None:
         """The maps (rows, d, h, w) of piece ``k``, float32 (zero where an image failed)."""
@@ -109,8 +114,8 @@ class MapStore:
         """``status``, ``error``, ``embedding`` (n, d) and ``maps`` (n, d, h, w) of the ids,
         float32, zero for images that failed; each piece read once."""
         at = self.where(image_ids)
-        out = {"status": self.status[at], "error": self.error[at], "embedding": self.embedding[at],
-               "maps": np.zeros((len(at),) + (self.grid or (0, 0, 0)), np.float32)}
+        out = {"status": np.where(self.ok[at], OK, ERROR).astype(object), "error": self.error(at),
+               "embedding": self.embedding[at], "maps": np.zeros((len(at),) + (self.grid or (0, 0, 0)), np.float32)}
         for k in np.unique(self.piece[at]):
             mine = np.flatnonzero(self.piece[at] == k)
             maps = self.piece_maps(int(k))

@@ -34,7 +34,7 @@ from ..cam import RESHAPES, EmbeddingCAM, cheapest_strategy, embedding_map_path
 from ..data.fetch import ReadLimits
 from ..data.locations import default_image_root, has_scheme, redact
 from ..data.manifest import ManifestError, scan_manifest, suggest_column
-from ..data.maps import MAPS_DTYPES, MapStore
+from ..data.maps import MAPS_DTYPES
 from ..data.runstate import (
     ATTEMPTS,
     MAPS,
@@ -61,13 +61,13 @@ from ..pairs.explain import (
     pair_image_ids,
     pairs_sha256,
     read_pairs,
-    write_pairs,
 )
 from ..proxies import PROXIES_SCHEMA, ProxyFile, load_proxy_bank, proxy_table
 from . import tasks, user_code
 from .console import on_terminal, quiet_ray
 from .lifecycle import RunLifecycle, build_summary
 from .model_stage import PRECISIONS, ExplainModel, ModelConfig, resolved_target
+from .pairs_pass import pairs_on_ray
 from .plans import choose_plan
 from .progress import Progress
 from .reduce import reduce_on_ray
@@ -398,12 +398,12 @@ class _Job:
             self.commit(heatmaps, tasks.commit_results, self.run, self.maps_dtype)
 
     def pairs_pass(self, pairs: pa.Table) -> None:
-        """Pair explanations from the stored E maps, on this process (no model: two
-        products per heatmap cell); blocks already committed are skipped."""
+        """Pair explanations from the stored E maps, a Ray task per chunk of pair blocks
+        (no model: two products per heatmap cell); blocks already committed are skipped."""
         todo = pending_blocks(self.run.pieces(PAIRS), pairs.num_rows, PAIR_BLOCK_ROWS)
         if todo:
             with self.progress.step("pairs, from the stored maps", _rows_in(todo)):
-                write_pairs(self.run, pairs, MapStore(self.run), PAIR_BLOCK_ROWS, self.progress.add)
+                pairs_on_ray(self.run, pairs, PAIR_BLOCK_ROWS, self.progress.add)
 
     def _write_proxies(self, tables) -> ProxyFile:
         """``tables`` (proxies of disjoint classes) into ``proxies.parquet``; none at all is

@@ -65,7 +65,7 @@ def reexplain(source: str, out: str, proxies: str | None = None, pairs: str | No
     if bank is not None:
         _check_width(bank, store, source)
     if table is not None:
-        check_known(table, pa.array(list(store.index), pa.string()), f"run {source}")
+        check_known(table, store.ids, f"run {source}")
     identity = {"source": source if has_scheme(source) else os.path.abspath(source),
                 "source_identity": (run.identity or {}).get("identity"),
                 "proxy_bank_sha256": file_sha256(proxies),

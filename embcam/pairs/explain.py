@@ -25,6 +25,7 @@ from ..data.manifest import MAX_EXAMPLES, resolve_source
 from ..data.maps import MapStore
 from ..data.runstate import PAIRS, RunFolder, pending_blocks, piece_name
 from ..data.schemas import ERROR, OK, arrow_schema, conform, list_column
+from ..faults import fault_point
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
@@ -111,18 +112,21 @@ def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
     status = np.full(n, OK, dtype=object)
     error = np.full(n, None, dtype=object)
     for side, at in (("query", q), ("match", m)):
-        for i in np.flatnonzero(store.status[at] != OK):
-            if status[i] == OK:
-                status[i], error[i] = ERROR, f"{side} image failed: {store.error[at[i]]}"
+        failed = np.flatnonzero(~store.ok[at] & (status == OK))
+        for i, reason in zip(failed, store.error(at[failed])):
+            status[i], error[i] = ERROR, f"{side} image failed: {reason}"
     ok = np.flatnonzero(status == OK)
     valid = status == OK
     _, h, w = store.grid or (0, 0, 0)
     cosine = np.full(n, np.nan, np.float32)
     heat = {"query_heatmap": np.zeros((n, h * w), np.float32), "match_heatmap": np.zeros((n, h * w), np.float32)}
     if len(ok):
-        unit = normalise(torch.from_numpy(store.embedding))
-        cosine[ok] = (unit[q[ok]] * unit[m[ok]]).sum(-1).numpy()
-        sides = (("query_heatmap", q[ok], m[ok]), ("match_heatmap", m[ok], q[ok]))
+        # the unit embeddings of these pairs' images only: the store may hold millions
+        used, inverse = np.unique(np.concatenate([q[ok], m[ok]]), return_inverse=True)
+        unit = normalise(torch.from_numpy(store.embedding[used]))
+        uq, um = inverse[:len(ok)], inverse[len(ok):]
+        cosine[ok] = (unit[uq] * unit[um]).sum(-1).numpy()
+        sides = (("query_heatmap", q[ok], um), ("match_heatmap", m[ok], uq))
         for k in np.unique(np.concatenate([store.piece[q[ok]], store.piece[m[ok]]])):
             maps = torch.from_numpy(store.piece_maps(int(k)))
             for name, explained, other in sides:
@@ -144,26 +148,52 @@ def explain_pairs(pairs: pa.Table, store: MapStore) -> pa.Table:
     return table
 
 
-def write_pairs(run: RunFolder, pairs: pa.Table, store: MapStore, block_rows: int = PAIR_BLOCK_ROWS,
-                progress=None, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Explain every pair block no ``RUN/pairs`` piece covers yet; returns the rows computed.
-    Blocks are explained together in chunks whose heatmaps take at most ``chunk_bytes``
-    (each chunk sweeps the maps once); ``progress(rows)`` is called after each block."""
-    todo = pending_blocks(run.pieces(PAIRS), pairs.num_rows, block_rows)
-    _, h, w = store.grid or (0, 0, 0)
-    chunk_rows = max(block_rows, chunk_bytes // max(2 * h * w * 4, 1))
+def pair_chunks(todo: list[tuple[int, int]], chunk_rows: int) -> list[list[tuple[int, int]]]:
+    """The pending pair blocks ``todo`` in chunks of consecutive blocks of at most
+    ``chunk_rows`` rows (a block larger than that is a chunk of its own)."""
     chunks: list[list[tuple[int, int]]] = []
     for block in todo:
         if chunks and sum(b - a for a, b in chunks[-1]) + block[1] - block[0] <= chunk_rows:
             chunks[-1].append(block)
         else:
             chunks.append([block])
-    for chunk in chunks:
-        table = explain_pairs(pa.concat_tables([pairs.slice(a, b - a) for a, b in chunk]), store)
-        at = 0
-        for start, stop in chunk:
-            run.write_table(table.slice(at, stop - start), PAIRS, piece_name(start, stop))
-            at += stop - start
-            if progress is not None:
-                progress(stop - start)
+    return chunks
+
+
+def chunk_rows_for(store_grid: tuple[int, int, int] | None, chunk_bytes: int, block_rows: int) -> int:
+    """Pairs per chunk whose two heatmaps each take at most ``chunk_bytes`` in all."""
+    _, h, w = store_grid or (0, 0, 0)
+    return max(block_rows, chunk_bytes // max(2 * h * w * 4, 1))
+
+
+def chunk_table(pairs: pa.Table, chunk: list[tuple[int, int]]) -> pa.Table:
+    """The rows of ``pairs`` a chunk's blocks hold, in order."""
+    return pa.concat_tables([pairs.slice(a, b - a) for a, b in chunk])
+
+
+def write_pair_chunk(run: RunFolder, rows: pa.Table, chunk: list[tuple[int, int]], store: MapStore,
+                     progress=None) -> int:
+    """Explain one chunk (``rows``: its pairs, ``chunk_table``) in one sweep over the maps,
+    then commit each of its blocks as a ``RUN/pairs`` piece; returns the rows committed.
+    ``progress(rows)`` is called after each block."""
+    fault_point("pairs", rows.column("query_id"))
+    table = explain_pairs(rows, store)
+    at = 0
+    for start, stop in chunk:
+        run.write_table(table.slice(at, stop - start), PAIRS, piece_name(start, stop))
+        at += stop - start
+        if progress is not None:
+            progress(stop - start)
+    return at
+
+
+def write_pairs(run: RunFolder, pairs: pa.Table, store: MapStore, block_rows: int = PAIR_BLOCK_ROWS,
+                progress=None, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Explain, in this process, every pair block no ``RUN/pairs`` piece covers yet; returns
+    the rows computed. Blocks are explained together in chunks whose heatmaps take at most
+    ``chunk_bytes`` (each chunk sweeps the maps once); ``progress(rows)`` is called after
+    each block. (The explain job spreads the chunks over Ray: ``embcam.job.pairs_pass``.)"""
+    todo = pending_blocks(run.pieces(PAIRS), pairs.num_rows, block_rows)
+    for chunk in pair_chunks(todo, chunk_rows_for(store.grid, chunk_bytes, block_rows)):
+        write_pair_chunk(run, chunk_table(pairs, chunk), chunk, store, progress)
     return sum(stop - start for start, stop in todo)
