@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embcam.boxes import BBOX_COLUMNS
+from embcam.data.manifest import id_hashes
 from embcam.data.schemas import OK, WSOL_COUNTERS_METADATA
 from embcam.metrics import MAX_GRID_SIDE
 from embcam.wsol import WsolAccumulator, stored_counters
@@ -46,7 +47,7 @@ class ManifestAnnotations:
         hashes, ids, boxes, masks = [np.zeros(0, np.uint64)], [pa.array([], pa.string())], [np.zeros((0, 4))], []
         if annotated is not None:  # a batch at a time: no copy of the whole manifest, only what is kept
             for batch in dataset.to_batches(columns=columns, filter=annotated, batch_size=65536):
-                hashes.append(_id_hashes(batch.column("image_id")))
+                hashes.append(id_hashes(batch.column("image_id")))
                 ids.append(batch.column("image_id").cast(pa.string()))
                 boxes.append(np.stack([batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
                                        for c in box_cols], 1) if box_cols else np.full((batch.num_rows, 4), np.nan))
@@ -65,7 +66,7 @@ class ManifestAnnotations:
 
     def find(self, ids: pa.Array) -> np.ndarray:
         """Row of each id in this index, -1 where the manifest has no annotation for it."""
-        hashes = _id_hashes(ids)
+        hashes = id_hashes(ids)
         rows = np.searchsorted(self.hashes, hashes)
         rows[rows >= len(self.hashes)] = 0
         hit = (self.hashes[rows] == hashes) if len(self.hashes) else np.zeros(len(hashes), bool)
@@ -78,14 +79,6 @@ class ManifestAnnotations:
                 same[i] = bool(match)
             hit &= same
         return np.where(hit, rows, -1)
-
-
-def _id_hashes(ids) -> np.ndarray:
-    import pandas as pd  # its vectorised string hash (as embcam.data.manifest's duplicate check)
-
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    return pd.util.hash_array(np.asarray(ids.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object))
 
 
 def _read_limits(run: str, root: str | None):

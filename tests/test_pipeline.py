@@ -19,6 +19,7 @@ from embcam.data.runstate import RunMismatch
 from embcam.datasets import generate_dataset
 from embcam.job import reduce
 from embcam.job.pipeline import ExplainConfig, run_explain
+from embcam.job.plans import queue_bytes
 from embcam.job.reexplain import reexplain
 from embcam.models import Preprocessing, build_model
 from embcam.report import write_report
@@ -158,6 +159,21 @@ def test_mean_proxies_strategies_agree_and_match_numpy(dataset, mean_runs):
     ref = core_heatmaps(dataset, rows, p)
     np.testing.assert_allclose(np.stack(rows.heatmap), ref.heatmaps.flatten(1).numpy(), rtol=1e-4,
                                atol=1e-6 * float(ref.heatmaps.max()))
+
+
+def test_streaming_passes_say_their_object_store_budget_and_the_kept_maps_pass_has_none(mean_runs):
+    """Both passes of a streaming plan run with the job's budget (Ray Data's resource limit,
+    as the dataset carries it); the kept-maps pass, whose maps must all stay in the store
+    until the reduce, runs without one."""
+    summary = json.loads((mean_runs / "streaming" / "summary.json").read_text())
+    state = json.loads((mean_runs / "streaming" / "_embcam" / "run.json").read_text())
+    row = read(mean_runs / "streaming").query("status == 'ok'").iloc[0]
+    dims = (len(row.embedding), row.heatmap_height, row.heatmap_width)
+    budget = queue_bytes(state["block_rows"], state["identity"]["image_size"], dims, 2, 0)
+    assert [p["object_store_budget_bytes"] for p in summary["passes"].values()] == [budget, budget]
+    assert budget < (256 << 20) // 2  # below Ray Data's own bound: half the session's 256 MiB store
+    kept = json.loads((mean_runs / "map" / "summary.json").read_text())["passes"]
+    assert kept["embeddings and maps, kept for the class proxies"]["object_store_budget_bytes"] is None
 
 
 def test_proxy_split_builds_proxies_from_gallery_only(mean_runs):

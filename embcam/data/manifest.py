@@ -163,7 +163,7 @@ def scan_manifest(source: str | os.PathLike, sink=None) -> ManifestScan:
         table = _cast_known(table)
         for name in ("image_id", "uri"):
             _check_filled(table.column(name), name, rows)
-        ids = _id_hashes(table.column("image_id"))
+        ids = id_hashes(table.column("image_id"))
         digest.update(ids.tobytes())
         hashes.append(ids)
         if sink is not None and table.num_rows:
@@ -226,10 +226,12 @@ def _check_filled(column: pa.ChunkedArray, name: str, offset: int) -> None:
                             f"in rows from {offset}; e.g. {examples}")
 
 
-def _id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
-    import pandas as pd  # its vectorised string hash: 8 bytes per id
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each image_id (pandas' vectorised string hash: 8 bytes per id, for
+    finding duplicates and matching ids without holding the strings)."""
+    import pandas as pd
 
-    return pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object))
+    return pd.util.hash_array(np.asarray(ids.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object))
 
 
 def _check_unique_in(fs: pafs.FileSystem, paths: list[str], suspects: set) -> None:
@@ -238,7 +240,7 @@ def _check_unique_in(fs: pafs.FileSystem, paths: list[str], suspects: set) -> No
     offset = 0
     for _, table in _stream(fs, paths):
         ids = table.column("image_id").cast(pa.string())
-        hit = np.flatnonzero(np.isin(_id_hashes(ids), list(suspects))) if len(ids) else []
+        hit = np.flatnonzero(np.isin(id_hashes(ids), list(suspects))) if len(ids) else []
         for row, value in zip(hit, ids.take(pa.array(hit, pa.int64())).to_pylist()):
             at.setdefault(value, []).append(offset + int(row))
         offset += table.num_rows

@@ -43,3 +43,21 @@ def choose_plan(cfg: ExplainConfig, rows: int, shape: dict, image_size: int, sto
     return "streaming", (f"an E map ({d}x{h}x{w} {cfg.maps_dtype}, {stored / 1024:.0f} KiB) is larger than the "
                          f"{image_size}x{image_size} image ({decoded / 1024:.0f} KiB) a second pass decodes: "
                          "two forward passes, nothing stored")
+
+
+# The object store a streaming pass may fill (Ray Data's resource limits): this many blocks
+# per CPU working for it, the cluster's CPUs when the run starts, or this many per GPU actor
+# when more (a cluster that starts with no worker node: cluster.yaml's GPU nodes have 8).
+QUEUE_BLOCKS_PER_CPU = 4
+CPUS_PER_GPU_ACTOR = 8
+
+
+def queue_bytes(block_rows: int, image_size: int, dims: tuple[int, int, int], cpus: float, gpu_actors: int) -> int:
+    """The object store budget of a streaming pass, so that what waits between its stages
+    stays flat however many rows the run has (Ray Data's own bound is half the store): a
+    block's row counted at its decoded image plus its E map in float32, more than any
+    stage hands on."""
+    d, h, w = dims
+    row = 3 * image_size * image_size + 4 * d * h * w
+    workers = max(int(cpus), CPUS_PER_GPU_ACTOR * gpu_actors, 1)
+    return QUEUE_BLOCKS_PER_CPU * workers * block_rows * row
