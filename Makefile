@@ -41,8 +41,8 @@ bench: setup  # the commands behind BENCHMARKS.md sections 3 and 4 (about 25 min
 	$(PY) bench/job_vs_loop.py --images 1000 --repeats 3 --memory-scale 10 --json bench/job_vs_loop.json
 	$(PY) bench/job_vs_loop.py --images 5000 --repeats 2 --memory-scale 0 --json bench/job_vs_loop_5000.json
 
-bench-scale: setup  # BENCHMARKS.md section 5 (about 20 min on 2 cores, 1 GB in /tmp/embcam-scale)
-	$(PY) bench/scale.py --images 10000 100000 --strategy streaming --json bench/scale.json
+bench-scale: setup  # BENCHMARKS.md section 5 (about 25 min on 2 cores, 1 GB in /tmp/embcam-scale)
+	$(PY) bench/scale.py --images 10000 100000 --queue bounded ray-default --strategy streaming --json bench/scale.json
 	$(PY) bench/big_manifest.py --json bench/big_manifest.json
 	$(PY) bench/stage_costs.py --manifest /tmp/embcam-scale/data/manifest-10000.parquet --images 2000 \
 	    --models "checkpoint:embcam/assets/demo_model.pt@64" "torchvision:resnet50+linear:128@224" --json bench/stage_costs.json

@@ -1,8 +1,10 @@
 """Scale: `embcam explain --proxy mean` on N and 10 N generated images, then a kill and a resume.
 
-    .venv/bin/python bench/scale.py --images 10000 100000 --json bench/scale.json
+    .venv/bin/python bench/scale.py --images 10000 100000 --queue bounded ray-default --strategy streaming \
+        --json bench/scale.json
 
-For each N it runs the real CLI as its own process with its own local Ray (the bundled demo
+For each N and each --queue (the job as shipped, its streaming passes within their object
+store budget; or that budget lifted, Ray Data's own bound of half the store the only one), it runs the real CLI as its own process with its own local Ray (the bundled demo
 model at 64 px input, 64 px images, 100 classes, the default batch size) and samples, every 0.5 s:
 - memory: the summed PSS of every process of the job (driver, raylet, GCS, workers;
   PSS counts shared pages once, so the object store's shared memory is not counted
