@@ -4,8 +4,9 @@
         --json bench/scale.json
 
 For each N and each --queue (the job as shipped, its streaming passes within their object
-store budget; or that budget lifted, Ray Data's own bound of half the store the only one), it runs the real CLI as its own process with its own local Ray (the bundled demo
-model at 64 px input, 64 px images, 100 classes, the default batch size) and samples, every 0.5 s:
+store budget; or that budget lifted, Ray Data's own bound of half the store the only one),
+it runs the real CLI as its own process with its own local Ray (the bundled demo model at
+64 px input, 64 px images, 100 classes, the default batch size) and samples, every 0.5 s:
 - memory: the summed PSS of every process of the job (driver, raylet, GCS, workers;
   PSS counts shared pages once, so the object store's shared memory is not counted
   once per process that maps it);
@@ -94,7 +95,8 @@ class Job:
         env = dict(os.environ, EMBCAM_BENCH_JOB=self.marker, RAY_TMPDIR=str(self.tmp),
                    RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-c", UNBOUNDED if queue == "ray-default" else JOB, "explain", "--manifest", str(manifest), "--out", str(out),
+        cmd = [sys.executable, "-c", UNBOUNDED if queue == "ray-default" else JOB, "explain",
+               "--manifest", str(manifest), "--out", str(out),
                "--checkpoint", str(DEMO_MODEL), "--proxy", "mean", "--no-progress", *extra]
         self.shm_base = _shm_used()
         self.peak = {"pss": 0, "shm": 0, "spill": 0}
@@ -178,8 +180,8 @@ def run(manifest: Path, out: Path, extra: list[str], queue: str) -> dict:
     if code != 0:
         raise SystemExit(f"job failed ({code}):\n{stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"queue": queue, "rows": summary["counts"]["results"], "ok": summary["counts"]["ok"], "plan": summary["plan"],
-            "plan_reason": summary["plan_reason"], "wall_s": summary["wall_seconds"],
+    return {"queue": queue, "rows": summary["counts"]["results"], "ok": summary["counts"]["ok"],
+            "plan": summary["plan"], "plan_reason": summary["plan_reason"], "wall_s": summary["wall_seconds"],
             "images_per_s": summary["images_per_second"], "peak_pss_bytes": job.peak["pss"],
             "peak_object_store_bytes": job.peak["shm"], "peak_spill_bytes": job.peak["spill"],
             "results_bytes": sum(p.stat().st_size for p in (out / "results").glob("*.parquet"))}
