@@ -25,7 +25,6 @@ from ..data.manifest import MAX_EXAMPLES, resolve_source
 from ..data.maps import MapStore
 from ..data.runstate import PAIRS, RunFolder, pending_blocks, piece_name
 from ..data.schemas import ERROR, OK, arrow_schema, conform, list_column
-from ..faults import fault_point
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
@@ -161,7 +160,8 @@ def pair_chunks(todo: list[tuple[int, int]], chunk_rows: int) -> list[list[tuple
 
 
 def chunk_rows_for(store_grid: tuple[int, int, int] | None, chunk_bytes: int, block_rows: int) -> int:
-    """Pairs per chunk whose two heatmaps each take at most ``chunk_bytes`` in all."""
+    """Pairs per chunk such that their heatmaps (two per pair) take at most ``chunk_bytes``,
+    and a block at least."""
     _, h, w = store_grid or (0, 0, 0)
     return max(block_rows, chunk_bytes // max(2 * h * w * 4, 1))
 
@@ -176,7 +176,6 @@ def write_pair_chunk(run: RunFolder, rows: pa.Table, chunk: list[tuple[int, int]
     """Explain one chunk (``rows``: its pairs, ``chunk_table``) in one sweep over the maps,
     then commit each of its blocks as a ``RUN/pairs`` piece; returns the rows committed.
     ``progress(rows)`` is called after each block."""
-    fault_point("pairs", rows.column("query_id"))
     table = explain_pairs(rows, store)
     at = 0
     for start, stop in chunk:
