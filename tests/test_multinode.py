@@ -1,7 +1,8 @@
 """The explain job on a Ray cluster of several nodes (``ray.cluster_utils.Cluster``: a head
 that runs no tasks, as cluster.yaml's, and two worker nodes), which loses the node holding
-the model actor in pass 1 and again in pass 2, as a cluster loses a machine: every row
-comes out exactly once, the proxies count every image, and the numbers are the Python API's.
+the model actor in pass 1 and again in pass 2, and the node running the pairs pass's task,
+as a cluster loses a machine: every row and every pair comes out exactly once, the proxies
+count every image, and the numbers are the Python API's.
 
 The losses happen on conditions, never on a clock: the job holds the model actor on a row
 of each pass (``EMBCAM_FAULT`` ``hold``; the marker names the held worker's pid), and the
@@ -17,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,8 +27,11 @@ from explain_jobs import assert_as_the_python_api, kill_all
 from ray.cluster_utils import Cluster
 
 from embcam import save_checkpoint
+from embcam.data.maps import MapStore
+from embcam.data.runstate import RunFolder
 from embcam.datasets import generate_dataset
 from embcam.models import Preprocessing, build_model
+from embcam.pairs.explain import explain_pairs
 
 pytestmark = pytest.mark.slow  # a cluster of three nodes and a job
 
@@ -75,7 +81,7 @@ def held_pid(marker: Path, driver) -> int:
     return int(marker.read_text())
 
 
-def test_losing_the_model_actors_node_in_each_pass_loses_no_row(cluster, tmp_path):
+def test_losing_the_node_at_work_in_each_pass_loses_no_row(cluster, tmp_path):
     cluster, marker = cluster
     manifest = generate_dataset(tmp_path / "data", num_classes=6, images_per_class=8, min_side=48, max_side=64,
                                 seed=11)
@@ -85,21 +91,25 @@ def test_losing_the_model_actors_node_in_each_pass_loses_no_row(cluster, tmp_pat
                     Preprocessing(48))
     ids = pq.read_table(manifest, columns=["image_id"]).column("image_id").to_pylist()
     rows = len(ids)
-    held = {"pass 1": tmp_path / "held-pass1", "pass 2": tmp_path / "held-pass2"}
+    pairs = pa.table({"query_id": ids, "match_id": ids[5:] + ids[:5]})  # every image, in one chunk of pairs
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    held = {"pass 1": tmp_path / "held-pass1", "pass 2": tmp_path / "held-pass2", "pairs": tmp_path / "held-pairs"}
     # pass 1's model stage is "embed", pass 2's is "model"; each holds on its last piece's first row
-    faults = f"embed:{ids[rows - 8]}:hold:{held['pass 1']};model:{ids[rows - 8]}:hold:{held['pass 2']}"
+    faults = (f"embed:{ids[rows - 8]}:hold:{held['pass 1']};model:{ids[rows - 8]}:hold:{held['pass 2']};"
+              f"pairs:{ids[0]}:hold:{held['pairs']}")
     out = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS=cluster.address, EMBCAM_FAULT=faults, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     driver = subprocess.Popen(
         [sys.executable, "-m", "embcam.cli", "explain", "--manifest", str(manifest), "--out", str(out),
          "--checkpoint", str(checkpoint), "--proxy", "mean", "--strategy", "streaming", "--batch-size", "8",
-         "--block-rows", "8", "--no-progress"],
+         "--block-rows", "8", "--pairs", str(tmp_path / "pairs.parquet"), "--keep-maps", "--maps-dtype", "float32",
+         "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        for name in ("pass 1", "pass 2"):
+        for name in ("pass 1", "pass 2", "pairs"):
             node = node_running(cluster, held_pid(held[name], driver))
             assert node is not cluster.head_node  # the head runs no tasks
-            if name == "pass 1":
+            if name != "pass 2":
                 cluster.add_node(num_cpus=2)  # the replacement an autoscaler would start
             cluster.remove_node(node, allow_graceful=False)
         code = driver.wait(timeout=600)  # a guard against a hang only
@@ -115,3 +125,7 @@ def test_losing_the_model_actors_node_in_each_pass_loses_no_row(cluster, tmp_pat
     assert (df.status == "ok").all(), df[df.status != "ok"].error.tolist()
     assert (out / "_SUCCESS").exists()
     assert_as_the_python_api((manifest, checkpoint, rows), df, out)  # proxy counts sum to the manifest, too
+    # the pairs: every one once, as one sweep over the run's own maps in this process gives them
+    got = pq.read_table(out / "pairs").to_pandas()
+    pd.testing.assert_frame_equal(got, explain_pairs(pairs, MapStore(RunFolder(str(out)))).to_pandas())
+    assert (got.status == "ok").all() and got.query_id.tolist() == ids

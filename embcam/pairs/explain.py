@@ -25,6 +25,7 @@ from ..data.manifest import MAX_EXAMPLES, resolve_source
 from ..data.maps import MapStore
 from ..data.runstate import PAIRS, RunFolder, pending_blocks, piece_name
 from ..data.schemas import ERROR, OK, arrow_schema, conform, list_column
+from ..faults import fault_point
 
 ID_COLUMNS = ("query_id", "match_id")
 PAIR_BLOCK_ROWS = 4096
@@ -176,6 +177,7 @@ def write_pair_chunk(run: RunFolder, rows: pa.Table, chunk: list[tuple[int, int]
     """Explain one chunk (``rows``: its pairs, ``chunk_table``) in one sweep over the maps,
     then commit each of its blocks as a ``RUN/pairs`` piece; returns the rows committed.
     ``progress(rows)`` is called after each block."""
+    fault_point("pairs", rows.column("query_id"))
     table = explain_pairs(rows, store)
     at = 0
     for start, stop in chunk:
