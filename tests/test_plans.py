@@ -150,12 +150,12 @@ def results(out):
 
 
 def test_queue_budget_is_blocks_per_cpu_of_image_and_map_rows():
-    # 4 blocks per CPU; a row: the 64 px uint8 image (12,288 B) and a 128 x 4 x 4 float32 map (8,192 B)
-    assert queue_bytes(256, 64, (128, 4, 4), cpus=2, gpu_actors=0) == 4 * 2 * 256 * (12288 + 8192)  # 40 MiB
+    # 8 blocks per CPU; a row: the 64 px uint8 image (12,288 B) and a 128 x 4 x 4 float32 map (8,192 B)
+    assert queue_bytes(256, 64, (128, 4, 4), cpus=2, gpu_actors=0) == 8 * 2 * 256 * (12288 + 8192)  # 80 MiB
     # a cluster that starts without worker nodes: 8 CPUs per GPU actor it asks for
-    assert queue_bytes(512, 224, (128, 7, 7), cpus=0, gpu_actors=8) == 4 * 64 * 512 * (150528 + 25088)
-    assert queue_bytes(512, 224, (128, 7, 7), cpus=256, gpu_actors=8) == 4 * 256 * 512 * (150528 + 25088)
-    assert queue_bytes(8, 32, (16, 1, 1), cpus=0, gpu_actors=0) == 4 * 1 * 8 * (3072 + 64)
+    assert queue_bytes(512, 224, (128, 7, 7), cpus=0, gpu_actors=8) == 8 * 64 * 512 * (150528 + 25088)
+    assert queue_bytes(512, 224, (128, 7, 7), cpus=256, gpu_actors=8) == 8 * 256 * 512 * (150528 + 25088)
+    assert queue_bytes(8, 32, (16, 1, 1), cpus=0, gpu_actors=0) == 8 * 1 * 8 * (3072 + 64)
 
 
 def test_stored_maps_plan_equals_the_model_run_and_float16_maps_stay_within_their_rounding_bound(

@@ -583,9 +583,9 @@ def _actor_options(gpus: int, batch_size: int) -> dict:
     waited forever at 0 rows). On a CPU-only Ray, one actor whose torch uses every core of
     its node (see ExplainModel). On one machine it holds no CPU slot: the tasks then take
     every slot, and so the cores its torch leaves while a streaming pass's object store
-    budget holds it back (BENCHMARKS §5: 100,000 images at 508 images/s, against 396 with
-    a slot held). On a CPU cluster it holds one, so that Ray places it on a node that has
-    CPUs (a head without any would take a 0-CPU actor)."""
+    budget holds it back (BENCHMARKS §5: a fifth more images/s at 100,000 images). On a
+    CPU cluster it holds one, so that Ray places it on a node that has CPUs (a head
+    without any would take a 0-CPU actor)."""
     import ray
 
     actors = max(gpus, 1)

@@ -48,7 +48,7 @@ def choose_plan(cfg: ExplainConfig, rows: int, shape: dict, image_size: int, sto
 # The object store a streaming pass may fill (Ray Data's resource limits): this many blocks
 # per CPU working for it, the cluster's CPUs when the run starts, or this many per GPU actor
 # when more (a cluster that starts with no worker node: cluster.yaml's GPU nodes have 8).
-QUEUE_BLOCKS_PER_CPU = 4
+QUEUE_BLOCKS_PER_CPU = 8
 CPUS_PER_GPU_ACTOR = 8
 
 
