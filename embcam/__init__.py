@@ -5,9 +5,9 @@
     model = prepare_for_inference(model)        # optional: BatchNorm folded, channels_last
     out = EmbeddingCAM(model)(images, "self")   # out.embeddings (B, d), out.heatmaps (B, h, w)
 
-Only the job's Ray wiring (``embcam.job``: pipeline, reduce, image_source, console, user_code)
-imports Ray. The names below are imported when first used, so that reading results
-(``embcam.results``, ``embcam show``, ``embcam report``) does not import torch.
+Only the job's Ray wiring (``embcam.job``: pipeline, passes, reduce, pairs_pass, image_source,
+console, user_code) imports Ray. The names below are imported when first used, so that
+reading results (``embcam.results``, ``embcam show``, ``embcam report``) does not import torch.
 """
 import importlib
 

@@ -291,6 +291,16 @@ def image_root_of(path: str | os.PathLike) -> str | None:
     return default_image_root(as_the_job_meant(path, config, str(config["manifest"])))
 
 
+def read_limits_of(config: dict, root: str | None) -> ReadLimits:
+    """The read limits a run's config names (its defaults where it names none), images under
+    ``root`` allowed when the run confined its uris to prefixes."""
+    prefixes = config.get("allowed_prefixes")
+    return ReadLimits(max_bytes=config.get("max_bytes") or ReadLimits.max_bytes,
+                      max_pixels=config.get("max_pixels") or ReadLimits.max_pixels,
+                      read_timeout=config.get("read_timeout") or ReadLimits.read_timeout,
+                      allowed_prefixes=None if prefixes is None else tuple(p for p in (root, *prefixes) if p))
+
+
 def as_the_job_meant(path, config: dict, location: str) -> str:
     """A relative local path of the run's config, relative to the folder the job ran in.
     That folder is known when the config's ``out`` is relative too (the run folder is

@@ -81,18 +81,6 @@ class ManifestAnnotations:
         return np.where(hit, rows, -1)
 
 
-def _read_limits(run: str, root: str | None):
-    from embcam.data.fetch import ReadLimits
-    from embcam.results import run_config
-
-    config = run_config(run)
-    prefixes = config.get("allowed_prefixes")
-    return ReadLimits(max_bytes=config.get("max_bytes") or ReadLimits.max_bytes,
-                      max_pixels=config.get("max_pixels") or ReadLimits.max_pixels,
-                      read_timeout=config.get("read_timeout") or ReadLimits.read_timeout,
-                      allowed_prefixes=None if prefixes is None else tuple(p for p in (root, *prefixes) if p))
-
-
 def evaluate_run(run: str, split: str | None = None, *, image_root: str | None = None,
                  batch_rows: int = 1024, max_side: int = MAX_GRID_SIDE, use_counters: bool = True) -> dict:
     """MaxBoxAccV2 and PxAP of a run's ``heatmap`` column over its ok rows (of ``split``).
@@ -146,11 +134,11 @@ def _measure(run: str, results, acc: WsolAccumulator, image_root: str | None,
     from embcam.data.fetch import read_bytes
     from embcam.data.images import decode_mask
     from embcam.data.locations import resolve_uri
-    from embcam.results import image_root_of
+    from embcam.results import image_root_of, read_limits_of, run_config
 
     annotations = ManifestAnnotations(run)
     root = image_root or image_root_of(run)
-    limits = _read_limits(run, root)
+    limits = read_limits_of(run_config(run), root)
     rows, unreadable, first_error = 0, 0, None
     if len(annotations):
         for batch in results.to_batches(columns=RESULT_COLUMNS, batch_size=batch_rows):

@@ -80,7 +80,7 @@ def _package(module: str) -> str:
 def test_the_graph_reader_sees_lazy_and_relative_imports():
     graph = _imports(_modules())
     assert "embcam.job.pipeline" in graph["embcam.cli"]  # imported inside a function
-    assert {"embcam.data.runstate", "embcam.job.tasks", "embcam.faults"} <= graph["embcam.job.pipeline"]
+    assert {"embcam.data.runstate", "embcam.job.user_code", "embcam.faults"} <= graph["embcam.job.pipeline"]
     assert "embcam.job.pipeline" not in graph["embcam.job.user_code"]  # only under TYPE_CHECKING
 
 

@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import torch
 
 from ..arguments import OneLineParser, error_line
-from ..data.fetch import ReadLimits
 from ..data.locations import join_location, redact
 from ..data.runstate import PROXIES, SANITY, RunFolder
 from ..data.schemas import OK
@@ -32,7 +31,7 @@ from ..models import load_model
 from ..proxies import load_proxy_bank
 from ..report.plot import draw_cascade, draw_curves, plot_png
 from ..report.runs import read_summary
-from ..results import as_the_job_meant, image_root_of, open_results, read_rows
+from ..results import as_the_job_meant, image_root_of, open_results, read_limits_of, read_rows
 from .saliency_checks import FILLS, cam_explainer, cascade, deletion, insertion
 
 THRESHOLD = 0.5  # the verdict: mean rho below this once the head and the last block are random
@@ -136,11 +135,7 @@ def _sample(run: str, config: dict, count: int, seed: int, size: int, image_root
     rows = read_rows(run, picked, columns=["image_id", "proxy_label", "heatmap", "heatmap_height",
                                            "heatmap_width"], image_root=root)
     located = [i for i in picked if rows[i].get("uri") is not None]
-    prefixes = config.get("allowed_prefixes")
-    limits = ReadLimits(max_bytes=config.get("max_bytes") or ReadLimits.max_bytes,
-                        max_pixels=config.get("max_pixels") or ReadLimits.max_pixels,
-                        read_timeout=config.get("read_timeout") or ReadLimits.read_timeout,
-                        allowed_prefixes=None if prefixes is None else tuple(p for p in (root, *prefixes) if p))
+    limits = read_limits_of(config, root)
     batch = load_images({"image_id": np.array(located, dtype=object),
                          "uri": np.array([rows[i]["uri"] for i in located], dtype=object)}, None, size, limits)
     good = np.flatnonzero(batch["status"] == OK)

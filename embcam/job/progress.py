@@ -60,7 +60,7 @@ class Progress:
             self.last = self.clock()
             if self.first is None:
                 self.first = (self.last, self.done)
-            if self.done < self.total and self.clock() - self.shown >= self.interval:  # the end has its own line
+            if self.done < self.total and self.last - self.shown >= self.interval:  # the end has its own line
                 self._show(f"{self.done}/{self.total} rows, {self._rate():.1f} images/s")
 
     def tick(self) -> None:
